@@ -1,0 +1,42 @@
+# Two commands a new user needs: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: setup demo test test-slow bench lint lock clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing into $(VENV) (first time: about 4 minutes)"
+	$(PY) -m pip install -q -U pip
+	@# The CPU build of torch first and pinned: a bare 'torch' would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.pipeline --config configs/pipeline/demo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/ingest.py $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check recsys jobs tests bench
+
+lock: $(STAMP)
+	(echo "# Exact versions verified together on Python 3.11, CPU. Regenerate: make lock"; \
+	 $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/') \
+	 > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,155 @@
+"""`recsys` command line: a dict from subcommand to function (as litgpt does).
+
+    recsys ingest --source KIND --path P --platform NAME --out LAKE [...]
+    recsys examples --config configs/data/X.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from recsys.logs import setup_logging
+
+
+def _kv(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"{flag} {item!r}: expected field=column")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def ingest_main(argv: list[str]) -> int:
+    from recsys.data.ingest.runner import IngestOptions, ingest
+
+    p = argparse.ArgumentParser(prog="recsys ingest", description="Ingest a source into the "
+                                "canonical Parquet lake (one partition per platform).")
+    p.add_argument("--source", required=True, choices=["unisrec", "uci-online-retail",
+                   "amazon-json", "recbole", "generic", "synthetic"])
+    p.add_argument("--path", type=Path, help="source file or directory")
+    p.add_argument("--platform", help="platform name (synthetic: optional comma-separated list)")
+    p.add_argument("--out", type=Path, required=True, help="lake directory")
+    p.add_argument("--items-path", type=Path, help="item metadata file, when separate")
+    p.add_argument("--recipe", help="named preprocessing recipe, e.g. unisrec-or")
+    p.add_argument("--map", action="append", metavar="FIELD=COLUMN",
+                   help="generic: event field -> source column (repeatable)")
+    p.add_argument("--item-map", action="append", metavar="FIELD=COLUMN",
+                   help="generic: item field -> source column (repeatable)")
+    p.add_argument("--mapping", type=Path, help="generic: YAML with columns/item_columns/"
+                   "event_type (command-line --map entries win)")
+    p.add_argument("--event-type", help="constant event type when the source has none")
+    p.add_argument("--user-namespace", help="prefix raw user ids before hashing")
+    p.add_argument("--min-user-events", type=int, default=0, help="k-core on users")
+    p.add_argument("--min-item-events", type=int, default=0, help="k-core on items")
+    p.add_argument("--buckets", type=int, help="user buckets per platform (default: by size)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    p.add_argument("--scale", type=float, default=1.0, help="synthetic: size multiplier")
+    p.add_argument("--num-platforms", type=int, default=3, help="synthetic: platforms")
+    a = p.parse_args(argv)
+
+    columns, item_columns, event_type = {}, {}, a.event_type
+    if a.mapping:
+        from recsys.data.ingest.generic import load_mapping
+
+        columns, item_columns, mapped_type = load_mapping(a.mapping)
+        event_type = event_type or mapped_type
+    columns.update(_kv(a.map, "--map"))
+    item_columns.update(_kv(a.item_map, "--item-map"))
+    opts = IngestOptions(
+        source=a.source, out=a.out, path=a.path, items_path=a.items_path, platform=a.platform,
+        recipe=a.recipe, columns=columns, item_columns=item_columns, event_type=event_type,
+        user_namespace=a.user_namespace, min_user_events=a.min_user_events,
+        min_item_events=a.min_item_events, buckets=a.buckets, seed=a.seed, scale=a.scale,
+        num_platforms=a.num_platforms,
+    )
+    written = ingest(opts)
+    print(format_ingest_summary([w.report for w in written], a.out))
+    return 0
+
+
+def format_ingest_summary(reports: list[dict], lake: Path | str) -> str:
+    head = f"{'platform':<16}{'rows in':>10}{'out':>10}{'quarant.':>10}{'filtered':>10}" \
+           f"{'users':>9}{'items':>8}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        e = r["events"]
+        lines.append(f"{r['platform']:<16}{e['rows_in']:>10,}{e['rows_out']:>10,}"
+                     f"{e['rows_quarantined']:>10,}{e['rows_filtered']:>10,}{r['users']:>9,}"
+                     f"{r['catalog_items']:>8,}")
+    lines.append(f"lake: {lake}  (reports: {lake}/platform=*/report.json, rejected rows: "
+                 f"{lake}/platform=*/quarantine/)")
+    if reports:
+        r = reports[0]
+        lines.append(f"user ids pseudonymised with the key from {r['pseudonym_key_source']} "
+                     f"(fingerprint {r['pseudonym_key_fingerprint']})")
+    return "\n".join(lines)
+
+
+def examples_main(argv: list[str]) -> int:
+    from recsys.cluster import init_ray
+    from recsys.config import load_config, log_config
+    from recsys.data.pipeline import DataConfig, build_example_set
+
+    p = argparse.ArgumentParser(prog="recsys examples",
+                                description="Build leave-one-out examples from a lake (Ray Data).")
+    p.add_argument("--config", type=Path, help="YAML DataConfig")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    a = p.parse_args(argv)
+    cfg = load_config(DataConfig, a.config, a.overrides)
+    log_config(cfg, "data config")
+    init_ray()
+    es = build_example_set(cfg)
+    print(format_examples_summary(es.manifest))
+    return 0
+
+
+def format_examples_summary(manifest: dict) -> str:
+    head = f"{'platform':<16}{'items':>8}{'users':>9}{'too short':>10}{'train':>9}{'valid':>9}" \
+           f"{'test':>9}{'mean hist':>10}"
+    lines = [head, "-" * len(head)]
+    for name, c in manifest["platforms"].items():
+        lines.append(f"{name:<16}{c['catalog_items']:>8,}{c.get('users', 0):>9,}"
+                     f"{c.get('users_too_short', 0):>10,}"
+                     f"{c.get('train_rows', 0):>9,}{c.get('valid_rows', 0):>9,}"
+                     f"{c.get('test_rows', 0):>9,}{c.get('mean_history', 0):>10}")
+    t = manifest["text"]
+    lines.append(f"item texts: {t['catalog_rows']:,} catalog rows -> {t['distinct_texts']:,} "
+                 f"distinct texts tokenised once" + (f" ({t['tokens_total']:,} tokens)"
+                                                    if "tokens_total" in t else ""))
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "ingest": ingest_main,
+    "examples": examples_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print("\ncommands: " + ", ".join(COMMANDS))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    setup_logging()
+    from pydantic import ValidationError
+
+    from recsys.config import ConfigError, format_validation_error
+    from recsys.data.ingest.base import IngestError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValidationError as exc:
+        print(format_validation_error(exc, f"recsys {argv[0]}"), file=sys.stderr)
+    except (IngestError, ConfigError, FileNotFoundError) as exc:
+        print(f"recsys {argv[0]}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

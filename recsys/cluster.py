@@ -1,0 +1,56 @@
+"""Connecting to Ray: a local single-machine cluster bound to 127.0.0.1, or an existing one.
+
+Under ``ray job submit`` (``RAY_ADDRESS`` set) or with ``RECSYS_RAY_ADDRESS`` the job joins that
+cluster; otherwise it starts a private local cluster whose listeners bind and advertise loopback
+only (STACK_NOTES: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does that on Linux).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_env() -> dict[str, str]:
+    """Environment that keeps a locally started Ray on 127.0.0.1 (also for `ray start`)."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None,
+             dashboard: bool = True) -> None:
+    """Idempotent ``ray.init``: join ``address``/``RAY_ADDRESS`` if given, else start locally."""
+    for key, value in loopback_env().items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    quiet_ray_data()
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or os.environ.get("RECSYS_RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        log.info("joined Ray cluster at %s", address)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        dashboard_host=LOOPBACK,
+        _node_ip_address=LOOPBACK,
+        logging_level=logging.WARNING,
+    )
+    log.info("started local Ray (%s CPUs), dashboard http://%s:8265", num_cpus or os.cpu_count(),
+             LOOPBACK)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data configures its own loggers on import; keep its per-operator chatter at WARNING
+    (progress bars on a terminal are not logging and stay)."""
+    import ray.data  # noqa: F401  (configures the loggers we then adjust)
+
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor",
+                 "ray.data._internal.progress.logging_progress", "ray.data.dataset"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,68 @@
+"""Examples -> Ray Train workers: datasets for ``TorchTrainer(datasets=...)`` and the collate.
+
+Ray Train hands each worker its shard with ``ray.train.get_dataset_shard(name)`` (a
+``streaming_split`` of the dataset under the hood); :func:`iter_batches` turns a shard into
+padded tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from recsys.data.pipeline import ExampleSet
+
+
+def example_datasets(example_set: ExampleSet, splits: tuple[str, ...] = ("train", "valid"),
+                     platforms: list[str] | None = None) -> dict[str, Any]:
+    """One Ray Dataset per split, optionally restricted to some platforms."""
+    import ray
+
+    out = {}
+    for split in splits:
+        ds = ray.data.read_parquet(str(example_set.split_path(split)))
+        if platforms is not None:
+            ds = ds.map_batches(_keep_platforms, batch_format="pyarrow",
+                                fn_kwargs={"platforms": list(platforms)})
+        out[split] = ds
+    return out
+
+
+def _keep_platforms(table: pa.Table, platforms: list[str]) -> pa.Table:
+    return table.filter(pc.is_in(table["platform"], pa.array(platforms, pa.string())))
+
+
+def collate(batch: dict[str, np.ndarray], max_len: int) -> dict[str, torch.Tensor]:
+    """Left-pad histories to ``max_len`` (0 = padding) so the newest item is always last.
+
+    Returns ``history`` (B, max_len) int64, ``target`` (B,) int64, ``length`` (B,) int64.
+    """
+    histories = batch["history"]
+    n = len(histories)
+    out = np.zeros((n, max_len), dtype=np.int64)
+    lengths = np.zeros(n, dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = np.asarray(h)[-max_len:]
+        lengths[i] = len(h)
+        if len(h):
+            out[i, max_len - len(h):] = h
+    return {
+        "history": torch.from_numpy(out),
+        "target": torch.as_tensor(np.asarray(batch["target"], dtype=np.int64)),
+        "length": torch.from_numpy(lengths),
+    }
+
+
+def iter_batches(shard: Any, batch_size: int, max_len: int, *, shuffle_buffer: int = 0,
+                 seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches from a worker's shard, with an optional seeded local shuffle."""
+    kwargs: dict[str, Any] = {}
+    if shuffle_buffer:
+        kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
+        yield collate(batch, max_len)

@@ -1,0 +1,224 @@
+"""Ray Data pipeline: lake -> validated events -> sequences -> leave-one-out examples on disk.
+
+Parallel over (platform, user bucket) with no shuffle (a user's events share one bucket file).
+Writes, into a staging directory swapped in at the end::
+
+    OUT/train/*.parquet, OUT/valid/*.parquet, OUT/test/*.parquet   (schema: EXAMPLES_SCHEMA)
+    OUT/catalog/<platform>.parquet    item_idx, item_id, title, ..., text, text_hash
+    OUT/tokens.parquet                text_hash -> token_ids, one row per distinct item text
+    OUT/manifest.json                 config, counts per platform, input fingerprint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys.config import StrictModel
+from recsys.data.catalog import TextConfig, build_catalog, tokenize_batch, unique_texts
+from recsys.data.lake import event_files, list_platforms, platform_dir, read_items, read_report
+from recsys.data.schema import EVENTS_SCHEMA, check_schema
+from recsys.data.sequences import (
+    EXAMPLES_SCHEMA,
+    SPLITS,
+    SequenceConfig,
+    build_examples,
+    item_index,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DataConfig(StrictModel):
+    """Which lake, which platforms, and how to turn their logs into examples."""
+
+    lake: str = "runs/demo/lake"
+    examples: str = "runs/demo/examples"
+    platforms: list[str] | None = None
+    """Platforms to read (None: every platform in the lake)."""
+    sequences: SequenceConfig = SequenceConfig()
+    text: TextConfig = TextConfig()
+    tokenize: bool = True
+    """Tokenise item text once per distinct text (needs the encoder's tokenizer)."""
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    path: Path
+    manifest: dict[str, Any]
+
+    def split_path(self, split: str) -> Path:
+        return self.path / split
+
+
+def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any]) -> pa.Table:
+    """Ray Data task body: one (platform, bucket file) -> its examples."""
+    cfg = SequenceConfig.model_validate(seq_cfg)
+    out = []
+    for platform, path in zip(batch["platform"].to_pylist(), batch["path"].to_pylist()):
+        events = pq.read_table(path)
+        check_schema(events.schema, EVENTS_SCHEMA, path)
+        _check_required(events, path)
+        catalog = pq.read_table(platform_dir(lake, platform) / "items" / "items.parquet",
+                                columns=["item_id"])["item_id"]
+        table, _ = build_examples(events, item_index(catalog), cfg, platform)
+        out.append(table)
+    return pa.concat_tables(out) if out else EXAMPLES_SCHEMA.empty_table()
+
+
+def _check_required(events: pa.Table, path: str) -> None:
+    """The lake was validated at ingest; a null here means the file was altered since."""
+    for field in EVENTS_SCHEMA:
+        if not field.nullable:
+            nulls = events[field.name].null_count
+            if nulls:
+                first = pc.index(pc.is_null(events[field.name]), True).as_py()
+                raise ValueError(f"{path}: row {first}, column {field.name!r}: {nulls} null "
+                                 "value(s) in a required field (was the lake edited by hand?)")
+
+
+def _select_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch["split"], split))
+
+
+def input_fingerprint(lake: str | Path, platforms: list[str], cfg: DataConfig) -> str:
+    """Hash of the lake's reports (they change on every ingest) and of the config, not of
+    where the output goes: same inputs, same fingerprint."""
+    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"examples"}),
+                                  sort_keys=True).encode())
+    for p in platforms:
+        h.update(p.encode())
+        h.update((platform_dir(lake, p) / "report.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_example_set(cfg: DataConfig) -> ExampleSet:
+    """Run the pipeline on the connected Ray cluster and write the example set."""
+    import ray
+
+    started = time.perf_counter()
+    platforms = cfg.platforms or list_platforms(cfg.lake)
+    if not platforms:
+        raise FileNotFoundError(f"lake {cfg.lake} has no platforms: run `recsys ingest` first")
+    missing = [p for p in platforms if not platform_dir(cfg.lake, p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"platform(s) {missing} not in lake {cfg.lake}; "
+                                f"present: {list_platforms(cfg.lake)}")
+    out = Path(cfg.examples)
+    staging = out.parent / f".staging-{out.name}-{uuid.uuid4().hex[:8]}"
+    (staging / "catalog").mkdir(parents=True)
+    try:
+        # 1. Catalogs (small; driver) and token ids once per distinct text (Ray Data).
+        catalogs = {p: build_catalog(read_items(cfg.lake, p), cfg.text.fields) for p in platforms}
+        for p, cat in catalogs.items():
+            pq.write_table(cat, staging / "catalog" / f"{p}.parquet")
+        texts = unique_texts(list(catalogs.values()))
+        token_stats: dict[str, Any] = {"distinct_texts": texts.num_rows,
+                                       "catalog_rows": sum(c.num_rows for c in catalogs.values())}
+        if cfg.tokenize:
+            tok_ds = ray.data.from_arrow(texts).map_batches(
+                tokenize_batch, batch_format="pyarrow", batch_size=1024,
+                fn_kwargs={"encoder": cfg.text.encoder, "max_tokens": cfg.text.max_tokens})
+            tokens = pa.concat_tables(ray.get(tok_ds.to_arrow_refs()))
+            pq.write_table(tokens, staging / "tokens.parquet")
+            lengths = pc.list_value_length(tokens["token_ids"]).to_numpy(zero_copy_only=False)
+            token_stats.update(encoder=cfg.text.encoder, tokens_total=int(lengths.sum()),
+                               tokens_mean=round(float(lengths.mean()), 2) if len(lengths) else 0)
+
+        # 2. Examples: one Ray Data task per (platform, bucket), then one write per split.
+        tasks = [{"platform": p, "path": str(f)} for p in platforms
+                 for f in event_files(cfg.lake, p)]
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            _bucket_examples, batch_format="pyarrow", batch_size=1,
+            fn_kwargs={"lake": str(cfg.lake), "seq_cfg": cfg.sequences.model_dump()},
+        ).materialize()
+        for split in SPLITS:
+            ds.map_batches(_select_split, batch_format="pyarrow", batch_size=None,
+                           fn_kwargs={"split": split}).write_parquet(str(staging / split))
+        counts = _count_rows(ds)
+
+        manifest = {
+            "created_at": datetime.now(UTC).isoformat(),
+            "seconds": round(time.perf_counter() - started, 2),
+            "input_fingerprint": input_fingerprint(cfg.lake, platforms, cfg),
+            "config": cfg.model_dump(mode="json"),
+            "platforms": {p: _platform_summary(cfg.lake, p, catalogs[p], counts.get(p, {}))
+                          for p in platforms},
+            "text": token_stats,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        trash = out.parent / f".trash-{out.name}-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return ExampleSet(out, manifest)
+
+
+def _count_rows(ds: Any) -> dict[str, dict[str, int]]:
+    """Rows per platform and split, users with examples, mean history length (one pass)."""
+    import ray
+
+    counts: dict[str, dict[str, int]] = {}
+    for ref in ds.to_arrow_refs():
+        t = ray.get(ref)
+        if t.num_rows == 0:
+            continue
+        for p in pc.unique(t["platform"]).to_pylist():
+            part = t.filter(pc.equal(t["platform"], p))
+            c = counts.setdefault(p, {f"{s}_rows": 0 for s in SPLITS} | {"history_items": 0})
+            for s in SPLITS:
+                c[f"{s}_rows"] += pc.sum(pc.equal(part["split"], s)).as_py() or 0
+            test = part.filter(pc.equal(part["split"], "test"))
+            c["history_items"] += int(pc.sum(pc.list_value_length(test["history"])).as_py() or 0)
+    for c in counts.values():
+        c["users"] = c["test_rows"]
+        c["mean_history"] = round(c.pop("history_items") / max(c["users"], 1), 2)
+    return counts
+
+
+def _platform_summary(lake: str, platform: str, catalog: pa.Table,
+                      counts: dict[str, Any]) -> dict[str, Any]:
+    lake_users = read_report(lake, platform)["users"]
+    return {"catalog_items": catalog.num_rows, "lake_users": lake_users,
+            "users_too_short": lake_users - counts.get("users", 0), **counts}
+
+
+def load_example_set(path: str | Path) -> ExampleSet:
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{path} is not an example set (no manifest.json): build it with "
+                                "the data stage first")
+    return ExampleSet(path, json.loads(manifest_path.read_text()))
+
+
+def read_split(example_set: ExampleSet, split: str) -> pa.Table:
+    """A whole split as one Arrow table (evaluation, tests, small data)."""
+    files = sorted(example_set.split_path(split).glob("*.parquet"))
+    if not files:
+        return EXAMPLES_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=EXAMPLES_SCHEMA) for f in files])
+
+
+def read_tokens(example_set: ExampleSet) -> dict[str, np.ndarray]:
+    t = pq.read_table(example_set.path / "tokens.parquet")
+    return dict(zip(t["text_hash"].to_pylist(),
+                    (np.asarray(v, np.int32) for v in t["token_ids"].to_pylist())))

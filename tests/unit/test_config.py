@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from recsys.config import ConfigError, apply_overrides, load_config, parse_override
+from recsys.data.pipeline import DataConfig
+from recsys.pipeline import PipelineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_parse_override_types() -> None:
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("lr=3e-4") == (["lr"], 3e-4)
+    assert parse_override("x=[a, b]") == (["x"], ["a", "b"])
+    assert parse_override("flag=true") == (["flag"], True)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("nonsense")
+
+
+def test_apply_overrides_nested() -> None:
+    data = apply_overrides({"a": {"b": 1}}, ["a.c=2", "d.e=x"])
+    assert data == {"a": {"b": 1, "c": 2}, "d": {"e": "x"}}
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_unknown_keys_are_named(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lake: x\nsequences:\n  max_seq_lenn: 3\nbogus: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DataConfig, f)
+    assert "unknown key 'sequences.max_seq_lenn'" in str(err.value)
+    assert "unknown key 'bogus'" in str(err.value)
+
+
+def test_invalid_values_fail_fast() -> None:
+    with pytest.raises(ConfigError, match="min_seq_len"):
+        load_config(DataConfig, None, ["sequences.min_seq_len=2"])
+    with pytest.raises(ConfigError, match="event_types"):
+        load_config(DataConfig, None, ["sequences.event_types=[view, teleport]"])
+
+
+def test_override_wins_over_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("sequences: {max_seq_len: 10}\n")
+    cfg = load_config(DataConfig, f, ["sequences.max_seq_len=20"])
+    assert cfg.sequences.max_seq_len == 20
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pipeline").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_pipeline_configs_validate(path: Path) -> None:
+    cfg = load_config(PipelineConfig, path)
+    assert cfg.stages
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "data").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_data_configs_validate(path: Path) -> None:
+    load_config(DataConfig, path)
