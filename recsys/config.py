@@ -6,6 +6,7 @@ start with a message naming it, instead of silently becoming a default.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -99,6 +100,16 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Every job's command line: ``--config FILE`` then dotted ``key=value`` overrides."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="YAML config of the job")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. optim.lr=3e-4 data.sequences.max_seq_len=20")
+    return p.parse_args(argv)
 
 
 def log_config(cfg: BaseModel, title: str = "config") -> None:

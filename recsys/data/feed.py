@@ -37,13 +37,19 @@ def _keep_platforms(table: pa.Table, platforms: list[str]) -> pa.Table:
     return table.filter(pc.is_in(table["platform"], pa.array(platforms, pa.string())))
 
 
-def collate(batch: dict[str, np.ndarray], max_len: int) -> dict[str, torch.Tensor]:
-    """Left-pad histories to ``max_len`` (0 = padding) so the newest item is always last.
+def collate(batch: dict[str, np.ndarray], max_len: int,
+            platform_ids: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Left-pad histories (0 = padding) so the newest item is always last.
 
-    Returns ``history`` (B, max_len) int64, ``target`` (B,) int64, ``length`` (B,) int64.
+    Returns ``history`` (B, T) int64 with T = min(max_len, longest history of the batch),
+    ``target`` (B,) int64, ``length`` (B,) int64 and,
+    given ``platform_ids``, ``platform`` (B,) int64 (the model's platform index).
     """
     histories = batch["history"]
     n = len(histories)
+    # Cut to the longest history of the batch: positions count from the newest item, so a
+    # shorter window changes no state, and short-sequence data stops paying for max_len.
+    max_len = max(1, min(max_len, max((len(h) for h in histories), default=1)))
     out = np.zeros((n, max_len), dtype=np.int64)
     lengths = np.zeros(n, dtype=np.int64)
     for i, h in enumerate(histories):
@@ -51,18 +57,28 @@ def collate(batch: dict[str, np.ndarray], max_len: int) -> dict[str, torch.Tenso
         lengths[i] = len(h)
         if len(h):
             out[i, max_len - len(h):] = h
-    return {
+    result = {
         "history": torch.from_numpy(out),
         "target": torch.as_tensor(np.asarray(batch["target"], dtype=np.int64)),
         "length": torch.from_numpy(lengths),
     }
+    if platform_ids is not None:
+        try:
+            pids = [platform_ids[p] for p in batch["platform"]]
+        except KeyError as exc:
+            raise KeyError(f"platform {exc.args[0]!r} is not one of the model's platforms "
+                           f"{sorted(platform_ids)}") from None
+        result["platform"] = torch.as_tensor(pids, dtype=torch.int64)
+    return result
 
 
 def iter_batches(shard: Any, batch_size: int, max_len: int, *, shuffle_buffer: int = 0,
-                 seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                 seed: int | None = None, platform_ids: dict[str, int] | None = None,
+                 device: torch.device | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches from a worker's shard, with an optional seeded local shuffle."""
     kwargs: dict[str, Any] = {}
     if shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
-        yield collate(batch, max_len)
+        out = collate(batch, max_len, platform_ids)
+        yield out if device is None else {k: v.to(device) for k, v in out.items()}

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -65,10 +64,15 @@ class ExampleSet:
         return self.path / split
 
 
-def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any]) -> pa.Table:
-    """Ray Data task body: one (platform, bucket file) -> its examples."""
+COUNTS_SCHEMA = pa.schema([("platform", pa.string()), ("split", pa.string()),
+                           ("rows", pa.int64()), ("history_items", pa.int64())])
+
+
+def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any], out: str) -> pa.Table:
+    """Ray Data task body: one (platform, bucket file) -> its examples, written straight to
+    ``out/<split>/<platform>-<bucket>.parquet``; returns only per-split counts (a few rows)."""
     cfg = SequenceConfig.model_validate(seq_cfg)
-    out = []
+    counts = []
     for platform, path in zip(batch["platform"].to_pylist(), batch["path"].to_pylist()):
         events = pq.read_table(path)
         check_schema(events.schema, EVENTS_SCHEMA, path)
@@ -76,8 +80,14 @@ def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any]) -> pa.
         catalog = pq.read_table(platform_dir(lake, platform) / "items" / "items.parquet",
                                 columns=["item_id"])["item_id"]
         table, _ = build_examples(events, item_index(catalog), cfg, platform)
-        out.append(table)
-    return pa.concat_tables(out) if out else EXAMPLES_SCHEMA.empty_table()
+        for split in SPLITS:
+            part = _select_split(table, split)
+            if part.num_rows:
+                pq.write_table(part, Path(out) / split / f"{platform}-{Path(path).stem}.parquet")
+            hist = pc.sum(pc.list_value_length(part["history"])).as_py() if part.num_rows else 0
+            counts.append({"platform": platform, "split": split, "rows": part.num_rows,
+                           "history_items": int(hist or 0)})
+    return pa.Table.from_pylist(counts, schema=COUNTS_SCHEMA)
 
 
 def _check_required(events: pa.Table, path: str) -> None:
@@ -139,17 +149,19 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
             token_stats.update(encoder=cfg.text.encoder, tokens_total=int(lengths.sum()),
                                tokens_mean=round(float(lengths.mean()), 2) if len(lengths) else 0)
 
-        # 2. Examples: one Ray Data task per (platform, bucket), then one write per split.
+        # 2. Examples: one Ray Data task per (platform, bucket) that also writes its three
+        #    split files, in a single execution (no materialize, no per-split re-scan).
+        for split in SPLITS:
+            (staging / split).mkdir()
         tasks = [{"platform": p, "path": str(f)} for p in platforms
                  for f in event_files(cfg.lake, p)]
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             _bucket_examples, batch_format="pyarrow", batch_size=1,
-            fn_kwargs={"lake": str(cfg.lake), "seq_cfg": cfg.sequences.model_dump()},
-        ).materialize()
-        for split in SPLITS:
-            ds.map_batches(_select_split, batch_format="pyarrow", batch_size=None,
-                           fn_kwargs={"split": split}).write_parquet(str(staging / split))
-        counts = _count_rows(ds)
+            fn_kwargs={"lake": str(cfg.lake), "seq_cfg": cfg.sequences.model_dump(),
+                       "out": str(staging)},
+        )
+        counts = _count_rows(pa.concat_tables([COUNTS_SCHEMA.empty_table()]
+                                              + ray.get(ds.to_arrow_refs())))
 
         manifest = {
             "created_at": datetime.now(UTC).isoformat(),
@@ -172,22 +184,18 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
     return ExampleSet(out, manifest)
 
 
-def _count_rows(ds: Any) -> dict[str, dict[str, int]]:
-    """Rows per platform and split, users with examples, mean history length (one pass)."""
-    import ray
-
+def _count_rows(per_task: pa.Table) -> dict[str, dict[str, int]]:
+    """Rows per platform and split, users with examples, mean history length, from the
+    per-task counts (only these few rows come back to the driver)."""
     counts: dict[str, dict[str, int]] = {}
-    for ref in ds.to_arrow_refs():
-        t = ray.get(ref)
-        if t.num_rows == 0:
+    for r in per_task.to_pylist():
+        if not r["rows"]:
             continue
-        for p in pc.unique(t["platform"]).to_pylist():
-            part = t.filter(pc.equal(t["platform"], p))
-            c = counts.setdefault(p, {f"{s}_rows": 0 for s in SPLITS} | {"history_items": 0})
-            for s in SPLITS:
-                c[f"{s}_rows"] += pc.sum(pc.equal(part["split"], s)).as_py() or 0
-            test = part.filter(pc.equal(part["split"], "test"))
-            c["history_items"] += int(pc.sum(pc.list_value_length(test["history"])).as_py() or 0)
+        c = counts.setdefault(r["platform"], {f"{s}_rows": 0 for s in SPLITS}
+                              | {"history_items": 0})
+        c[f"{r['split']}_rows"] += r["rows"]
+        if r["split"] == "test":
+            c["history_items"] += r["history_items"]
     for c in counts.values():
         c["users"] = c["test_rows"]
         c["mean_history"] = round(c.pop("history_items") / max(c["users"], 1), 2)
@@ -216,9 +224,3 @@ def read_split(example_set: ExampleSet, split: str) -> pa.Table:
     if not files:
         return EXAMPLES_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(f, schema=EXAMPLES_SCHEMA) for f in files])
-
-
-def read_tokens(example_set: ExampleSet) -> dict[str, np.ndarray]:
-    t = pq.read_table(example_set.path / "tokens.parquet")
-    return dict(zip(t["text_hash"].to_pylist(),
-                    (np.asarray(v, np.int32) for v in t["token_ids"].to_pylist())))

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.data.ingest.runner import IngestOptions, ingest
-from recsys.data.pipeline import DataConfig, build_example_set, read_split, read_tokens
+from recsys.data.pipeline import DataConfig, build_example_set, read_split
 from recsys.data.pseudonym import Pseudonymizer
 from recsys.data.sequences import SPLITS
+from recsys.model.features import load_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_valid_history_is_test_history_minus_last(example_set) -> None:
 
 def test_text_tokenised_once_per_distinct_text(example_set) -> None:
     text = example_set.manifest["text"]
-    tokens = read_tokens(example_set)
+    tokens = load_token_ids(example_set.path)
     assert len(tokens) == text["distinct_texts"]
     # partly shared catalogs: the same item on two shops is tokenised once
     assert text["distinct_texts"] < text["catalog_rows"]
@@ -108,7 +109,7 @@ def test_ray_train_workers_get_disjoint_shards(ray_cluster, example_set, tmp_pat
         shard = ray.train.get_dataset_shard("train")
         seen = []
         for batch in iter_batches(shard, batch_size=64, max_len=20, shuffle_buffer=256, seed=0):
-            assert batch["history"].shape[1] == 20
+            assert batch["history"].shape[1] <= 20
             assert (batch["history"][:, -1] > 0).all()  # left padded: newest item last
             seen += [f"{h[h > 0].tolist()}|{t}" for h, t in zip(batch["history"], batch["target"])]
         Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(seen))
