@@ -1,0 +1,70 @@
+"""The MLflow pyfunc flavour of an export: ``mlflow.pyfunc.load_model(uri).predict(df)``.
+
+Input: a DataFrame with ``platform`` (str), ``history`` (list of item ids, oldest first) and
+optional ``k`` (int, default 10). Output: one row per input with ``items`` (top-k item ids) and
+``scores``. Item vectors of each platform are computed once at load time; a call runs only the
+user tower and one top-k per platform.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys.model.export import Exported, load_export
+
+
+class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
+    """Wraps the safetensors weights, item index and (if fine-tuned) the text encoder."""
+
+    def load_context(self, context: Any) -> None:
+        self._load(context.artifacts["export"])
+
+    def _load(self, path: str) -> None:
+        from recsys.training.items import PlatformItems
+        from recsys.training.objective import PlatformTensors, item_vectors
+
+        self.exported: Exported = load_export(path)
+        self.tables: dict[str, torch.Tensor] = {}
+        self.index: dict[str, dict[str, int]] = {}
+        with torch.inference_mode():
+            for name, it in self.exported.items.items():
+                pi = PlatformItems(name=name, platform_id=it.platform_id,
+                                   brand_ids=it.brand_ids, category_ids=it.category_ids,
+                                   text_vecs=it.text_vecs, token_ids=None,
+                                   popularity=np.zeros(it.num_items + 1))
+                pt = PlatformTensors.from_items(pi, torch.device("cpu"))
+                self.tables[name] = item_vectors(self.exported.model, pt, None)  # (N+1, D)
+                self.index[name] = {item: i + 1 for i, item in enumerate(it.item_ids)}
+
+    @torch.inference_mode()
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        model = self.exported.model
+        max_len = model.config["max_len"]
+        out_items: list[list[str]] = [[] for _ in range(len(model_input))]
+        out_scores: list[list[float]] = [[] for _ in range(len(model_input))]
+        df = model_input.reset_index(drop=True)
+        for name, rows in df.groupby("platform", sort=False):
+            if name not in self.tables:
+                raise KeyError(f"unknown platform {name!r}; known: {sorted(self.tables)}")
+            index, table = self.index[name], self.tables[name]
+            hist = torch.zeros((len(rows), max_len), dtype=torch.long)
+            for r, h in enumerate(rows["history"]):
+                ids = [index[i] for i in list(h) if i in index][-max_len:]
+                if ids:
+                    hist[r, max_len - len(ids):] = torch.as_tensor(ids)
+            pid = torch.full((len(rows),), self.exported.items[name].platform_id)
+            scores = model.score_all(model.user_vector(hist, table, pid), table)  # (B, N+1)
+            ks = rows["k"].astype(int).tolist() if "k" in rows else [10] * len(rows)
+            top = torch.topk(scores, k=min(max(ks), table.shape[0] - 1), dim=1)
+            item_ids = self.exported.items[name].item_ids
+            for r, row_id in enumerate(rows.index):
+                k = ks[r]
+                out_items[row_id] = [item_ids[i - 1] for i in top.indices[r, :k].tolist()]
+                out_scores[row_id] = top.values[r, :k].tolist()
+        return pd.DataFrame({"items": out_items, "scores": out_scores})

@@ -1,0 +1,149 @@
+"""The typed config of every training job (pretrain, transfer, scratch) and of Tune trials.
+
+One schema; the job's ``mode`` and ``transfer.strategy`` say what is trained. Derived numbers
+(DeepSpeed batch sizes) come from :mod:`recsys.training.deepspeed_config`, never from here twice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from recsys.config import StrictModel
+from recsys.data.pipeline import DataConfig
+
+Strategy = Literal["full", "freeze_encoder", "lora", "adapter_only"]
+
+
+class ModelConfig(StrictModel):
+    """Architecture (maps 1:1 onto the flat arguments of ``Recommender``)."""
+
+    dim: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    num_experts: int = Field(8, ge=1)
+    category_depth: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads "
+                             f"({self.num_heads})")
+        return self
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
+class EncoderConfig(StrictModel):
+    """The text encoder is ``data.text.encoder``; this says how it is used."""
+
+    cache_dir: str = "runs/cache/encoder"
+    """Frozen-encoder vectors, keyed by encoder + text hash (each text encoded once, ever)."""
+    lora: LoraConfig = LoraConfig()
+    encode_batch_size: int = Field(64, ge=1)
+
+
+class LossConfig(StrictModel):
+    kind: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    """Softmax over the platform's whole catalog, or in-batch + sampled negatives (logQ)."""
+    num_negatives: int = Field(512, ge=1)
+    logq_correction: bool = True
+    ctr_weight: float = Field(0.1, ge=0)
+    """Weight of the CTR head's BCE (positive: next item, negative: a popularity-sampled item)."""
+    temperature: float = Field(0.07, gt=0)
+    """Scores are cosine-like dot products of normalised vectors divided by this."""
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(20, ge=1)
+    micro_batch_size: int = Field(256, ge=1)
+    """Examples per worker per step (before accumulation)."""
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    early_stopping_patience: int = Field(3, ge=1)
+    """Epochs without a better validation NDCG@10 before stopping."""
+    seed: int = 0
+
+
+class DeepSpeedConfig(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    bf16: Literal["auto", True, False] = "auto"
+    """'auto': bf16 on GPUs that support it, fp32 on CPU."""
+
+
+class ScalingConfig(StrictModel):
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    """Fractional on a 2-core machine so Ray Data keeps a CPU (STACK_NOTES)."""
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=0)
+    """Worker failures survived by restarting from the last checkpoint."""
+
+
+class TransferConfig(StrictModel):
+    init_from: str | None = None
+    """Export or checkpoint directory of a pretrain run (required for mode=transfer)."""
+    strategy: Strategy = "freeze_encoder"
+
+
+class TrackingConfig(StrictModel):
+    experiment: str = "recsys"
+    enabled: bool = True
+
+
+class TrainJobConfig(StrictModel):
+    """Config of ``jobs.pretrain``, ``jobs.transfer`` and ``jobs.scratch``."""
+
+    name: str = "run"
+    mode: Literal["pretrain", "transfer", "scratch"] = "pretrain"
+    data: DataConfig = DataConfig()
+    train_platforms: list[str] | None = None
+    """Platforms trained on (None: all platforms of the example set)."""
+    eval_platforms: list[str] | None = None
+    """Platforms evaluated (None: the train platforms)."""
+    user_fraction: float = Field(1.0, gt=0, le=1)
+    """Keep this share of users for training (seeded): the low-data transfer setting."""
+    model: ModelConfig = ModelConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    transfer: TransferConfig = TransferConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str = "runs/train"
+    """Ray Train storage and exports go under ``output_dir/name``."""
+    materialize_datasets: bool = True
+    """Hold the example datasets in the object store (read once, not once per epoch)."""
+    resume: bool = True
+    """Continue a run of the same name from its latest checkpoint (Ray Train restores it);
+    false starts over, deleting that run's previous checkpoints."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJobConfig:
+        problems = []
+        if self.mode == "transfer" and not self.transfer.init_from:
+            problems.append("mode=transfer needs transfer.init_from (a pretrain export dir)")
+        if self.mode != "transfer" and self.transfer.strategy not in ("freeze_encoder", "full"):
+            problems.append(f"transfer.strategy={self.transfer.strategy!r} only applies to "
+                            "mode=transfer")
+        if self.mode == "scratch" and self.train_platforms and len(self.train_platforms) != 1:
+            problems.append("mode=scratch trains on exactly one platform (train_platforms)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def finetunes_encoder(self) -> bool:
+        """Whether the transformer runs in the training step (else cached vectors are used)."""
+        return self.transfer.strategy in ("full", "lora")

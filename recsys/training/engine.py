@@ -1,0 +1,141 @@
+"""The two ways one training step runs: DDP (torch) or DeepSpeed ZeRO, behind one small API.
+
+The loop calls ``step(batch)``, ``save(dir)``, ``load(dir)``; which ranks write what is decided
+here: DDP writes one copy from rank 0, DeepSpeed writes a shard from every rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys.training.config import TrainJobConfig
+from recsys.training.deepspeed_config import build_deepspeed_config
+
+STATE_FILE = "train_state.json"
+DS_TAG = "ckpt"
+
+
+class Engine:
+    """Common interface; ``module`` is the unwrapped objective (its ``.model`` is exported)."""
+
+    module: nn.Module
+
+    def step(self, history: torch.Tensor, target: torch.Tensor,
+             platform: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def save(self, directory: Path, state: dict[str, Any], rank: int) -> bool:
+        """Write this rank's part; return whether this rank contributed files."""
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+
+class DDPEngine(Engine):
+    def __init__(self, objective: nn.Module, cfg: TrainJobConfig) -> None:
+        import ray.train.torch
+
+        self.module = objective
+        params = [p for p in objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        # Parts of the model may be frozen or unused in a step (CTR head with weight 0).
+        self.wrapped = ray.train.torch.prepare_model(
+            objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.grad_clip = cfg.optim.grad_clip
+        self.accum = cfg.optim.grad_accum
+        self._micro = 0
+
+    def step(self, history: torch.Tensor, target: torch.Tensor,
+             platform: torch.Tensor) -> dict[str, float]:
+        loss, stats = self.wrapped(history, target, platform)
+        (loss / self.accum).backward()
+        self._micro += 1
+        if self._micro % self.accum == 0:
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def save(self, directory: Path, state: dict[str, Any], rank: int) -> bool:
+        if rank != 0:
+            return False
+        torch.save({"model": self.module.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict()}, directory / "ddp.pt")
+        (directory / STATE_FILE).write_text(json.dumps(state))
+        return True
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        blob = torch.load(directory / "ddp.pt", map_location="cpu", weights_only=False)
+        self.module.model.load_state_dict(blob["model"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        return json.loads((directory / STATE_FILE).read_text())
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, objective: nn.Module, cfg: TrainJobConfig, world_size: int,
+                 on_gpu: bool) -> None:
+        import deepspeed
+
+        bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+        ds_cfg = build_deepspeed_config(cfg.deepspeed, cfg.optim, world_size, on_gpu=on_gpu,
+                                        gpu_supports_bf16=bf16_ok)
+        params = [p for p in objective.parameters() if p.requires_grad]
+        self.ds, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params,
+                                                config=ds_cfg)
+        self.module = objective
+        self.ds_config = ds_cfg
+
+    def step(self, history: torch.Tensor, target: torch.Tensor,
+             platform: torch.Tensor) -> dict[str, float]:
+        loss, stats = self.ds(history, target, platform)
+        self.ds.backward(loss)
+        self.ds.step()
+        return stats
+
+    def save(self, directory: Path, state: dict[str, Any], rank: int) -> bool:
+        # Every rank writes its ZeRO shard into its own copy of the directory; Ray Train merges
+        # the per-rank directories into one checkpoint.
+        self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state=state)
+        if rank == 0:
+            (directory / STATE_FILE).write_text(json.dumps(state))
+        return True
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
+        if client_state is None:
+            raise RuntimeError(f"{directory}: DeepSpeed checkpoint has no client state")
+        return {k: client_state[k] for k in ("epoch", "best", "bad_epochs", "curve")
+                if k in client_state}
+
+
+def make_engine(objective: nn.Module, cfg: TrainJobConfig, world_size: int,
+                on_gpu: bool) -> Engine:
+    if cfg.scaling.engine == "deepspeed":
+        return DeepSpeedEngine(objective, cfg, world_size, on_gpu)
+    return DDPEngine(objective, cfg)
+
+
+def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from a DDP or DeepSpeed (any ZeRO stage) checkpoint."""
+    if (checkpoint_dir / "ddp.pt").exists():
+        blob = torch.load(checkpoint_dir / "ddp.pt", map_location="cpu", weights_only=False)
+        return blob["model"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
+    # The engine wrapped the objective: model weights are under "model.".
+    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}

@@ -1,0 +1,165 @@
+"""The per-worker training loop run by Ray Train (``TorchTrainer(train_loop_per_worker=...)``).
+
+Each epoch: train on this worker's shard, evaluate the validation shard (full ranking; sums are
+all-reduced so every rank sees the same metrics and takes the same early-stopping decision),
+then every rank saves its part of the checkpoint and calls ``ray.train.report`` (a barrier).
+Rank-dependent side effects (MLflow) are in :func:`_rank0_log` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys.evaluation.metrics import ranking_metrics
+from recsys.training.config import TrainJobConfig
+from recsys.training.items import ItemInputs, keep_user
+from recsys.training.model_setup import build_model
+from recsys.training.objective import PlatformTensors, RecommenderObjective
+
+log = logging.getLogger(__name__)
+
+METRIC = "valid_ndcg@10"
+KS = (10, 50)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _filter_users(batch: Any, fraction: float, seed: int) -> Any:
+    """Ray Data batch filter for the low-data setting (same users on every worker)."""
+    return batch.filter(keep_user(batch["user_id"].to_pylist(), fraction, seed))
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors],
+                   shard: Any, cfg: TrainJobConfig, platform_ids: dict[str, int],
+                   device: torch.device) -> dict[str, float]:
+    """Full-ranking validation metrics over all workers' shards (sums all-reduced)."""
+    from recsys.data.feed import iter_batches
+    from recsys.training.ranking import rank_batches
+
+    batches = iter_batches(shard, 512, cfg.data.sequences.max_seq_len,
+                           platform_ids=platform_ids, device=device)
+    ranks = rank_batches(model, platforms, batches)
+    names = {v: k for k, v in platform_ids.items()}
+    keys = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")] + ["mrr"]
+    # One row per platform: [count, sum of each metric]; summed over ranks.
+    sums = torch.zeros(len(names), 1 + len(keys), dtype=torch.float64)
+    for pid, r in ranks.items():
+        m = ranking_metrics(r["rank"], ks=KS)
+        n = len(r["rank"])
+        sums[pid, 0] = n
+        sums[pid, 1:] = torch.tensor([m[k] * n for k in keys], dtype=torch.float64)
+    sums = _all_reduce(sums)
+    out: dict[str, float] = {}
+    total = sums.sum(0)
+    for pid, name in sorted(names.items()):
+        n = float(sums[pid, 0])
+        if n:
+            for i, k in enumerate(keys):
+                out[f"valid_{k}/{name}"] = float(sums[pid, 1 + i]) / n
+    if float(total[0]):
+        for i, k in enumerate(keys):
+            out[f"valid_{k}"] = float(total[1 + i]) / float(total[0])
+    out["valid_users"] = float(total[0])
+    return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from recsys.data.feed import iter_batches
+    from recsys.training.engine import make_engine
+
+    cfg = TrainJobConfig.model_validate(config["job"])  # re-validate on the worker
+    inputs: ItemInputs = ray.get(config["items_ref"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.optim.seed + rank)
+
+    platform_ids = config["platform_ids"]
+    model = build_model(cfg, inputs, config.get("init_state"), config["model_platforms"])
+    model.to(device)
+    tensors = {inputs.items[p].platform_id: PlatformTensors.from_items(inputs.items[p], device)
+               for p in inputs.items}
+    objective = RecommenderObjective(model, cfg.loss, tensors)
+    engine = make_engine(objective, cfg, world, on_gpu=device.type == "cuda")
+
+    state: dict[str, Any] = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "curve": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = engine.load(Path(d))
+        log.info("rank %d resumed after epoch %d (best %s %.4f)", rank, state["epoch"], METRIC,
+                 state["best"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    for epoch in range(state["epoch"] + 1, cfg.optim.epochs):
+        t0 = time.perf_counter()
+        engine.train()
+        losses, seen = [], 0
+        for batch in iter_batches(train_shard, cfg.optim.micro_batch_size,
+                                  cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
+                                  seed=cfg.optim.seed + epoch * 1000 + rank,
+                                  platform_ids=platform_ids, device=device):
+            stats = engine.step(batch["history"], batch["target"], batch["platform"])
+            losses.append(stats["loss"])
+            seen += len(batch["target"])
+        train_seconds = time.perf_counter() - t0
+        engine.eval()
+        metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device)
+        seen_all = float(_all_reduce(torch.tensor([float(seen)], dtype=torch.float64))[0])
+        metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
+                       train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds)
+        improved = metrics.get(METRIC, 0.0) > state["best"]
+        state["best"] = max(state["best"], metrics.get(METRIC, 0.0))
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["epoch"] = epoch
+        state["curve"].append({k: metrics[k] for k in ("epoch", "train_loss", METRIC)
+                               if k in metrics})
+        metrics["best_" + METRIC] = state["best"]
+        if rank == 0:
+            print(f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  {METRIC} "
+                  f"{metrics.get(METRIC, 0):.4f}  best {state['best']:.4f}  "
+                  f"{metrics['sequences_per_s']:.0f} seq/s", flush=True)
+            _rank0_log(config, metrics, epoch)
+        with tempfile.TemporaryDirectory() as d:
+            wrote = engine.save(Path(d), state, rank)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
+        if state["bad_epochs"] >= cfg.optim.early_stopping_patience:
+            if rank == 0:
+                print(f"early stop: no better {METRIC} for {state['bad_epochs']} epochs",
+                      flush=True)
+            break
+
+
+def _rank0_log(config: dict[str, Any], metrics: dict[str, float], epoch: int) -> None:
+    """The one place a worker talks to MLflow."""
+    tracking = config.get("tracking")
+    if not tracking:
+        return
+    from recsys.tracking.runs import log_metrics
+
+    log_metrics(tracking["uri"], tracking["run_id"],
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)

@@ -1,0 +1,97 @@
+"""Config -> model: architecture, transfer initialisation, and which parameters train.
+
+Transfer strategies (``transfer.strategy``):
+
+* ``full``: everything trains, the text encoder included (it runs in the step);
+* ``freeze_encoder``: the encoder is frozen (its vectors come from the cache); towers train;
+* ``lora``: LoRA adapters on the encoder's attention train, with the towers; the base is frozen;
+* ``adapter_only``: only the per-platform parts train (MoE adapter, platform embeddings); the
+  user tower, brand/category embeddings and the CTR head keep their pretrained weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from recsys.model.recommender import Recommender, apply_lora, load_text_encoder
+from recsys.training.config import TrainJobConfig
+from recsys.training.items import ItemInputs
+
+
+def model_kwargs(cfg: TrainJobConfig, inputs: ItemInputs, text_dim: int,
+                 num_platforms: int) -> dict[str, Any]:
+    return dict(
+        text_dim=text_dim, dim=cfg.model.dim, num_platforms=num_platforms,
+        num_brands=inputs.vocab.num_brands, num_categories=inputs.vocab.num_categories,
+        max_len=cfg.data.sequences.max_seq_len, num_layers=cfg.model.num_layers,
+        num_heads=cfg.model.num_heads, dropout=cfg.model.dropout,
+        num_experts=cfg.model.num_experts)
+
+
+def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | None,
+                model_platforms: list[str]) -> Recommender:
+    """Build the Recommender; ``init`` = {"config": ..., "state_dict": ...} of a pretrain export.
+
+    The pretrained model is rebuilt with its own sizes, loaded exactly, then grown to the new
+    platforms (new rows start as the mean platform) and feature vocabulary (new brand/category
+    rows start at zero, like 'unknown').
+    """
+    encoder = None
+    if cfg.finetunes_encoder:
+        encoder = load_text_encoder(cfg.data.text.encoder)
+        if cfg.transfer.strategy == "lora":
+            lo = cfg.encoder.lora
+            encoder = apply_lora(encoder, r=lo.r, alpha=lo.alpha, dropout=lo.dropout)
+    text_dim = encoder.hidden_size if encoder is not None else _text_dim(inputs)
+    if init is None:
+        model = Recommender(**model_kwargs(cfg, inputs, text_dim, len(model_platforms)),
+                            text_encoder=encoder)
+    else:
+        pre = dict(init["config"])
+        pre["dropout"] = cfg.model.dropout
+        model = Recommender(**pre)
+        model.load_state_dict(init["state_dict"])
+        grow = len(model_platforms) - pre["num_platforms"]
+        if grow > 0:
+            model.add_platforms(grow)
+        model.resize_features(inputs.vocab.num_brands, inputs.vocab.num_categories)
+        if encoder is not None:
+            if encoder.hidden_size != pre["text_dim"]:
+                raise ValueError(f"encoder hidden size {encoder.hidden_size} != pretrained "
+                                 f"text_dim {pre['text_dim']}")
+            model.text_encoder = encoder
+    set_trainable(model, cfg)
+    return model
+
+
+def _text_dim(inputs: ItemInputs) -> int:
+    for items in inputs.items.values():
+        if items.text_vecs is not None:
+            return int(items.text_vecs.shape[1])
+    raise ValueError("no text vectors prepared and no encoder to fine-tune")
+
+
+def set_trainable(model: Recommender, cfg: TrainJobConfig) -> None:
+    strategy = cfg.transfer.strategy if cfg.mode == "transfer" else "freeze_encoder"
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if model.text_encoder is not None:
+        if strategy == "lora":
+            for name, p in model.text_encoder.named_parameters():
+                p.requires_grad_("lora_" in name)
+        elif strategy != "full":
+            model.text_encoder.requires_grad_(False)
+    if strategy == "adapter_only":
+        model.requires_grad_(False)
+        model.item_tower.adapter.requires_grad_(True)
+        for name, p in model.user_tower.named_parameters():
+            if "platform" in name:
+                p.requires_grad_(True)
+
+
+def trainable_summary(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params_total": total, "params_trainable": train}

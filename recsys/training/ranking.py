@@ -1,0 +1,46 @@
+"""Model-side evaluation: batches of (history, target) -> full-ranking ranks, per platform.
+
+One function for validation inside training and for the test split in ``jobs.evaluate``. The
+item table of a platform is computed once per call; each batch then runs the user tower once
+and scores every item of the platform (full ranking, nothing masked: RecBole's protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from recsys.evaluation.metrics import rank_of_target
+from recsys.model.recommender import Recommender
+from recsys.training.objective import PlatformTensors, item_vectors
+
+
+@torch.inference_mode()
+def rank_batches(model: Recommender, platforms: dict[int, PlatformTensors],
+                 batches: Iterable[dict[str, torch.Tensor]],
+                 with_history_excluded: bool = False) -> dict[int, dict[str, np.ndarray]]:
+    """Ranks of each target per platform id: {"rank": (n,), "target": (n,)[, "rank_excl"]}."""
+    was_training = model.training
+    model.eval()
+    tables: dict[int, torch.Tensor] = {}
+    out: dict[int, dict[str, list[np.ndarray]]] = {}
+    for batch in batches:
+        history, target, platform = batch["history"], batch["target"], batch["platform"]
+        for pid in platform.unique().tolist():
+            rows = platform == pid
+            if pid not in tables:
+                tables[pid] = item_vectors(model, platforms[pid], None)
+            table = tables[pid]
+            user = model.user_vector(history[rows], table, platform[rows])  # (b, D)
+            scores = model.score_all(user, table)  # (b, N+1)
+            acc = out.setdefault(pid, {"rank": [], "target": [], "rank_excl": []})
+            acc["rank"].append(rank_of_target(scores, target[rows]).cpu().numpy())
+            acc["target"].append(target[rows].cpu().numpy())
+            if with_history_excluded:
+                seen = [h[h > 0].cpu().numpy() for h in history[rows]]
+                acc["rank_excl"].append(
+                    rank_of_target(scores, target[rows], exclude=seen).cpu().numpy())
+    model.train(was_training)
+    return {pid: {k: np.concatenate(v) for k, v in acc.items() if v} for pid, acc in out.items()}

@@ -1,0 +1,186 @@
+"""A training job from the driver's side: track, fit, export, evaluate, log.
+
+Rank-dependent side effects live here (the driver) and in ``loop._rank0_log`` (rank 0); the
+registry is written by the driver from the result's checkpoint, never by a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.evaluation.report import EvalReport, write_report
+from recsys.model.export import ExportedItems, load_export, save_export
+from recsys.model.recommender import Recommender, merge_lora
+from recsys.settings import get_settings
+from recsys.training.config import TrainJobConfig
+from recsys.training.engine import consolidated_state_dict
+from recsys.training.evaluate import evaluate_export
+from recsys.training.loop import METRIC
+from recsys.training.model_setup import build_model
+from recsys.training.trainer import TrainSetup, build_trainer, prepare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    export_dir: Path
+    report: EvalReport
+    best_metric: float
+    curve: list[dict[str, float]]
+    run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+
+
+def run_dir(cfg: TrainJobConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
+                      metrics: dict[str, Any]) -> Path:
+    """Consolidate a (DDP or DeepSpeed) checkpoint into a serving export."""
+    cfg = setup.cfg
+    state = consolidated_state_dict(checkpoint_dir)
+    # Rebuilt exactly as the workers built it (a transfer model is grown from its init).
+    init = ({"config": setup.init["config"], "state_dict": setup.init["state_dict"]}
+            if setup.init else None)
+    model: Recommender = build_model(cfg, setup.inputs, init, setup.model_platforms)
+    model.load_state_dict(state, strict=False)
+    if model.text_encoder is not None and cfg.transfer.strategy == "lora":
+        model.text_encoder = merge_lora(model.text_encoder)
+    items = {name: ExportedItems(platform=name, platform_id=pi.platform_id,
+                                 item_ids=_item_ids(setup, name), brand_ids=pi.brand_ids,
+                                 category_ids=pi.category_ids, text_vecs=pi.text_vecs)
+             for name, pi in setup.inputs.items.items()}
+    meta = {
+        "platforms": setup.model_platforms,
+        "platforms_with_items": list(setup.inputs.items),
+        "vocab": setup.inputs.vocab.to_dict(),
+        "encoder": cfg.data.text.encoder,
+        "max_tokens": cfg.data.text.max_tokens,
+        "train_config": cfg.model_dump(mode="json"),
+        "mode": cfg.mode,
+        "strategy": cfg.transfer.strategy,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "example_set": str(setup.example_set.path),
+        "input_fingerprint": setup.example_set.manifest.get("input_fingerprint"),
+    }
+    catalogs = {p: setup.example_set.path / "catalog" / f"{p}.parquet" for p in items}
+    return save_export(out, model, model.state_dict() | state, meta, items, catalogs)
+
+
+def _item_ids(setup: TrainSetup, platform: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    cat = pq.read_table(setup.example_set.path / "catalog" / f"{platform}.parquet",
+                        columns=["item_id"])
+    return cat["item_id"].to_pylist()
+
+
+def run_training(cfg: TrainJobConfig) -> TrainOutcome:
+    """Fit with Ray Train, export the best checkpoint, evaluate it on the test split."""
+    from recsys.tracking import runs
+    from recsys.tracking.server import ensure_experiment, ensure_tracking
+
+    started = time.perf_counter()
+    if not cfg.resume:
+        _start_over(cfg)
+    setup = prepare(cfg)
+    log.info("platforms: train %s, eval %s; encoder cache %s", setup.train_platforms,
+             setup.eval_platforms, setup.inputs.cache_stats)
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = ensure_tracking(get_settings())
+        ensure_experiment(uri, cfg.tracking.experiment)
+        run_id = runs.start_run(uri, cfg.tracking.experiment, cfg.name,
+                                tags={"mode": cfg.mode, "strategy": cfg.transfer.strategy,
+                                      "engine": cfg.scaling.engine})
+        runs.log_config(uri, run_id, cfg.model_dump(mode="json"))
+        runs.log_system_info(uri, run_id)
+    trainer = build_trainer(cfg, setup, {"uri": uri, "run_id": run_id} if run_id else None)
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            runs.end_run(uri, run_id, "FAILED")
+        raise
+    best = _best_checkpoint(result)
+    with best.as_directory() as d:
+        export = export_checkpoint(setup, Path(d), run_dir(cfg) / "export", result.metrics or {})
+    curve = _curve(result)
+    exported = load_export(export)
+    report = evaluate_export(exported, setup.example_set, split="test",
+                             platforms=setup.eval_platforms, run=cfg.name,
+                             user_fraction=cfg.user_fraction, seed=cfg.optim.seed, curves=curve,
+                             meta={"mode": cfg.mode, "strategy": cfg.transfer.strategy})
+    files = write_report(report, run_dir(cfg) / "report")
+    best_metric = max((p.get(METRIC, 0.0) for p in curve), default=float("nan"))
+    if run_id:
+        runs.log_metrics(uri, run_id, _flat_test_metrics(report), step=len(curve))
+        runs.log_artifacts(uri, run_id, files["json"].parent, "report")
+        _log_model(uri, run_id, export)
+        runs.end_run(uri, run_id, "FINISHED")
+    return TrainOutcome(export, report, best_metric, curve, run_id, uri,
+                        time.perf_counter() - started)
+
+
+def _start_over(cfg: TrainJobConfig) -> None:
+    """Ray Train resumes a run of the same name and storage; remove it to start fresh."""
+    if "://" in cfg.output_dir:
+        raise ValueError(f"resume=false deletes the previous run, which is only done for a local "
+                         f"output_dir; use a new name for {cfg.output_dir}")
+    path = run_dir(cfg)
+    if path.exists():
+        log.warning("resume=false: removing the previous run at %s", path)
+        shutil.rmtree(path)
+
+
+def _best_checkpoint(result: Any) -> Any:
+    scored = [(m.get(METRIC, -1.0), c) for c, m in (result.best_checkpoints or [])]
+    if scored:
+        return max(scored, key=lambda t: t[0])[1]
+    if result.checkpoint is None:
+        raise RuntimeError(f"training reported no checkpoint (error: {result.error})")
+    return result.checkpoint
+
+
+def _curve(result: Any) -> list[dict[str, float]]:
+    """Per-epoch learning curve from the metrics history of the run."""
+    df = getattr(result, "metrics_dataframe", None)
+    rows: list[dict[str, float]] = []
+    if df is not None and len(df):
+        keep = [c for c in ("epoch", "train_loss", METRIC) if c in df]
+        for rec in df[keep].to_dict("records"):
+            rows.append({k: float(v) for k, v in rec.items() if v == v})
+    elif result.metrics:
+        rows.append({k: float(result.metrics[k]) for k in ("epoch", "train_loss", METRIC)
+                     if k in result.metrics})
+    by_epoch = {int(r["epoch"]): r for r in rows if "epoch" in r}  # restarts repeat epochs
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _flat_test_metrics(report: EvalReport) -> dict[str, float]:
+    out = {}
+    for name, res in report.platforms.items():
+        for k, v in res.metrics.items():
+            if v is not None and not (isinstance(v, float) and np.isnan(v)):
+                out[f"test_{k}/{name}"] = float(v)
+        if res.auc is not None:
+            out[f"test_ctr_auc/{name}"] = float(res.auc)
+    return out
+
+
+def _log_model(uri: str, run_id: str, export: Path) -> str:
+    from recsys.model.pyfunc import RecommenderPyfunc
+    from recsys.tracking import runs
+
+    return runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
+                                 artifacts={"export": str(export)}, name="model")

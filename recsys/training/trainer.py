@@ -1,0 +1,133 @@
+"""``build_trainer(cfg)``: the one place a Ray ``TorchTrainer`` is assembled (jobs and Tune).
+
+The driver resolves everything a worker needs (example datasets, item inputs with cached text
+vectors, the transfer initialisation) and passes it by value or object reference; the worker
+function re-validates the config and reads no module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recsys.data.pipeline import ExampleSet, load_example_set
+from recsys.training.config import TrainJobConfig
+from recsys.training.items import ItemInputs, prepare_item_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSetup:
+    """What ``build_trainer`` resolved, kept for export and reporting after ``fit``."""
+
+    cfg: TrainJobConfig
+    example_set: ExampleSet
+    train_platforms: list[str]
+    eval_platforms: list[str]
+    model_platforms: list[str]
+    inputs: ItemInputs
+    init: dict[str, Any] | None
+
+
+def resolve_platforms(cfg: TrainJobConfig, es: ExampleSet,
+                      init: dict[str, Any] | None) -> tuple[list[str], list[str], list[str]]:
+    available = list(es.manifest["platforms"])
+    train = cfg.train_platforms or available
+    evals = cfg.eval_platforms or train
+    missing = sorted(set(train + evals) - set(available))
+    if missing:
+        raise ValueError(f"platform(s) {missing} are not in the example set {es.path} "
+                         f"(it has {available})")
+    known = list(init["platforms"]) if init else []
+    model_platforms = known + [p for p in dict.fromkeys(train + evals) if p not in known]
+    return train, evals, model_platforms
+
+
+def load_init(path: str | Path) -> dict[str, Any]:
+    """A pretrain export: config, platforms, vocabulary, weights."""
+    from safetensors.torch import load_file
+
+    from recsys.model.features import FeatureVocab
+
+    path = Path(path)
+    meta = json.loads((path / "export.json").read_text())
+    return {
+        "config": meta["model_config"],
+        "platforms": meta["platforms"],
+        "vocab": FeatureVocab.from_dict(meta["vocab"]),
+        "state_dict": load_file(str(path / "model.safetensors")),
+    }
+
+
+def prepare(cfg: TrainJobConfig) -> TrainSetup:
+    es = load_example_set(cfg.data.examples)
+    init = load_init(cfg.transfer.init_from) if cfg.mode == "transfer" else None
+    train, evals, model_platforms = resolve_platforms(cfg, es, init)
+    platforms = list(dict.fromkeys(train + evals))
+    inputs = prepare_item_inputs(
+        es, platforms, platform_ids={p: model_platforms.index(p) for p in platforms},
+        encoder=cfg.data.text.encoder, max_tokens=cfg.data.text.max_tokens,
+        cache_dir=cfg.encoder.cache_dir, with_vectors=not cfg.finetunes_encoder,
+        with_tokens=cfg.finetunes_encoder,
+        vocab=init["vocab"] if init else None,
+        user_fraction=cfg.user_fraction, seed=cfg.optim.seed)
+    return TrainSetup(cfg, es, train, evals, model_platforms, inputs, init)
+
+
+def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
+                  tracking: dict[str, str] | None = None, resume: bool = True) -> Any:
+    """A ``TorchTrainer`` for this config. ``tracking`` = {"uri", "run_id"} for rank-0 logs."""
+    import ray
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from recsys.data.feed import example_datasets
+    from recsys.training.loop import METRIC, _filter_users, train_loop_per_worker
+
+    setup = setup or prepare(cfg)
+    # One line per epoch from rank 0 is the progress display; Ray Data's per-operator bars
+    # from the split coordinator would drown it (the context travels with the datasets).
+    DataContext.get_current().enable_progress_bars = False
+    datasets = example_datasets(setup.example_set, splits=("train",),
+                                platforms=setup.train_platforms)
+    datasets.update(example_datasets(setup.example_set, splits=("valid",),
+                                     platforms=setup.eval_platforms))
+    if cfg.user_fraction < 1:
+        datasets["train"] = datasets["train"].map_batches(
+            _filter_users, batch_format="pyarrow",
+            fn_kwargs={"fraction": cfg.user_fraction, "seed": cfg.optim.seed})
+    if cfg.materialize_datasets:
+        # Read and filter once into the object store; otherwise every epoch re-executes the
+        # read (seconds per epoch on 2 cores, more than the training step on small data).
+        datasets = {k: v.materialize() for k, v in datasets.items()}
+    loop_config = {
+        "job": cfg.model_dump(mode="json"),
+        "items_ref": ray.put(setup.inputs),
+        "platform_ids": {p: setup.model_platforms.index(p) for p in setup.inputs.items},
+        "model_platforms": setup.model_platforms,
+        "init_state": ({"config": setup.init["config"], "state_dict": setup.init["state_dict"]}
+                       if setup.init else None),
+        "tracking": tracking,
+    }
+    on_gpu = cfg.scaling.use_gpu
+    storage = Path(cfg.output_dir).resolve() if "://" not in cfg.output_dir else cfg.output_dir
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=on_gpu,
+            resources_per_worker=None if on_gpu else {"CPU": cfg.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=cfg.name, storage_path=str(storage),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                               checkpoint_score_order="max")),
+    )

@@ -1,0 +1,272 @@
+"""The recommender's components on tiny configs (BertModelTester-style): shapes, gradients,
+causality, padding invariance, transfer to new platforms, and checkpoint round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel
+
+from recsys.model.recommender import (
+    CTRHead,
+    ItemTower,
+    PlatformAdapter,
+    Recommender,
+    TextEncoder,
+    UserTower,
+    apply_lora,
+    count_parameters,
+    merge_lora,
+)
+
+H, D, P, N, C, L = 32, 16, 2, 9, 3, 6  # text width, model width, platforms, items, depth, len
+ARGS = dict(text_dim=H, dim=D, num_platforms=P, num_brands=5, num_categories=7, max_len=L,
+            num_layers=2, num_heads=2, dropout=0.1, num_experts=3)
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=37, vocab_size=100))
+
+
+def model(**kw: object) -> Recommender:
+    torch.manual_seed(0)
+    return Recommender(**{**ARGS, **kw})
+
+
+def catalog() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text vectors (N+1, H), brand ids (N+1,), category ids (N+1, C); row 0 = padding."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(N + 1, H, generator=g)
+    brands = torch.randint(0, 5, (N + 1,), generator=g)
+    cats = torch.randint(0, 7, (N + 1, C), generator=g)
+    brands[0], cats[0] = 0, 0
+    return text, brands, cats
+
+
+def tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])  # vocab 100
+    return ids, (ids != 0).long()
+
+
+# -- text encoder ---------------------------------------------------------------------------------
+
+
+def test_text_encoder_mean_pools_real_tokens_only() -> None:
+    enc = TextEncoder(tiny_bert()).eval()
+    ids, mask = tokens()
+    out = enc(ids, mask)
+    assert out.shape == (2, H) and enc.hidden_size == H
+    assert enc.model.pooler is None  # unused by mean pooling: dropped
+    # More right padding does not change the pooled vector.
+    ids2 = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(enc(ids2, (ids2 != 0).long()), out, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_trains_only_lora_weights() -> None:
+    enc = apply_lora(TextEncoder(tiny_bert()), r=4, alpha=8, dropout=0.0)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    ids, mask = tokens()
+    enc(ids, mask).pow(2).sum().backward()
+    for n, p in enc.named_parameters():
+        assert (p.grad is not None) == ("lora_" in n), n
+    # Merged back into a plain BertModel: same outputs, no peft left.
+    enc.eval()
+    before = enc(ids, mask)
+    merge_lora(enc)
+    assert isinstance(enc.model, BertModel)
+    torch.testing.assert_close(enc(ids, mask), before, atol=1e-5, rtol=1e-5)
+
+
+def test_end_to_end_gradients_frozen_vs_lora_encoder() -> None:
+    ids, mask = tokens()
+    brands, cats = torch.tensor([0, 1, 2]), torch.tensor([[0, 0, 0], [1, 2, 0], [3, 0, 0]])
+    for mode in ("frozen", "lora"):
+        enc = TextEncoder(tiny_bert())
+        if mode == "frozen":
+            enc.requires_grad_(False)
+        else:
+            apply_lora(enc, r=2, alpha=4, dropout=0.0)
+        m = model(text_encoder=enc)
+        text = torch.cat([torch.zeros(1, H), m.encode_items_text(ids, mask)])   # (3, H)
+        table = m.item_table(text, brands, cats, platform_id=1)
+        user = m.user_vector(torch.tensor([[0, 1, 2], [2, 1, 2]]), table, torch.tensor([0, 1]))
+        loss = m.score_all(user, table)[:, 1:].sum() + m.ctr_logit(user, table[[1, 2]]).sum()
+        loss.backward()
+        for n, p in m.named_parameters():
+            if n.startswith("text_encoder."):
+                assert (p.grad is not None) == (mode == "lora" and "lora_" in n), (mode, n)
+            else:
+                assert p.grad is not None and p.grad.abs().sum() > 0, (mode, n)
+
+
+def test_recommender_without_encoder_refuses_text() -> None:
+    with pytest.raises(RuntimeError, match="frozen-cache"):
+        model().encode_items_text(*tokens())
+
+
+# -- item side ------------------------------------------------------------------------------------
+
+
+def test_platform_adapter_mixes_experts_per_platform() -> None:
+    torch.manual_seed(0)
+    ad = PlatformAdapter(H, D, num_experts=3, num_platforms=P, dropout=0.0)
+    x, pid = torch.randn(4, H), torch.tensor([0, 1, 0, 1])
+    assert ad(x, pid).shape == (4, D)
+    with torch.no_grad():
+        ad.platform_gate.weight[1] = torch.tensor([5.0, 0.0, -5.0])
+        ad.gate.weight.normal_()
+    g = ad.gates(x, pid)
+    torch.testing.assert_close(g.sum(-1), torch.ones(4))
+    assert not torch.allclose(ad.gates(x, torch.zeros(4, dtype=torch.long)), g)
+    # Expert k is exactly (x - b_k) @ W_k.
+    k_only = torch.stack([(x - ad.bias[k]) @ ad.weight[k] for k in range(3)], dim=1)
+    torch.testing.assert_close(ad(x, pid), (g.unsqueeze(-1) * k_only).sum(1))
+
+
+def test_item_tower_shapes_and_category_mean_ignores_padding() -> None:
+    torch.manual_seed(0)
+    tower = ItemTower(H, D, num_brands=5, num_categories=7, num_platforms=P, num_experts=2,
+                      dropout=0.0).eval()
+    text, brands, cats = catalog()
+    pid = torch.zeros(N + 1, dtype=torch.long)
+    assert tower(text, brands, cats, pid).shape == (N + 1, D)
+    one = torch.tensor([[3, 0, 0]])
+    same = torch.tensor([[3, 3, 0]])  # mean over known levels: [3] and [3, 3] agree
+    args = (text[:1], brands[:1])
+    torch.testing.assert_close(tower(*args, one, pid[:1]), tower(*args, same, pid[:1]))
+    assert torch.equal(tower.brand.weight[0], torch.zeros(D))
+
+
+def test_item_table_row0_zero_and_score_all_padding_column() -> None:
+    m = model().eval()
+    table = m.item_table(*catalog(), platform_id=0)
+    assert table.shape == (N + 1, D)
+    assert torch.equal(table[0], torch.zeros(D))
+    scores = m.score_all(torch.randn(3, D), table)
+    assert scores.shape == (3, N + 1)
+    assert torch.isneginf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+    assert scores.argmax(-1).ne(0).all()
+
+
+# -- user side ------------------------------------------------------------------------------------
+
+
+def test_user_tower_shapes() -> None:
+    torch.manual_seed(0)
+    tower = UserTower(D, max_len=L, num_platforms=P, num_layers=2, num_heads=2, dropout=0.1)
+    out = tower(torch.randn(3, L, D), torch.ones(3, L, dtype=torch.bool), torch.tensor([0, 1, 1]))
+    assert out.shape == (3, L, D)
+    with pytest.raises(ValueError, match="max_len"):
+        tower(torch.randn(1, L + 1, D), torch.ones(1, L + 1, dtype=torch.bool), torch.tensor([0]))
+
+
+def test_user_states_are_causal() -> None:
+    m = model().eval()
+    table = m.item_table(*catalog(), platform_id=0)
+    h1 = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    h2 = torch.tensor([[1, 2, 3, 9, 8, 7]])  # differs from position 3 on
+    s1 = m.user_states(h1, table, torch.tensor([0]))
+    s2 = m.user_states(h2, table, torch.tensor([0]))
+    torch.testing.assert_close(s1[:, :3], s2[:, :3])
+    assert not torch.allclose(s1[:, 3:], s2[:, 3:])
+
+
+def test_left_padding_does_not_change_the_user_vector() -> None:
+    m = model().eval()
+    table = m.item_table(*catalog(), platform_id=1)
+    pid = torch.tensor([1])
+    short = torch.tensor([[4, 2, 7]])
+    padded = torch.tensor([[0, 0, 0, 4, 2, 7]])
+    u_short = m.user_vector(short, table, pid)
+    u_padded = m.user_vector(padded, table, pid)
+    torch.testing.assert_close(u_short, u_padded, atol=1e-5, rtol=1e-5)
+    # And in a batch with other rows, and under inference_mode (the serving path).
+    batch = torch.tensor([[0, 0, 0, 4, 2, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]])
+    with torch.inference_mode():
+        u = m.user_vector(batch, table, torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(u[0], u_short[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(u).all() and torch.equal(u[2], torch.zeros(D))
+
+
+def test_fully_padded_rows_give_no_nans_in_training() -> None:
+    m = model().train()
+    table = m.item_table(*catalog(), platform_id=0)
+    history = torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 3, 1]])
+    states = m.user_states(history, table, torch.tensor([0, 1]))
+    states.sum().backward()
+    assert torch.isfinite(states).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+# -- heads ----------------------------------------------------------------------------------------
+
+
+def test_ctr_head_returns_logits_that_depend_on_the_user() -> None:
+    torch.manual_seed(0)
+    head = CTRHead(D)
+    items = torch.randn(2, D)
+    u1, u2 = torch.randn(1, D).expand(2, D), torch.randn(1, D).expand(2, D)
+    l1, l2 = head(u1, items), head(u2, items)
+    assert l1.shape == (2,)
+    # The user changes the order of the items, not only a common offset.
+    assert not torch.allclose(l1[0] - l1[1], l2[0] - l2[1])
+
+
+# -- transfer and checkpoints ---------------------------------------------------------------------
+
+
+def test_add_platforms_keeps_old_platforms_unchanged() -> None:
+    m = model().eval()
+    text, brands, cats = catalog()
+    history = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 5, 4, 3, 2, 1]])
+    pid = torch.tensor([0, 1])
+    before = [m.item_table(text, brands, cats, p) for p in range(P)]
+    u_before = m.user_vector(history, before[0], pid)
+    m.add_platforms(2)
+    assert m.config["num_platforms"] == P + 2
+    for p in range(P):
+        torch.testing.assert_close(m.item_table(text, brands, cats, p), before[p])
+    torch.testing.assert_close(m.user_vector(history, before[0], pid), u_before)
+    new = m.item_table(text, brands, cats, P + 1)  # the new platform works, as the average one
+    assert new.shape == (N + 1, D)
+    torch.testing.assert_close(m.user_tower.platform.weight[P],
+                               m.user_tower.platform.weight[:P].mean(0))
+
+
+def test_resize_features_keeps_old_ids() -> None:
+    m = model().eval()
+    text, brands, cats = catalog()
+    before = m.item_table(text, brands, cats, 0)
+    m.resize_features(num_brands=8, num_categories=7)
+    assert m.config["num_brands"] == 8 and m.item_tower.brand.num_embeddings == 8
+    torch.testing.assert_close(m.item_table(text, brands, cats, 0), before)
+
+
+def test_config_and_state_dict_round_trip(tmp_path: Path) -> None:
+    m = model().eval()
+    m.add_platforms(1)
+    table_args = (*catalog(), 2)
+    history = torch.tensor([[0, 0, 1, 2, 3, 4]])
+    expected = m.user_vector(history, m.item_table(*table_args), torch.tensor([2]))
+
+    rebuilt = Recommender(**m.config)
+    rebuilt.load_state_dict(m.state_dict())
+    save_file(m.state_dict(), tmp_path / "model.safetensors")
+    from_file = Recommender(**m.config)
+    from_file.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    for r in (rebuilt.eval(), from_file.eval()):
+        got = r.user_vector(history, r.item_table(*table_args), torch.tensor([2]))
+        torch.testing.assert_close(got, expected)
+
+
+def test_parameter_count_of_the_reference_config() -> None:
+    m = Recommender(text_dim=384, dim=64, num_platforms=3, num_brands=41, num_categories=41,
+                    max_len=50, num_layers=2, num_heads=2, dropout=0.1, num_experts=4)
+    assert count_parameters(m) == 210_445
+    assert count_parameters(m) == count_parameters(m, trainable_only=True)
