@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import recsys  # noqa: F401  (before anything imports ray: keeps test clusters on 127.0.0.1)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,49 @@ def ray_cluster():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT with MiniLM's tokenizer, saved as a local model path.
+
+    Integration tests train through the same code paths as the bundled MiniLM (any local
+    AutoModel path must work) without spending a minute encoding item texts on 2 cores.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from recsys.data.catalog import BUNDLED_ENCODER, resolve_encoder_path
+
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    tok = AutoTokenizer.from_pretrained(resolve_encoder_path(BUNDLED_ENCODER))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_examples(ray_cluster, tiny_encoder: str, tmp_path_factory: pytest.TempPathFactory):
+    """Three synthetic shops -> lake -> example set (tokenised with the tiny encoder)."""
+    from recsys.data.ingest.runner import IngestOptions, ingest
+    from recsys.data.pipeline import DataConfig, build_example_set
+    from recsys.data.pseudonym import Pseudonymizer
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ingest(IngestOptions(source="synthetic", out=root / "lake", scale=0.2, seed=11),
+           Pseudonymizer(bytes(range(32))))
+    return build_example_set(DataConfig(
+        lake=str(root / "lake"), examples=str(root / "examples"),
+        sequences={"collapse_repeats": True, "max_seq_len": 20},
+        text={"encoder": tiny_encoder, "max_tokens": 32}))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server (SQLite) on 127.0.0.1 for the whole session."""
+    from recsys.tracking.server import LocalMlflowServer
+
+    server = LocalMlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()

@@ -46,7 +46,7 @@ LOG_NAME = "server.log"
 # The server's own default when it proxies artifacts; the schema initialiser must use the same root,
 # or the Default experiment (id 0) it creates points at a local ./mlruns of whoever ran it.
 PROXIED_ARTIFACT_ROOT = "mlflow-artifacts:/"
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 180.0  # ~10 s on a quiet 2-core machine; minutes when it is busy
 STOP_TIMEOUT_S = 15.0
 
 # Detached servers started by this process, kept so that stop_detached can reap them (they are our

@@ -96,6 +96,15 @@ class TransferConfig(StrictModel):
     strategy: Strategy = "freeze_encoder"
 
 
+class FaultInjection(StrictModel):
+    """Kill one worker once, after an epoch's checkpoint (tests of ``scaling.max_failures``)."""
+
+    after_epoch: int = Field(ge=0)
+    rank: int = Field(1, ge=0)
+    marker: str
+    """File created when the fault fires, so that the restarted worker does not fire again."""
+
+
 class TrackingConfig(StrictModel):
     experiment: str = "recsys"
     enabled: bool = True
@@ -125,6 +134,7 @@ class TrainJobConfig(StrictModel):
     """Ray Train storage and exports go under ``output_dir/name``."""
     materialize_datasets: bool = True
     """Hold the example datasets in the object store (read once, not once per epoch)."""
+    fault_injection: FaultInjection | None = None
     resume: bool = True
     """Continue a run of the same name from its latest checkpoint (Ray Train restores it);
     false starts over, deleting that run's previous checkpoints."""

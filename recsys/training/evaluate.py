@@ -5,11 +5,15 @@ Pure given its inputs and seed; used by ``jobs.evaluate``, after training, and b
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from pydantic import Field
 
+from recsys.config import StrictModel
 from recsys.data.feed import collate
 from recsys.data.pipeline import ExampleSet, read_split
 from recsys.evaluation.metrics import COLD_START, RankingAccumulator, auc, cold_start_mask
@@ -86,3 +90,45 @@ def _ctr_auc(model: torch.nn.Module, pt: PlatformTensors, batches: list[dict[str
         scores += [pos_s.numpy(), neg_s.numpy()]
         labels += [np.ones(len(user)), np.zeros(len(user))]
     return auc(np.concatenate(labels), np.concatenate(scores))
+
+
+class EvaluateConfig(StrictModel):
+    """Config of ``jobs.evaluate``: one or more exported models on the same split."""
+
+    name: str = "evaluate"
+    examples: str = "runs/demo/examples"
+    split: Literal["valid", "test"] = "test"
+    platforms: list[str] | None = None
+    """Platforms to evaluate (None: those every export has items for)."""
+    exports: dict[str, str] = Field(min_length=1)
+    """Run label -> export directory, e.g. {scratch: ..., freeze_encoder: ...}."""
+    baseline: str | None = "scratch"
+    """With several exports, a transfer report compares each with this one (if present)."""
+    out_dir: str = "runs/eval"
+    seed: int = 0
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict[str, Path]:
+    """Evaluate each export, write its report, and the transfer report when there is a baseline."""
+    from recsys.data.pipeline import load_example_set
+    from recsys.evaluation.report import write_report, write_transfer_report
+    from recsys.model.export import load_export
+
+    es = load_example_set(cfg.examples)
+    out = Path(cfg.out_dir) / cfg.name
+    reports: dict[str, EvalReport] = {}
+    files: dict[str, Path] = {}
+    exported = {label: load_export(path) for label, path in cfg.exports.items()}
+    common = set.intersection(*(set(e.meta["platforms_with_items"]) for e in exported.values()))
+    platforms = cfg.platforms or sorted(common)
+    missing = sorted(set(platforms) - common)
+    if missing:
+        raise ValueError(f"platform(s) {missing} are not in every export: {sorted(common)}")
+    for label, exp in exported.items():
+        fraction = exp.meta.get("train_config", {}).get("user_fraction", 1.0)
+        reports[label] = evaluate_export(exp, es, split=cfg.split, platforms=platforms,
+                                         run=label, seed=cfg.seed, user_fraction=fraction)
+        files[label] = write_report(reports[label], out / label)["json"]
+    if len(reports) > 1 and cfg.baseline in reports:
+        files["transfer"] = write_transfer_report(reports, out, baseline=cfg.baseline)["json"]
+    return files

@@ -9,6 +9,7 @@ Rank-dependent side effects (MLflow) are in :func:`_rank0_log` only.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import tempfile
 import time
@@ -57,23 +58,24 @@ def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors]
     batches = iter_batches(shard, 512, cfg.data.sequences.max_seq_len,
                            platform_ids=platform_ids, device=device)
     ranks = rank_batches(model, platforms, batches)
-    names = {v: k for k, v in platform_ids.items()}
+    names = sorted(platform_ids, key=platform_ids.get)  # a fixed row order on every rank
+    row = {platform_ids[name]: i for i, name in enumerate(names)}
     keys = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")] + ["mrr"]
     # One row per platform: [count, sum of each metric]; summed over ranks.
     sums = torch.zeros(len(names), 1 + len(keys), dtype=torch.float64)
     for pid, r in ranks.items():
         m = ranking_metrics(r["rank"], ks=KS)
         n = len(r["rank"])
-        sums[pid, 0] = n
-        sums[pid, 1:] = torch.tensor([m[k] * n for k in keys], dtype=torch.float64)
+        sums[row[pid], 0] = n
+        sums[row[pid], 1:] = torch.tensor([m[k] * n for k in keys], dtype=torch.float64)
     sums = _all_reduce(sums)
     out: dict[str, float] = {}
     total = sums.sum(0)
-    for pid, name in sorted(names.items()):
-        n = float(sums[pid, 0])
+    for i_row, name in enumerate(names):
+        n = float(sums[i_row, 0])
         if n:
             for i, k in enumerate(keys):
-                out[f"valid_{k}/{name}"] = float(sums[pid, 1 + i]) / n
+                out[f"valid_{k}/{name}"] = float(sums[i_row, 1 + i]) / n
     if float(total[0]):
         for i, k in enumerate(keys):
             out[f"valid_{k}"] = float(total[1 + i]) / float(total[0])
@@ -147,11 +149,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             wrote = engine.save(Path(d), state, rank)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
+        _maybe_fail(cfg, epoch, rank)
         if state["bad_epochs"] >= cfg.optim.early_stopping_patience:
             if rank == 0:
                 print(f"early stop: no better {METRIC} for {state['bad_epochs']} epochs",
                       flush=True)
             break
+
+
+def _maybe_fail(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
+    """Fault injection: the process dies as a killed worker would (no cleanup, no exception)."""
+    fi = cfg.fault_injection
+    if fi is None or fi.after_epoch != epoch or fi.rank != rank:
+        return
+    marker = Path(fi.marker)
+    if marker.exists():
+        return
+    marker.write_text(f"rank {rank} killed after epoch {epoch}\n")
+    print(f"fault injection: killing rank {rank} after epoch {epoch}", flush=True)
+    os._exit(1)
 
 
 def _rank0_log(config: dict[str, Any], metrics: dict[str, float], epoch: int) -> None:

@@ -74,7 +74,9 @@ def _text_dim(inputs: ItemInputs) -> int:
 
 
 def set_trainable(model: Recommender, cfg: TrainJobConfig) -> None:
-    strategy = cfg.transfer.strategy if cfg.mode == "transfer" else "freeze_encoder"
+    # Outside transfer the config only admits freeze_encoder and full; full puts the encoder in
+    # the step (``finetunes_encoder``), so it must train there too, not run frozen.
+    strategy = cfg.transfer.strategy
     for p in model.parameters():
         p.requires_grad_(True)
     if model.text_encoder is not None:

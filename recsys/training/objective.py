@@ -72,8 +72,11 @@ def item_vectors(model: Recommender, p: PlatformTensors, ids: torch.Tensor | Non
         text = model.encode_items_text(input_ids.to(all_ids.device), mask.to(all_ids.device))
     else:
         if p.text_vecs is None:
-            raise ValueError("no cached text vectors and no text encoder for the item tower")
-        text = p.text_vecs[all_ids]
+            raise ValueError("no cached text vectors for the item tower, and "
+                             + ("no token ids for the model's text encoder"
+                                if model.text_encoder is not None else "no text encoder"))
+        # Cached vectors are fp32; DeepSpeed's bf16 casts the parameters, never this cache.
+        text = p.text_vecs[all_ids].to(model.item_tower.adapter.weight.dtype)
     pid = torch.full_like(all_ids, p.platform_id)
     vecs = model.item_tower(text, p.brand_ids[all_ids], p.category_ids[all_ids], pid)
     return vecs.masked_fill((all_ids == 0).unsqueeze(-1), 0.0)  # padding row stays zero

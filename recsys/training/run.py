@@ -6,6 +6,7 @@ registry is written by the driver from the result's checkpoint, never by a worke
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from recsys.evaluation.report import EvalReport, write_report
 from recsys.model.export import ExportedItems, load_export, save_export
+from recsys.model.features import token_batch
 from recsys.model.recommender import Recommender, merge_lora
 from recsys.settings import get_settings
 from recsys.training.config import TrainJobConfig
-from recsys.training.engine import consolidated_state_dict
+from recsys.training.engine import STATE_FILE, consolidated_state_dict
 from recsys.training.evaluate import evaluate_export
 from recsys.training.loop import METRIC
 from recsys.training.model_setup import build_model
@@ -53,12 +56,18 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
     init = ({"config": setup.init["config"], "state_dict": setup.init["state_dict"]}
             if setup.init else None)
     model: Recommender = build_model(cfg, setup.inputs, init, setup.model_platforms)
-    model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("text_encoder.")]
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint_dir}: checkpoint does not match the model: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
     if model.text_encoder is not None and cfg.transfer.strategy == "lora":
         model.text_encoder = merge_lora(model.text_encoder)
     items = {name: ExportedItems(platform=name, platform_id=pi.platform_id,
                                  item_ids=_item_ids(setup, name), brand_ids=pi.brand_ids,
-                                 category_ids=pi.category_ids, text_vecs=pi.text_vecs)
+                                 category_ids=pi.category_ids,
+                                 text_vecs=pi.text_vecs if pi.text_vecs is not None
+                                 else _encode_catalog(model, pi.token_ids, cfg))
              for name, pi in setup.inputs.items.items()}
     meta = {
         "platforms": setup.model_platforms,
@@ -75,6 +84,23 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
     }
     catalogs = {p: setup.example_set.path / "catalog" / f"{p}.parquet" for p in items}
     return save_export(out, model, model.state_dict() | state, meta, items, catalogs)
+
+
+@torch.inference_mode()
+def _encode_catalog(model: Recommender, token_ids: list[np.ndarray] | None,
+                    cfg: TrainJobConfig) -> np.ndarray:
+    """Text vectors (N+1, H) of a catalog through the fine-tuned encoder, once, at export:
+    serving then never runs the encoder for recommendations."""
+    if model.text_encoder is None or token_ids is None:
+        raise ValueError("no cached text vectors and no fine-tuned encoder to compute them")
+    model.eval()
+    bs = cfg.encoder.encode_batch_size
+    chunks = []
+    for i in range(1, len(token_ids), bs):
+        input_ids, mask = token_batch(token_ids[i:i + bs])
+        chunks.append(model.encode_items_text(input_ids, mask).float().numpy())
+    vecs = np.concatenate(chunks) if chunks else np.zeros((0, model.config["text_dim"]))
+    return np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs.astype(np.float32)])
 
 
 def _item_ids(setup: TrainSetup, platform: str) -> list[str]:
@@ -153,18 +179,13 @@ def _best_checkpoint(result: Any) -> Any:
 
 
 def _curve(result: Any) -> list[dict[str, float]]:
-    """Per-epoch learning curve from the metrics history of the run."""
-    df = getattr(result, "metrics_dataframe", None)
-    rows: list[dict[str, float]] = []
-    if df is not None and len(df):
-        keep = [c for c in ("epoch", "train_loss", METRIC) if c in df]
-        for rec in df[keep].to_dict("records"):
-            rows.append({k: float(v) for k, v in rec.items() if v == v})
-    elif result.metrics:
-        rows.append({k: float(result.metrics[k]) for k in ("epoch", "train_loss", METRIC)
-                     if k in result.metrics})
-    by_epoch = {int(r["epoch"]): r for r in rows if "epoch" in r}  # restarts repeat epochs
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    """Per-epoch learning curve, from the latest checkpoint's training state: it spans every
+    epoch of the run, including those before a resume or a worker restart."""
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+    return [dict(p) for p in state["curve"]]
 
 
 def _flat_test_metrics(report: EvalReport) -> dict[str, float]:

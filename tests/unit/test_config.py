@@ -59,3 +59,12 @@ def test_shipped_pipeline_configs_validate(path: Path) -> None:
                          ids=lambda p: p.name)
 def test_shipped_data_configs_validate(path: Path) -> None:
     load_config(DataConfig, path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "eval").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_eval_configs_validate(path: Path) -> None:
+    from recsys.training.evaluate import EvaluateConfig
+
+    cfg = load_config(EvaluateConfig, path)
+    assert cfg.exports

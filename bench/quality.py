@@ -1,0 +1,192 @@
+"""Quality benchmark on the real shared datasets: full ranking, test split, per platform.
+
+Runs (frozen-encoder cache mode: each item text is encoded once by MiniLM, then training runs at
+sequence-model speed; DDP with 2 workers on CPU):
+
+* ``scientific_scratch``, ``online_retail_scratch``: against VQ-Rec's published numbers;
+* ``pretrain_sources``: one model on Online Retail + Office + MovieLens pooled;
+* ``scientific_transfer_<strategy>``: that model transferred to Scientific;
+* ``scientific10_*``: the same with only 10% of Scientific's users for training (seeded).
+
+Results merge into ``bench/results/quality.json`` by run name, so a long benchmark can be run
+in parts (``--runs``); ``quality.md`` is rendered from everything recorded so far.
+
+    python bench/quality.py                        # everything (hours on 2 CPU cores)
+    python bench/quality.py --runs scientific_scratch --max-epochs 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SOURCES = ["online_retail", "office", "movielens"]
+TARGET = "scientific"
+CPU_STRATEGIES = ["freeze_encoder", "adapter_only"]
+
+BASE: dict[str, Any] = {
+    "data": {"examples": "runs/shared/examples", "sequences": {"max_seq_len": 50}},
+    "model": {"dim": 128, "num_layers": 2, "num_heads": 2, "dropout": 0.3, "num_experts": 8},
+    "loss": {"kind": "full_softmax", "temperature": 0.07, "ctr_weight": 0.1},
+    "optim": {"lr": 0.001, "epochs": 40, "micro_batch_size": 256,
+              "early_stopping_patience": 5},
+    "scaling": {"engine": "ddp", "num_workers": 2, "cpus_per_worker": 0.5},
+    "tracking": {"enabled": False},
+    "output_dir": "runs/bench_quality",
+    "resume": False,
+}
+
+
+def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
+    """Run name -> config overrides (on top of BASE)."""
+    runs: dict[str, dict[str, Any]] = {
+        "scientific_scratch": {"mode": "scratch", "train_platforms": [TARGET]},
+        "online_retail_scratch": {"mode": "scratch", "train_platforms": ["online_retail"]},
+        "pretrain_sources": {"mode": "pretrain", "train_platforms": SOURCES},
+        "scientific10_scratch": {"mode": "scratch", "train_platforms": [TARGET],
+                                 "user_fraction": 0.1},
+    }
+    init = f"{BASE['output_dir']}/pretrain_sources/export"
+    for s in strategies:
+        transfer = {"mode": "transfer", "train_platforms": [TARGET],
+                    "transfer": {"init_from": init, "strategy": s}}
+        runs[f"scientific_transfer_{s}"] = transfer
+        runs[f"scientific10_transfer_{s}"] = {**transfer, "user_fraction": 0.1}
+    return runs
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ensure_examples() -> None:
+    """Build the shared-data example set once (ingest + Ray Data), if missing."""
+    if (REPO / "runs/shared/examples/manifest.json").exists():
+        return
+    from recsys.config import load_config
+    from recsys.pipeline import PipelineConfig, run_pipeline
+
+    run_pipeline(load_config(PipelineConfig, REPO / "configs/pipeline/shared_data.yaml"))
+
+
+def run_one(name: str, overrides: dict[str, Any], max_epochs: int | None) -> dict[str, Any]:
+    from recsys.training.config import TrainJobConfig
+    from recsys.training.run import run_training
+
+    cfg_dict = merge(BASE, {"name": name, **overrides})
+    if max_epochs:
+        cfg_dict["optim"]["epochs"] = max_epochs
+    cfg = TrainJobConfig.model_validate(cfg_dict)
+    out = run_training(cfg)
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "seconds": round(out.seconds, 1),
+        "epochs_run": len(out.curve),
+        "best_valid_ndcg@10": out.best_metric,
+        "curve": out.curve,
+        "test": {p: {"metrics": r.metrics, "history_excluded": r.history_excluded,
+                     "cold_start": r.subsets.get("cold_start"), "auc": r.auc, "users": r.users}
+                 for p, r in out.report.platforms.items()},
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def render(results: dict[str, Any]) -> str:
+    from recsys.evaluation.report import PUBLISHED, PUBLISHED_SOURCE
+
+    runs = results["runs"]
+    lines = ["# Quality benchmark (test split, full ranking over all items, history not masked)",
+             "", f"Machine: {results['machine']}. Frozen MiniLM text vectors (cached), DDP with "
+             "2 CPU workers. Regenerate: `python bench/quality.py`.", ""]
+    lines += ["## Against published numbers", "",
+              "| platform | run | Recall@10 | NDCG@10 | Recall@50 | NDCG@50 | VQ-Rec NDCG@10 "
+              "| ratio |", "|---|---|---|---|---|---|---|---|"]
+    for plat, run in (("scientific", "scientific_scratch"),
+                      ("online_retail", "online_retail_scratch")):
+        if run not in runs:
+            lines.append(f"| {plat} | {run} | not run yet | | | | | |")
+            continue
+        m = runs[run]["test"][plat]["metrics"]
+        ref = PUBLISHED[plat]["VQ-Rec"]
+        lines.append(f"| {plat} | {run} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+                     f"{m['recall@50']:.4f} | {m['ndcg@50']:.4f} | {ref['ndcg@10']:.4f} | "
+                     f"{m['ndcg@10'] / ref['ndcg@10']:.2f} |")
+    lines += ["", f"Anchors: {PUBLISHED_SOURCE}", "", "## Transfer to Scientific", "",
+              "| users | run | NDCG@10 | Recall@10 | gain vs scratch (NDCG@10) |",
+              "|---|---|---|---|---|"]
+    for prefix, label in (("scientific", "100%"), ("scientific10", "10%")):
+        base = runs.get(f"{prefix}_scratch")
+        transfers = sorted(k for k in runs if k.startswith(f"{prefix}_transfer_"))
+        names = [f"{prefix}_scratch", *transfers]
+        for name in names:
+            if name not in runs:
+                lines.append(f"| {label} | {name} | not run yet | | |")
+                continue
+            m = runs[name]["test"][TARGET]["metrics"]
+            gain = ""
+            if base and name != f"{prefix}_scratch":
+                b = base["test"][TARGET]["metrics"]["ndcg@10"]
+                gain = f"{m['ndcg@10'] - b:+.4f} ({(m['ndcg@10'] / b - 1) * 100:+.1f}%)"
+            lines.append(f"| {label} | {name} | {m['ndcg@10']:.4f} | {m['recall@10']:.4f} "
+                         f"| {gain} |")
+    lines += ["", "## Runs", "", "| run | epochs | best valid NDCG@10 | seconds |",
+              "|---|---|---|---|"]
+    for name, r in sorted(runs.items()):
+        lines.append(f"| {name} | {r['epochs_run']} | {r['best_valid_ndcg@10']:.4f} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="all", help="comma-separated run names (default: all)")
+    p.add_argument("--strategies", default=",".join(CPU_STRATEGIES),
+                   help="transfer strategies (full and lora run the encoder in every step: "
+                        "GPU territory)")
+    p.add_argument("--max-epochs", type=int, help="cap epochs (smoke runs)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    a = p.parse_args(argv)
+    os.chdir(REPO)
+    os.environ.setdefault("RECSYS_PSEUDONYM_KEY", "62656e63682d6b65792d6e6f742d736563726574")
+    from recsys.cluster import init_ray
+    from recsys.logs import setup_logging
+
+    setup_logging()
+    runs = plan(a.strategies.split(","))
+    names = list(runs) if a.runs == "all" else a.runs.split(",")
+    unknown = sorted(set(names) - set(runs))
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; known: {list(runs)}")
+    ensure_examples()
+    init_ray(num_cpus=2)
+    path = a.out / "quality.json"
+    results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    results["machine"] = f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, " \
+                         f"Python {platform.python_version()}"
+    for name in names:
+        t = time.perf_counter()
+        print(f"[quality] {name} ...", file=sys.stderr, flush=True)
+        results["runs"][name] = run_one(name, runs[name], a.max_epochs)
+        print(f"[quality] {name} done in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        a.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (a.out / "quality.md").write_text(render(results))
+    print((a.out / "quality.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

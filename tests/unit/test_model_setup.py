@@ -1,0 +1,236 @@
+"""Config -> model: which parameters train under each transfer strategy, and the transfer
+initialisation (a pretrained platform's outputs survive growing the model to new platforms and a
+larger feature vocabulary). The text encoder is a tiny BERT built from a config: no download."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import recsys.training.model_setup as model_setup
+from recsys.config import load_config
+from recsys.model.features import FeatureVocab
+from recsys.model.recommender import Recommender, TextEncoder
+from recsys.training.config import TrainJobConfig
+from recsys.training.items import ItemInputs, PlatformItems
+from recsys.training.model_setup import build_model, set_trainable, trainable_summary
+from recsys.training.objective import PlatformTensors, item_vectors
+
+H = 16  # text width (cached vectors and the tiny encoder alike)
+SMALL = ["model.dim=16", "model.num_heads=2", "model.num_layers=1", "model.num_experts=2",
+         "model.dropout=0.1", "data.sequences.max_seq_len=8"]
+VOCAB = FeatureVocab(brands={"acme": 1, "globex": 2, "initech": 3},
+                     categories={"home": 1, "home > kitchen": 2, "toys": 3, "toys > lego": 4})
+BIGGER = FeatureVocab(brands={**VOCAB.brands, "umbrella": 4, "wayne": 5},
+                      categories={**VOCAB.categories, "garden": 5})
+SIZES = {"shop_a": 12, "shop_b": 9}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: a second OpenMP thread only spins on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(mode: str = "pretrain", strategy: str | None = None) -> TrainJobConfig:
+    extra = [f"mode={mode}"]
+    if mode == "transfer":
+        extra.append("transfer.init_from=runs/pretrain/export")  # not read by build_model
+    if strategy:
+        extra.append(f"transfer.strategy={strategy}")
+    return load_config(TrainJobConfig, None, SMALL + extra)
+
+
+def items(name: str, pid: int, vocab: FeatureVocab) -> PlatformItems:
+    """Random catalog whose brand/category ids stay inside ``vocab``; seeded by the name."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    n = SIZES[name]
+    brands = rng.integers(0, vocab.num_brands, n + 1)
+    cats = rng.integers(0, vocab.num_categories, (n + 1, vocab.max_depth))
+    vecs = rng.normal(size=(n + 1, H)).astype(np.float32)
+    brands[0], cats[0], vecs[0] = 0, 0, 0.0
+    return PlatformItems(name=name, platform_id=pid, brand_ids=brands, category_ids=cats,
+                         text_vecs=vecs, token_ids=None, popularity=np.ones(n + 1))
+
+
+def item_inputs(platforms: list[str], vocab: FeatureVocab = VOCAB) -> ItemInputs:
+    return ItemInputs(platforms=platforms, vocab=vocab,
+                      items={p: items(p, i, vocab) for i, p in enumerate(platforms)})
+
+
+def tiny_bert_encoder() -> TextEncoder:
+    torch.manual_seed(0)
+    return TextEncoder(BertModel(BertConfig(hidden_size=H, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=24,
+                                            vocab_size=50, max_position_embeddings=16)))
+
+
+@pytest.fixture
+def fake_encoder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``load_text_encoder`` returns a tiny BERT; the list records the names asked for."""
+    asked: list[str] = []
+
+    def load(name: str) -> TextEncoder:
+        asked.append(name)
+        return tiny_bert_encoder()
+
+    monkeypatch.setattr(model_setup, "load_text_encoder", load)
+    return asked
+
+
+def pretrained(platforms: tuple[str, ...] = ("shop_a",)) -> tuple[Recommender, dict[str, Any]]:
+    """A 'pretrain' model with every weight moved off its initial value (so that a platform
+    row that is zero or a copy at init cannot hide a mistake), and its export-like init."""
+    torch.manual_seed(0)
+    model = build_model(config("pretrain"), item_inputs(list(platforms)), None, list(platforms))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    init = {"config": dict(model.config),
+            "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+    return model.eval(), init
+
+
+def trainable(model: Recommender) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def names(model: Recommender, prefix: str = "") -> set[str]:
+    return {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+
+
+# -- which parameters train -----------------------------------------------------------------------
+
+
+def test_pretrain_builds_the_configured_architecture_and_trains_it_all() -> None:
+    model = build_model(config("pretrain"), item_inputs(["shop_a", "shop_b"]), None,
+                        ["shop_a", "shop_b"])
+    assert model.text_encoder is None
+    assert {k: model.config[k] for k in ("text_dim", "dim", "num_platforms", "num_brands",
+                                         "num_categories", "max_len", "num_layers",
+                                         "num_experts")} == dict(
+        text_dim=H, dim=16, num_platforms=2, num_brands=4, num_categories=5, max_len=8,
+        num_layers=1, num_experts=2)
+    assert trainable(model) == names(model)
+    summary = trainable_summary(model)
+    assert summary["params_trainable"] == summary["params_total"] > 0
+
+
+def test_freeze_encoder_trains_the_towers_without_an_encoder(fake_encoder: list[str]) -> None:
+    _, init = pretrained()
+    model = build_model(config("transfer", "freeze_encoder"), item_inputs(["shop_a", "shop_b"]),
+                        init, ["shop_a", "shop_b"])
+    assert model.text_encoder is None and fake_encoder == []  # vectors come from the cache
+    assert trainable(model) == names(model)
+
+
+def test_full_trains_everything_the_encoder_included(fake_encoder: list[str]) -> None:
+    _, init = pretrained()
+    model = build_model(config("transfer", "full"), item_inputs(["shop_a", "shop_b"]), init,
+                        ["shop_a", "shop_b"])
+    assert model.text_encoder is not None and len(fake_encoder) == 1
+    assert names(model, "text_encoder.")
+    assert trainable(model) == names(model)
+
+
+def test_lora_trains_lora_weights_and_towers_not_the_encoder_base(
+        fake_encoder: list[str]) -> None:
+    _, init = pretrained()
+    model = build_model(config("transfer", "lora"), item_inputs(["shop_a", "shop_b"]), init,
+                        ["shop_a", "shop_b"])
+    enc = names(model, "text_encoder.")
+    lora = {n for n in enc if "lora_" in n}
+    assert lora and lora != enc
+    assert trainable(model) == (names(model) - enc) | lora
+
+
+def test_adapter_only_trains_the_per_platform_parts_only() -> None:
+    _, init = pretrained()
+    model = build_model(config("transfer", "adapter_only"), item_inputs(["shop_a", "shop_b"]),
+                        init, ["shop_a", "shop_b"])
+    expected = names(model, "item_tower.adapter.") | {"user_tower.platform.weight"}
+    assert trainable(model) == expected
+    assert not trainable(model) & names(model, "ctr_head.")
+
+
+def test_set_trainable_undoes_an_earlier_strategy() -> None:
+    """Strategies are applied from 'everything trains', not on top of the previous state."""
+    _, init = pretrained()
+    model = build_model(config("transfer", "adapter_only"), item_inputs(["shop_a"]), init,
+                        ["shop_a"])
+    set_trainable(model, config("transfer", "freeze_encoder"))
+    assert trainable(model) == names(model)
+
+
+def test_pretraining_with_the_full_strategy_trains_the_encoder(fake_encoder: list[str]) -> None:
+    """``transfer.strategy=full`` is accepted outside transfer and puts the encoder in the step
+    (``finetunes_encoder``); an encoder that runs every step must then also learn."""
+    cfg = config("pretrain", "full")
+    assert cfg.finetunes_encoder
+    model = build_model(cfg, item_inputs(["shop_a"]), None, ["shop_a"])
+    assert model.text_encoder is not None
+    assert trainable(model) == names(model)
+
+
+# -- transfer initialisation ----------------------------------------------------------------------
+
+
+def test_transfer_keeps_the_pretrained_platform_and_adds_the_new_one() -> None:
+    pre, init = pretrained()
+    old_a = item_inputs(["shop_a"]).items["shop_a"]
+    history = torch.tensor([[0, 0, 3, 1, 7], [2, 4, 6, 8, 10]])
+    pid_a = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        table_a = item_vectors(pre, PlatformTensors.from_items(old_a, torch.device("cpu")), None)
+        user_a = pre.user_vector(history, table_a, pid_a)
+
+    inputs = item_inputs(["shop_a", "shop_b"], BIGGER)
+    inputs.items["shop_a"] = old_a  # its ids are the same under the extended vocabulary
+    model = build_model(config("transfer", "freeze_encoder"), inputs, init,
+                        ["shop_a", "shop_b"]).eval()
+    assert model.config["num_platforms"] == 2
+    assert (model.config["num_brands"], model.config["num_categories"]) == (6, 6)
+    with torch.no_grad():
+        tensors = {n: PlatformTensors.from_items(it, torch.device("cpu"))
+                   for n, it in inputs.items.items()}
+        new_table_a = item_vectors(model, tensors["shop_a"], None)
+        torch.testing.assert_close(new_table_a, table_a)
+        torch.testing.assert_close(model.user_vector(history, new_table_a, pid_a), user_a)
+        table_b = item_vectors(model, tensors["shop_b"], None)
+    assert table_b.shape == (SIZES["shop_b"] + 1, 16) and torch.isfinite(table_b).all()
+    # New rows: platform B starts as the mean platform, new brands/categories as 'unknown'.
+    torch.testing.assert_close(model.user_tower.platform.weight[1],
+                               pre.user_tower.platform.weight[0])
+    torch.testing.assert_close(model.item_tower.adapter.platform_gate.weight[1],
+                               pre.item_tower.adapter.platform_gate.weight[0])
+    assert torch.equal(model.item_tower.brand.weight[4:], torch.zeros(2, 16))
+    assert torch.equal(model.item_tower.category.weight[5:], torch.zeros(1, 16))
+    # The init was not modified in place (the driver reuses it for the export).
+    assert init["config"]["num_platforms"] == 1 and init["config"]["num_brands"] == 4
+
+
+def test_transfer_takes_the_new_dropout_but_keeps_the_pretrained_sizes() -> None:
+    _, init = pretrained()
+    cfg = load_config(TrainJobConfig, None, ["mode=transfer", "transfer.init_from=x",
+                                             "model.dropout=0.3"])  # model.dim default 64
+    model = build_model(cfg, item_inputs(["shop_a"]), init, ["shop_a"])
+    assert model.config["dim"] == 16 and model.config["dropout"] == 0.3
+
+
+def test_transfer_refuses_an_encoder_of_another_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, init = pretrained()
+    torch.manual_seed(0)
+    wide = TextEncoder(BertModel(BertConfig(hidden_size=2 * H, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=24,
+                                            vocab_size=50, max_position_embeddings=16)))
+    monkeypatch.setattr(model_setup, "load_text_encoder", lambda name: wide)
+    with pytest.raises(ValueError, match="encoder hidden size 32 != pretrained text_dim 16"):
+        build_model(config("transfer", "full"), item_inputs(["shop_a"]), init, ["shop_a"])

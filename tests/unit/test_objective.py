@@ -1,0 +1,247 @@
+"""The training wrapper's losses on tiny tensors: finite, positive, gradients where they belong,
+positions counted right, and both softmax variants able to overfit a fixed batch; plus the
+fine-tuning path where the text encoder (full or LoRA) runs inside the step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from recsys.model.recommender import Recommender, TextEncoder, apply_lora
+from recsys.training.config import LossConfig
+from recsys.training.items import PlatformItems
+from recsys.training.objective import PlatformTensors, RecommenderObjective, item_vectors
+
+H = D = 16  # text width, model width
+SIZES = {0: 30, 1: 20}  # platform id -> catalog size N
+BRANDS, CATEGORIES, DEPTH, MAX_LEN = 6, 8, 3, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: a second OpenMP thread only spins, and on a busy machine that makes each
+    step 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(dropout: float = 0.1, encoder: TextEncoder | None = None) -> Recommender:
+    torch.manual_seed(0)
+    return Recommender(text_dim=H, dim=D, num_platforms=2, num_brands=BRANDS,
+                       num_categories=CATEGORIES, max_len=MAX_LEN, num_layers=1, num_heads=2,
+                       dropout=dropout, num_experts=2, text_encoder=encoder)
+
+
+def tiny_bert_encoder() -> TextEncoder:
+    """A 1-layer BERT of width H built from a config: no download."""
+    torch.manual_seed(0)
+    return TextEncoder(BertModel(BertConfig(hidden_size=H, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=24,
+                                            vocab_size=50, max_position_embeddings=16)))
+
+
+def platform_items(pid: int, *, tokens: bool = False) -> PlatformItems:
+    """Random catalog of platform ``pid``: cached text vectors, or token ids to fine-tune on."""
+    rng = np.random.default_rng(pid)
+    n = SIZES[pid]
+    brands = rng.integers(0, BRANDS, n + 1)
+    cats = rng.integers(0, CATEGORIES, (n + 1, DEPTH))
+    brands[0], cats[0] = 0, 0
+    vecs = rng.normal(size=(n + 1, H)).astype(np.float32)
+    vecs[0] = 0.0
+    toks = [np.zeros(0, np.int32)] + [rng.integers(1, 50, rng.integers(2, 6)).astype(np.int32)
+                                      for _ in range(n)]
+    return PlatformItems(name=f"shop{pid}", platform_id=pid, brand_ids=brands,
+                         category_ids=cats, text_vecs=None if tokens else vecs,
+                         token_ids=toks if tokens else None,
+                         popularity=rng.integers(0, 5, n + 1).astype(np.float64))
+
+
+def platforms(tokens: bool = False) -> dict[int, PlatformTensors]:
+    return {pid: PlatformTensors.from_items(platform_items(pid, tokens=tokens),
+                                            torch.device("cpu")) for pid in SIZES}
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded histories of both platforms, interleaved: (history (6, 5), target, platform)."""
+    history = torch.tensor([[0, 0, 3, 7, 29],
+                            [0, 0, 0, 5, 2],
+                            [1, 2, 3, 4, 30],
+                            [0, 0, 0, 0, 17],
+                            [0, 8, 9, 10, 11],
+                            [0, 0, 0, 20, 1]])
+    target = torch.tensor([12, 19, 6, 4, 13, 3])
+    platform = torch.tensor([0, 1, 0, 1, 0, 1])
+    return history, target, platform
+
+
+def objective(kind: str = "full_softmax", model: Recommender | None = None,
+              tokens: bool = False, **loss: float | bool) -> RecommenderObjective:
+    cfg = LossConfig(kind=kind, num_negatives=8, **loss)
+    return RecommenderObjective(model or tiny_model(), cfg, platforms(tokens))
+
+
+def grad_names(module: nn.Module) -> set[str]:
+    """Parameters that received a non-zero gradient."""
+    return {n for n, p in module.named_parameters()
+            if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def assert_finite_grads(module: nn.Module) -> None:
+    bad = [n for n, p in module.named_parameters()
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad}"
+
+
+# -- full softmax ---------------------------------------------------------------------------------
+
+
+def test_full_softmax_loss_is_finite_and_trains_every_part() -> None:
+    obj = objective()
+    loss, stats = obj(*batch())
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert stats["loss"] == pytest.approx(stats["rec_loss"] + 0.1 * stats["ctr_loss"], rel=1e-5)
+    loss.backward()
+    assert_finite_grads(obj)
+    names = {n for n, _ in obj.model.named_parameters()}
+    for part in ("item_tower.", "user_tower.", "ctr_head."):
+        missing = {n for n in names if n.startswith(part)} - grad_names(obj.model)
+        # Every tensor of each part learns (padding rows of the brand/category tables aside).
+        assert not missing, f"{part} parameters without gradient: {sorted(missing)}"
+
+
+def test_positions_count_the_non_padding_history_items() -> None:
+    history, target, platform = batch()
+    for kind in ("full_softmax", "sampled_softmax"):
+        _, stats = objective(kind)(history, target, platform)
+        assert stats["positions"] == int((history > 0).sum()) == 17
+
+
+def test_row_zero_of_an_item_table_is_zero() -> None:
+    model = tiny_model()
+    for p in platforms().values():
+        table = item_vectors(model, p, None)
+        assert table.shape == (p.num_items + 1, D)
+        assert torch.equal(table[0], torch.zeros(D))
+        assert table[1:].abs().sum(-1).gt(0).all()
+
+
+def test_item_vectors_of_ids_are_rows_of_the_full_table() -> None:
+    model = tiny_model().eval()  # eval: dropout would make two calls differ
+    for p in platforms().values():
+        ids = torch.tensor([0, 5, 1, p.num_items, 5])
+        torch.testing.assert_close(item_vectors(model, p, ids), item_vectors(model, p, None)[ids])
+
+
+def test_ctr_weight_zero_leaves_the_ctr_head_out() -> None:
+    for kind in ("full_softmax", "sampled_softmax"):
+        obj = objective(kind, ctr_weight=0.0)
+        loss, stats = obj(*batch())
+        loss.backward()
+        assert stats["ctr_loss"] == 0.0 and stats["loss"] == pytest.approx(stats["rec_loss"])
+        assert all(p.grad is None for p in obj.model.ctr_head.parameters())
+        assert "user_tower.platform.weight" in grad_names(obj.model)
+
+
+@pytest.mark.parametrize("kind", ["full_softmax", "sampled_softmax"])
+def test_a_bf16_model_takes_the_fp32_vector_cache(kind: str) -> None:
+    """DeepSpeed with bf16 casts the module's parameters, not the cached text vectors (plain
+    tensors beside the module): the step must still run."""
+    torch.manual_seed(0)
+    obj = objective(kind).bfloat16()
+    assert obj.platforms[0].text_vecs.dtype == torch.float32
+    loss, stats = obj(*batch())
+    assert torch.isfinite(loss) and stats["positions"] == 17
+    loss.backward()
+    assert_finite_grads(obj)
+    assert obj.model.item_tower.adapter.weight.grad.dtype == torch.bfloat16
+
+
+# -- sampled softmax ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("logq", [True, False])
+def test_sampled_softmax_loss_and_gradients(logq: bool) -> None:
+    torch.manual_seed(1)
+    obj = objective("sampled_softmax", logq_correction=logq)
+    loss, stats = obj(*batch())
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert_finite_grads(obj)
+    got = grad_names(obj.model)
+    for part in ("item_tower.adapter.", "user_tower.", "ctr_head."):
+        assert any(n.startswith(part) for n in got), part
+
+
+def test_logq_correction_changes_the_loss() -> None:
+    """Same seed, same negatives: only the correction differs (and it must do something)."""
+    losses = []
+    for logq in (True, False):
+        torch.manual_seed(3)
+        losses.append(objective("sampled_softmax", logq_correction=logq,
+                                ctr_weight=0.0)(*batch())[0].item())
+    assert losses[0] != pytest.approx(losses[1])
+
+
+@pytest.mark.parametrize("kind", ["full_softmax", "sampled_softmax"])
+def test_a_fixed_batch_can_be_overfit(kind: str) -> None:
+    torch.manual_seed(0)
+    obj = objective(kind, model=tiny_model(dropout=0.0), temperature=0.1)
+    opt = torch.optim.Adam(obj.parameters(), lr=1e-2)
+    data = batch()
+    losses = []
+    for _ in range(30):
+        loss, _ = obj(*data)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:3]), losses
+
+
+# -- fine-tuning the text encoder in the step -----------------------------------------------------
+
+
+def test_fine_tuning_the_whole_encoder_gives_it_gradients() -> None:
+    torch.manual_seed(2)
+    obj = objective("sampled_softmax", model=tiny_model(encoder=tiny_bert_encoder()), tokens=True)
+    loss, _ = obj(*batch())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert_finite_grads(obj)
+    enc = {n for n, _ in obj.model.text_encoder.named_parameters()}
+    # token_type_embeddings: only type 0 is used, its row gets a gradient.
+    assert enc - grad_names(obj.model.text_encoder) == set()
+
+
+def test_lora_fine_tuning_only_moves_the_lora_weights() -> None:
+    torch.manual_seed(2)
+    enc = apply_lora(tiny_bert_encoder(), r=2, alpha=4, dropout=0.0)
+    obj = objective("sampled_softmax", model=tiny_model(encoder=enc), tokens=True)
+    loss, _ = obj(*batch())
+    loss.backward()
+    assert_finite_grads(obj)
+    with_grad = {n for n, p in obj.model.text_encoder.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert with_grad == {n for n, p in obj.model.text_encoder.named_parameters()
+                         if "lora_" in n}
+    assert any(n.startswith("item_tower.") for n in grad_names(obj.model))
+
+
+def test_full_softmax_with_the_encoder_in_the_step_stays_finite() -> None:
+    """The whole catalog is encoded, padding row 0 (no tokens) included: its pooled vector must
+    not poison the gradients even though the row is masked to zero afterwards."""
+    obj = objective("full_softmax", model=tiny_model(encoder=tiny_bert_encoder()), tokens=True)
+    loss, _ = obj(*batch())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert_finite_grads(obj)
+    assert "item_tower.adapter.weight" in grad_names(obj.model)
