@@ -36,6 +36,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
         log.info("joined Ray cluster at %s", address)
         return
     ray.init(
+        address="local",  # a private cluster, even if `ray start` left one on this machine
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         dashboard_host=LOOPBACK,

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys.data.schema import EVENTS_SCHEMA, ITEMS_SCHEMA, check_schema, validate_platform_name
+from recsys.data.staging import staged_dir
 
 ROWS_PER_BUCKET = 100_000
 MAX_BUCKETS = 256
@@ -78,12 +76,10 @@ def write_platform(
     validate_platform_name(platform)
     check_schema(events.schema, EVENTS_SCHEMA, f"events of {platform}")
     check_schema(items.schema, ITEMS_SCHEMA, f"items of {platform}")
-    lake = Path(lake)
-    lake.mkdir(parents=True, exist_ok=True)
     nb = num_buckets or default_num_buckets(events.num_rows)
-    staging = lake / f".staging-{platform}-{uuid.uuid4().hex[:8]}"
-    try:
-        (staging / "events").mkdir(parents=True)
+    final = platform_dir(lake, platform)
+    with staged_dir(final) as staging:
+        (staging / "events").mkdir()
         (staging / "items").mkdir()
         (staging / "quarantine").mkdir()
         buckets = user_bucket(events["user_id"], nb)
@@ -95,15 +91,6 @@ def write_platform(
         pq.write_table(quarantine_items, staging / "quarantine" / "items.parquet")
         report = {**report, "num_buckets": nb}
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        final = platform_dir(lake, platform)
-        trash = lake / f".trash-{platform}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return PlatformWrite(platform, final, nb, report)
 
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +35,7 @@ from recsys.data.sequences import (
     build_examples,
     item_index,
 )
+from recsys.data.staging import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +127,8 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
         raise FileNotFoundError(f"platform(s) {missing} not in lake {cfg.lake}; "
                                 f"present: {list_platforms(cfg.lake)}")
     out = Path(cfg.examples)
-    staging = out.parent / f".staging-{out.name}-{uuid.uuid4().hex[:8]}"
-    (staging / "catalog").mkdir(parents=True)
-    try:
+    with staged_dir(out) as staging:
+        (staging / "catalog").mkdir()
         # 1. Catalogs (small; driver) and token ids once per distinct text (Ray Data).
         catalogs = {p: build_catalog(read_items(cfg.lake, p), cfg.text.fields) for p in platforms}
         for p, cat in catalogs.items():
@@ -173,14 +170,6 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
             "text": token_stats,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        trash = out.parent / f".trash-{out.name}-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return ExampleSet(out, manifest)
 
 
