@@ -51,9 +51,11 @@ class DDPEngine(Engine):
         params = [p for p in objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
-        # Parts of the model may be frozen or unused in a step (CTR head with weight 0).
+        # Frozen parameters are ignored by DDP; only a CTR head with weight 0 goes unused, and
+        # looking for unused parameters costs a walk over the autograd graph every step.
         self.wrapped = ray.train.torch.prepare_model(
-            objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+            objective, parallel_strategy_kwargs={
+                "find_unused_parameters": cfg.loss.ctr_weight == 0})
         self.grad_clip = cfg.optim.grad_clip
         self.accum = cfg.optim.grad_accum
         self._micro = 0

@@ -51,7 +51,8 @@ def evaluate_export(exported: Exported, example_set: ExampleSet, *, split: str =
     platforms = list(platforms or exported.meta["platforms_with_items"])
     model = exported.model.eval()
     max_len = exported.model.config["max_len"]
-    popularity = {p: training_popularity(example_set, p, exported.items[p].num_items,
+    train = read_split(example_set, "train")
+    popularity = {p: training_popularity(train, p, exported.items[p].num_items,
                                          user_fraction, seed) for p in platforms}
     tensors = platform_tensors(exported, popularity, platforms)
     ids = {p: exported.items[p].platform_id for p in platforms}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data.pipeline import ExampleSet, read_split
@@ -57,9 +58,10 @@ def keep_user(user_ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return out
 
 
-def training_popularity(example_set: ExampleSet, platform: str, num_items: int,
+def training_popularity(train: pa.Table, platform: str, num_items: int,
                         user_fraction: float = 1.0, seed: int = 0) -> np.ndarray:
-    train = read_split(example_set, "train")
+    """Counts of each item in a platform's training rows (targets and histories); ``train`` is
+    the whole train split, read once by the caller for all platforms."""
     train = train.filter(pc.equal(train["platform"], platform))
     if user_fraction < 1:
         train = train.filter(keep_user(train["user_id"].to_pylist(), user_fraction, seed))
@@ -82,6 +84,7 @@ def prepare_item_inputs(example_set: ExampleSet, platforms: list[str],
     vocab, feats = load_item_features(example_set.path, platforms, vocab)
     tokens = load_token_ids(example_set.path)
     out = ItemInputs(platforms=list(platforms), vocab=vocab)
+    train = read_split(example_set, "train")
     cache = TextVectorCache(Path(cache_dir), encoder, max_tokens) if with_vectors else None
     for name in platforms:
         f: ItemFeatures = feats[name]
@@ -93,7 +96,7 @@ def prepare_item_inputs(example_set: ExampleSet, platforms: list[str],
             name=name, platform_id=platform_ids[name], brand_ids=f.brand_ids,
             category_ids=f.category_ids,
             text_vecs=vecs, token_ids=toks,
-            popularity=training_popularity(example_set, name, len(f.item_ids), user_fraction,
+            popularity=training_popularity(train, name, len(f.item_ids), user_fraction,
                                            seed),
         )
     if cache is not None:
