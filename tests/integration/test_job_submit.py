@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,7 +73,8 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path: Path) -> None:
+def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = {
         "name": "submitted",
         "data": {"examples": str(synthetic_examples.path), "sequences": {"max_seq_len": 20},
@@ -97,17 +99,18 @@ def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path
             break
         time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-3000:]
-    job_id = next(w for line in submit.stdout.splitlines() for w in line.split()
-                  if w.startswith("raysubmit_")).strip("'\"")
-    deadline, status = time.time() + 900, ""
-    while time.time() < deadline:
-        r = subprocess.run([RAY, "job", "status", "--address", head, job_id], env=_env(),
-                           capture_output=True, text=True, timeout=60)
-        # The CLI reports through its logger ("Job '...' succeeded"), on either stream.
-        status = (r.stdout + r.stderr).lower()
-        if any(s in status for s in ("succeeded", "failed", "stopped")):
-            break
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the SDK client authenticates like the CLI
+    client = JobSubmissionClient(head)
+    deadline = time.time() + 900
+    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
         time.sleep(5)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
+    r = subprocess.run([RAY, "job", "status", "--address", head, job_id], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    status = (r.stdout + r.stderr).lower()  # "Job '...' succeeded", through the CLI's logger
     r = subprocess.run([RAY, "job", "logs", "--address", head, job_id], env=_env(),
                        capture_output=True, text=True, timeout=120)
     logs = r.stdout + r.stderr
