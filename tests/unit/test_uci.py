@@ -298,3 +298,26 @@ def test_latin1_csv_is_read(tmp_path: Path) -> None:
     assert report["events"]["rows_out"] == 4
     titles = {r["item_id"]: r["title"] for r in read_items(lake, PLATFORM).to_pylist()}
     assert titles["85123A"] == "JUMBO BAG £5 OFFER"
+
+
+def _invoice_order(lake: Path) -> list[list[str]]:
+    ev = read_events(lake, PLATFORM).to_pandas()  # sorted by (user, timestamp, event_index)
+    return [list(g["item_id"]) for _, g in ev.groupby("user_id", sort=True)]
+
+
+def test_unisrec_or_orders_invoice_lines_by_seed_not_file_order(tmp_path: Path) -> None:
+    """Lines of one invoice share a timestamp: their order is a seeded permutation."""
+    codes = [f"2000{j}" for j in range(6)]
+    rows = [(f"54000{inv}", code, f"Item {code}", "1", f"12/{inv + 1}/2010 10:00", "1.0", "1", "")
+            for inv in range(6) for code in codes]
+    src = write_source(rows, tmp_path, "online_retail", "csv")
+    orders = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run(src, tmp_path / name, recipe="unisrec-or", seed=seed)
+        orders[name] = _invoice_order(tmp_path / name)
+    assert orders["a"] == orders["b"]  # deterministic
+    assert orders["a"] != orders["c"]  # the seed decides
+    assert any(o != codes for o in orders["a"])  # not the file order
+    assert all(sorted(o) == codes for o in orders["a"])  # nothing lost
+    run(src, tmp_path / "customer", recipe="customer")
+    assert _invoice_order(tmp_path / "customer") == [codes * 6]  # one customer, file order

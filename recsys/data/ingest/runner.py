@@ -49,7 +49,7 @@ class IngestOptions(BaseModel):
     min_item_events: int = Field(0, ge=0, description="k-core: minimum events per item")
     buckets: int | None = Field(None, ge=1, le=256, description="user buckets per platform")
     # synthetic
-    seed: int = Field(0, description="synthetic: random seed")
+    seed: int = Field(0, description="random seed (synthetic data; unisrec-or tie order)")
     scale: float = Field(1.0, gt=0, description="synthetic: size multiplier (1.0 ~ 60k events)")
     num_platforms: int = Field(3, ge=1, le=26, description="synthetic: number of platforms")
 

@@ -148,13 +148,16 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
         "quantity": p["quantity"][alive],
         "price": p["price"][alive],
         "session_id": p["invoice"][alive],
-        "event_index": np.flatnonzero(alive).astype(np.int64),
+        "event_index": _tie_order(np.flatnonzero(alive), recipe, opts.seed),
         "_file": src.files[alive],
         "_row": src.rows[alive],
     }).reset_index(drop=True)
 
     items = _catalog(p, titles, src, recipe, ledger)
     ledger.quirk("recipe", recipe)
+    if recipe == "unisrec-or":
+        ledger.quirk("tie_order", f"lines of one invoice share a timestamp; their order is a "
+                                  f"seeded permutation (seed {opts.seed}), not the file order")
     return [SourceFrames(platform, events, items, ledger, str(path),
                          min_user_events=min_events, min_item_events=min_events)]
 
@@ -465,6 +468,19 @@ def _first_title_lowercased(p: dict[str, Any]) -> pd.Series:
     first = df.drop_duplicates("code", keep="first")
     text = first["desc"].str.lower() + "."
     return pd.Series(text.to_numpy(), index=first["code"].to_numpy(), dtype="string")
+
+
+def _tie_order(rows: np.ndarray, recipe: str, seed: int) -> np.ndarray:
+    """``event_index`` (the tie-break among equal timestamps) for the kept source rows.
+
+    All lines of an invoice share one timestamp. UniSRec's ``process_or.py`` orders them by
+    iterating a Python set, i.e. arbitrarily; the file's line order (the till's scanning order,
+    often neighbouring stock codes) would make next-item prediction easier than in the published
+    set. So ``unisrec-or`` uses a seeded permutation; ``customer`` keeps the file order.
+    """
+    if recipe != "unisrec-or":
+        return rows.astype(np.int64)
+    return np.random.default_rng(seed).permutation(len(rows)).astype(np.int64)
 
 
 def _catalog(p: dict[str, Any], titles: pd.Series, src: _Source, recipe: str,
