@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +56,47 @@ def quiet_ray_data() -> None:
     for name in ("ray.data", "ray.data._internal.execution.streaming_executor",
                  "ray.data._internal.progress.logging_progress", "ray.data.dataset"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+HEAD_PORT = 6379
+DASHBOARD_PORT = 8265
+
+
+def _port_open(port: int, host: str = LOOPBACK) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def ensure_local_head(num_cpus: int | None = None) -> str:
+    """A ``ray start --head`` cluster on 127.0.0.1 that outlives this process (so a deployed
+    Serve app keeps answering after the job ends); joins the one already there if any.
+
+    Returns its address, also exported as ``RAY_ADDRESS`` so :func:`init_ray` joins it. Stop it
+    with ``ray stop`` (``make stop``).
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    address = f"{LOOPBACK}:{HEAD_PORT}"
+    if not _port_open(HEAD_PORT):
+        ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+        cmd = [ray_cli, "start", "--head", "--node-ip-address", LOOPBACK,
+               "--port", str(HEAD_PORT), "--dashboard-host", LOOPBACK,
+               "--dashboard-port", str(DASHBOARD_PORT), "--disable-usage-stats"]
+        if num_cpus is not None:
+            cmd += ["--num-cpus", str(num_cpus)]
+        env = {**os.environ, **loopback_env()}
+        env.pop("RAY_ADDRESS", None)
+        log.info("starting a local Ray head: %s", " ".join(cmd))
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`ray start --head` failed ({done.returncode}):\n"
+                               f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    else:
+        log.info("joining the Ray head already listening on %s", address)
+    os.environ["RAY_ADDRESS"] = address
+    return address

@@ -83,6 +83,16 @@ def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors]
     return out
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train V2 logs every ``report`` call with all its metrics at INFO (a logger named by
+    its file path); the rank-0 epoch line already says what matters."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -92,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from recsys.data.feed import iter_batches
     from recsys.training.engine import make_engine
 
+    _quiet_report_logs()
     cfg = TrainJobConfig.model_validate(config["job"])  # re-validate on the worker
     inputs: ItemInputs = ray.get(config["items_ref"])
     ctx = ray.train.get_context()
@@ -133,7 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device)
         seen_all = float(_all_reduce(torch.tensor([float(seen)], dtype=torch.float64))[0])
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                       train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds)
+                       train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds,
+                       epoch_seconds=time.perf_counter() - t0)  # train + validation
         improved = metrics.get(METRIC, 0.0) > state["best"]
         state["best"] = max(state["best"], metrics.get(METRIC, 0.0))
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1

@@ -47,12 +47,13 @@ def test_cli_rejects_multiple_platforms_for_one_source(tmp_path: Path) -> None:
     assert r.returncode != 0 and "one platform per" in r.stderr
 
 
-def test_pipeline_job_end_to_end(ray_cluster, tmp_path: Path,
+def test_pipeline_job_data_stages(ray_cluster, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     from jobs.pipeline import main
 
     rc = main(["--config", str(REPO / "configs/pipeline/demo.yaml"),
-               f"data.lake={tmp_path}/lake", f"data.examples={tmp_path}/examples"])
+               f"data.lake={tmp_path}/lake", f"data.examples={tmp_path}/examples",
+               f"work_dir={tmp_path}/work", "stages=[ingest,examples]"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "stage times" in out and "distinct texts tokenised once" in out

@@ -203,3 +203,42 @@ def test_parse_price() -> None:
     prices, junk = parse_price(pd.Series(["$12.99", "1,299.00", None, "", "$5 - $9", "abc"]))
     assert prices.iloc[0] == 12.99 and prices.iloc[1] == 1299.0
     assert prices.iloc[2:].isna().all() and junk == 2
+
+
+def test_directory_source_reads_every_log_file_and_points_at_each(tmp_path: Path) -> None:
+    """New logs arrive as new files; the quarantine names the file and row of each bad one."""
+    from recsys.data.ingest.synthetic import release_holdback, write_logs
+
+    logs = write_logs(tmp_path / "logs", num_platforms=2, scale=0.1, seed=5,
+                      holdback={"shop_b": 0.3})
+    (tmp_path / "logs" / "shop_b" / "README.txt").write_text("not a log")  # ignored
+    opts = {"source": "generic", "platform": "shop_b", "path": logs["shop_b"]["path"],
+            "items_path": logs["shop_b"]["items_path"]}
+    first = ingest(IngestOptions(**opts, out=tmp_path / "lake1"), PSEUDO)[0].report
+    new_file = release_holdback(tmp_path / "logs", "shop_b")
+    assert new_file.name == "events-0002.parquet"
+    second = ingest(IngestOptions(**opts, out=tmp_path / "lake2"), PSEUDO)[0].report
+    held = pd.read_parquet(new_file)
+    assert second["events"]["rows_in"] == first["events"]["rows_in"] + len(held)
+    assert second["events"]["invariant_holds"]
+    events = lake.read_events(tmp_path / "lake2", "shop_b").to_pandas()
+    assert events["timestamp"].max() == held["timestamp"].max()
+    q = pq.read_table(lake.platform_dir(tmp_path / "lake2", "shop_b") / "quarantine"
+                      / "events.parquet").to_pandas()
+    assert len(q) > 0 and set(q["_file"]) <= {str(p) for p in (tmp_path / "logs" / "shop_b").glob("*.parquet")}
+
+
+def test_directory_source_with_different_columns_names_the_file(tmp_path: Path) -> None:
+    d = tmp_path / "logs"
+    d.mkdir()
+    pd.DataFrame({"user_id": ["u"], "item_id": ["i"], "timestamp": [1], "title": ["t"]}) \
+        .to_parquet(d / "a.parquet")
+    pd.DataFrame({"user": ["u"], "item_id": ["i"], "timestamp": [1], "title": ["t"]}) \
+        .to_parquet(d / "b.parquet")
+    with pytest.raises(IngestError, match=r"b\.parquet.*same columns"):
+        ingest(IngestOptions(source="generic", platform="p", path=d, out=tmp_path / "lake",
+                             event_type="purchase", item_columns={"title": "title"}), PSEUDO)
+    with pytest.raises(IngestError, match="no .csv"):
+        (tmp_path / "empty").mkdir()
+        ingest(IngestOptions(source="generic", platform="p", path=tmp_path / "empty",
+                             out=tmp_path / "lake", event_type="purchase"), PSEUDO)

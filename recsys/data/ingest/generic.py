@@ -1,5 +1,8 @@
 """Any CSV/Parquet event log with a column mapping (source ``generic``).
 
+``--path`` is a file or a directory of files with the same columns (read in name order, e.g.
+one file per day: new logs arrive as new files and the platform is re-ingested whole).
+
 The mapping says which source column holds each canonical field: ``opts.columns`` for events
 (user_id, item_id, timestamp, event_type, quantity, price, session_id) and ``opts.item_columns``
 for the catalog (item_id, title, description, brand, category, price). A canonical field that is
@@ -233,6 +236,25 @@ def _kind(path: Path) -> tuple[str, str | None]:
                       "or .parquet")
 
 
+def _source_files(path: Path) -> list[Path]:
+    """The file itself, or every CSV/Parquet file of a directory in name order (new logs arrive
+    as new files: a directory source is re-read whole, so its ingest stays deterministic)."""
+    if not path.is_dir():
+        return [path]
+    files = []
+    for f in sorted(path.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        try:
+            _kind(f)
+        except IngestError:
+            continue  # README, checksums, ...: not logs
+        files.append(f)
+    if not files:
+        raise IngestError(str(path), "directory holds no .csv/.tsv/.parquet file")
+    return files
+
+
 def _source_columns(path: Path) -> list[str]:
     kind, sep = _kind(path)
     if not path.is_file():
@@ -318,7 +340,13 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
         raise IngestError(str(path), f"event type {opts.event_type!r} is not one of "
                           f"{list(EVENT_TYPES)}")
 
-    available = _source_columns(path)
+    files = _source_files(path)
+    available = _source_columns(files[0])
+    for other in files[1:]:
+        if _source_columns(other) != available:
+            raise IngestError(str(other), f"columns {_source_columns(other)} differ from "
+                              f"{available} of {files[0].name}: every file of a source directory "
+                              "must have the same columns")
     cols = _resolve(opts.columns, EVENT_FIELDS, available, path, _REQUIRED_EVENT_FIELDS, "--map")
     if "event_type" not in cols and opts.event_type is None:
         raise IngestError(str(path), "no event type: map an event_type column or give a constant "
@@ -327,7 +355,11 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     if opts.items_path is None:
         item_cols_in_events = _catalog_columns(opts, available, path)
     needed = sorted(set(cols.values()) | set(item_cols_in_events.values()))
-    df, first_row = _read_table(path, needed, ledger)
+    parts = [_read_table(f, needed, ledger) for f in files]
+    df = pd.concat([d for d, _ in parts], ignore_index=True) if len(parts) > 1 else parts[0][0]
+    source_file = np.concatenate([np.full(len(d), str(f), dtype=object)
+                                  for f, (d, _) in zip(files, parts, strict=True)])
+    source_row = np.concatenate([np.arange(r, r + len(d), dtype=np.int64) for d, r in parts])
     n = len(df)
     ledger.events.rows_in = n
 
@@ -374,8 +406,8 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     if "session_id" in cols:
         events["session_id"], _ = id_text(df[cols["session_id"]])
     events["event_index"] = np.arange(n, dtype=np.int64)
-    events["_file"] = str(path)
-    events["_row"] = np.arange(first_row, first_row + n, dtype=np.int64)
+    events["_file"] = source_file
+    events["_row"] = source_row
     events = events.reset_index(drop=True)
 
     if opts.items_path is not None:
@@ -400,7 +432,13 @@ def _catalog_columns(opts: IngestOptions, available: list[str], path: Path) -> d
 
 
 def _read_catalog(path: Path, mapping: dict[str, str], ledger: Ledger) -> pd.DataFrame:
-    available = _source_columns(path)
+    files = _source_files(path)
+    available = _source_columns(files[0])
+    for other in files[1:]:
+        if _source_columns(other) != available:
+            raise IngestError(str(other), f"columns {_source_columns(other)} differ from "
+                              f"{available} of {files[0].name}: every file of a source directory "
+                              "must have the same columns")
     cols = _resolve(mapping, ITEM_FIELDS, available, path, ("item_id", "title"), "item_columns")
     df, first_row = _read_table(path, sorted(set(cols.values())), ledger)
     ledger.items.rows_in = len(df)

@@ -19,6 +19,7 @@ injected on purpose so that every default ingest exercises the quarantine.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -338,3 +339,52 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
         ledger.quirk("dirty_rows_injected", "on purpose, to exercise the quarantine")
         out.append(SourceFrames(name, events, items, ledger, "synthetic"))
     return out
+
+
+def write_logs(out: str | Path, num_platforms: int = 3, scale: float = 1.0, seed: int = 0,
+               names: list[str] | None = None,
+               holdback: dict[str, float] | None = None) -> dict[str, dict[str, Path]]:
+    """The synthetic shops as raw log files, the way a shop would export them.
+
+    ``out/<platform>/events-0001.parquet`` (raw user ids: ingest pseudonymises them) and
+    ``out/catalog/<platform>.parquet``; ingest them with source ``generic`` (``--path`` the
+    platform's directory, ``--items-path`` its catalog). ``holdback={"shop_c": 0.2}`` keeps the
+    last 20% of shop_c's events (by time) out of the first file and writes them to
+    ``out/.holdback/<platform>.parquet``: :func:`release_holdback` moves them in as
+    ``events-0002.parquet``, i.e. "new logs arrived" for one platform.
+    """
+    out = Path(out)
+    holdback = holdback or {}
+    unknown = sorted(set(holdback) - set(names or default_names(num_platforms)))
+    if unknown:
+        raise ValueError(f"holdback names unknown platform(s) {unknown}")
+    files: dict[str, dict[str, Path]] = {}
+    for name, (events, items) in generate(num_platforms, scale, seed, names).items():
+        events = events.drop(columns=["event_index", "_file", "_row"])
+        items = items.drop(columns=["_file", "_row"])
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / "catalog").mkdir(parents=True, exist_ok=True)
+        if name in holdback:
+            if not 0 < holdback[name] < 1:
+                raise ValueError(f"holdback for {name} must be in (0, 1), got {holdback[name]}")
+            cut = events["timestamp"].quantile(1 - holdback[name])
+            late = events["timestamp"] > cut
+            (out / ".holdback").mkdir(exist_ok=True)
+            events[late].to_parquet(out / ".holdback" / f"{name}.parquet", index=False)
+            events = events[~late]
+        events.to_parquet(out / name / "events-0001.parquet", index=False)
+        items.to_parquet(out / "catalog" / f"{name}.parquet", index=False)
+        files[name] = {"path": out / name, "items_path": out / "catalog" / f"{name}.parquet"}
+    return files
+
+
+def release_holdback(out: str | Path, platform: str) -> Path:
+    """Move a platform's held-back events in as its next log file; returns that file."""
+    out = Path(out)
+    src = out / ".holdback" / f"{platform}.parquet"
+    if not src.exists():
+        raise FileNotFoundError(f"no held-back events for {platform} under {out}")
+    n = len(list((out / platform).glob("events-*.parquet")))
+    dst = out / platform / f"events-{n + 1:04d}.parquet"
+    src.replace(dst)
+    return dst
