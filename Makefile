@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: setup demo test test-slow bench lint lock clean
+.PHONY: setup demo stop test test-slow bench lint lock clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/pipeline/demo.yaml $(ARGS)
 
+stop: $(STAMP)
+	$(PY) -m jobs.stop
+
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
 
@@ -33,7 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check recsys jobs tests bench
+	$(VENV)/bin/ruff check recsys jobs tests bench serve infra
 
 lock: $(STAMP)
 	(echo "# Exact versions verified together on Python 3.11, CPU. Regenerate: make lock"; \

@@ -2,6 +2,8 @@
 
     recsys ingest --source KIND --path P --platform NAME --out LAKE [...]
     recsys examples --config configs/data/X.yaml [key=value ...]
+    recsys tune --config tune/sweeps/X.yaml [key=value ...]
+    recsys registry list|show|promote|rollback --platform P [--version V]
 """
 
 from __future__ import annotations
@@ -124,9 +126,72 @@ def format_examples_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def tune_main(argv: list[str]) -> int:
+    from jobs.tune import main as tune_job
+
+    return tune_job(argv)
+
+
+def registry_main(argv: list[str]) -> int:
+    import json
+
+    from recsys.settings import get_settings
+    from recsys.tracking import registry
+    from recsys.tracking.server import ensure_tracking
+
+    p = argparse.ArgumentParser(prog="recsys registry", description="Inspect the registered "
+                                "models and move @champion by hand (MLflow model registry).")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--name", help="registered model name")
+    who.add_argument("--platform", help="platform (model recsys-<platform>)")
+    p.add_argument("--version", help="promote: the version to make @champion")
+    p.add_argument("--reason", default="manual", help="promote: recorded on the version")
+    p.add_argument("--tracking-uri", help="MLflow server (default: RECSYS_MLFLOW_TRACKING_URI "
+                   "or the project's local server)")
+    p.add_argument("--json", action="store_true", help="show: print JSON")
+    a = p.parse_args(argv)
+    uri = a.tracking_uri or ensure_tracking(get_settings())
+    name = a.name or registry.default_model_name(a.platform)
+    try:
+        if a.action == "promote":
+            if not a.version:
+                p.error("promote needs --version")
+            previous = registry.promote(uri, name, a.version, reason=a.reason)
+            print(f"{name}: @champion -> v{a.version} (was {previous or 'none'})")
+        elif a.action == "rollback":
+            version = registry.rollback(uri, name)
+            print(f"{name}: @champion rolled back to v{version}")
+        elif a.action == "show" and a.json:
+            print(json.dumps(registry.describe(uri, name), indent=2, default=str))
+        else:
+            print(format_registry(registry.describe(uri, name), full=a.action == "show"))
+    except registry.RegistryError as exc:
+        print(f"recsys registry: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def format_registry(info: dict, full: bool = False) -> str:
+    """Versions of one registered model, newest first, with aliases and scores."""
+    lines = [f"{info['name']}: champion v{info['champion'] or '-'}, previous "
+             f"v{info['previous_champion'] or '-'}, history {info['champion_history']}",
+             f"{'version':>8}  {'aliases':<28}{'role':<16}{'valid score':>12}  source run"]
+    for v in info["versions"]:
+        score = next((t for k, t in v["tags"].items() if k.startswith("valid_")), "")
+        lines.append(f"{v['version']:>8}  {','.join(v['aliases']) or '-':<28}"
+                     f"{v['tags'].get('role', '-'):<16}{score:>12}  {v['run_id']}")
+        if full:
+            for k, t in sorted(v["tags"].items()):
+                lines.append(f"{'':>10}{k} = {t}")
+    return "\n".join(lines)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "ingest": ingest_main,
     "examples": examples_main,
+    "tune": tune_main,
+    "registry": registry_main,
 }
 
 

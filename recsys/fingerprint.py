@@ -66,6 +66,8 @@ def lake_platform_fingerprint(lake: str | Path, platform: str) -> str:
 class StageRecord:
     fingerprint: str
     outputs: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Hash of each named input, so a re-run can say which input changed."""
     seconds: float = 0.0
     finished_at: str = ""
 
@@ -83,16 +85,27 @@ class PipelineState:
 
     def fresh(self, key: str, fingerprint: str, must_exist: Iterable[str | Path] = ()) -> bool:
         """Whether ``key`` last finished with ``fingerprint`` and its outputs are still there."""
+        return self.why_stale(key, fingerprint, must_exist) is None
+
+    def why_stale(self, key: str, fingerprint: str, must_exist: Iterable[str | Path] = (),
+                  inputs: Mapping[str, str] | None = None) -> str | None:
+        """None when ``key`` is up to date, else the reason it must run again."""
         rec = self.records.get(key)
-        return (rec is not None and rec.fingerprint == fingerprint
-                and all(Path(p).exists() for p in must_exist))
+        if rec is None:
+            return "never run"
+        if rec.fingerprint != fingerprint:
+            changed = sorted(k for k in {**rec.inputs, **(inputs or {})}
+                             if rec.inputs.get(k) != (inputs or {}).get(k))
+            return "changed: " + (", ".join(changed) if changed and rec.inputs else "inputs")
+        missing = [str(p) for p in must_exist if not Path(p).exists()]
+        return f"output missing: {missing[0]}" if missing else None
 
     def get(self, key: str) -> StageRecord | None:
         return self.records.get(key)
 
     def record(self, key: str, fingerprint: str, outputs: Mapping[str, Any],
-               seconds: float) -> StageRecord:
-        rec = StageRecord(fingerprint, dict(outputs), round(seconds, 2),
+               seconds: float, inputs: Mapping[str, str] | None = None) -> StageRecord:
+        rec = StageRecord(fingerprint, dict(outputs), dict(inputs or {}), round(seconds, 2),
                           time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.records[key] = rec
         self.path.parent.mkdir(parents=True, exist_ok=True)

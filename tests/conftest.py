@@ -26,10 +26,20 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _pseudonym_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fixed key so that tests never create key files in the working tree."""
-    monkeypatch.setenv("RECSYS_PSEUDONYM_KEY", "00112233445566778899aabbccddeeff")
+@pytest.fixture(autouse=True, scope="session")
+def _pseudonym_key():
+    """A fixed key so that tests never create key files in the working tree (session-wide, so
+    module- and session-scoped fixtures see it too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECSYS_PSEUDONYM_KEY", "00112233445566778899aabbccddeeff")
+        yield
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """``monkeypatch`` for module-scoped fixtures (environment of a shared server, ...)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,8 @@ class TrainOutcome:
     run_id: str | None
     tracking_uri: str | None
     seconds: float
+    model_uri: str | None = None
+    """The MLflow model logged by the run (``models:/<id>``), to register it later."""
 
 
 def run_dir(cfg: TrainJobConfig) -> Path:
@@ -122,7 +124,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     setup = prepare(cfg)
     log.info("platforms: train %s, eval %s; encoder cache %s", setup.train_platforms,
              setup.eval_platforms, setup.inputs.cache_stats)
-    uri = run_id = None
+    uri = run_id = model_uri = None
     if cfg.tracking.enabled:
         uri = ensure_tracking(get_settings())
         ensure_experiment(uri, cfg.tracking.experiment)
@@ -152,10 +154,10 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     if run_id:
         runs.log_metrics(uri, run_id, _flat_test_metrics(report), step=len(curve))
         runs.log_artifacts(uri, run_id, files["json"].parent, "report")
-        _log_model(uri, run_id, export)
+        model_uri = _log_model(uri, run_id, export)
         runs.end_run(uri, run_id, "FINISHED")
     return TrainOutcome(export, report, best_metric, curve, run_id, uri,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, model_uri)
 
 
 def _start_over(cfg: TrainJobConfig) -> None:

@@ -79,8 +79,10 @@ def prepare(cfg: TrainJobConfig) -> TrainSetup:
 
 
 def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
-                  tracking: dict[str, str] | None = None, resume: bool = True) -> Any:
-    """A ``TorchTrainer`` for this config. ``tracking`` = {"uri", "run_id"} for rank-0 logs."""
+                  tracking: dict[str, str] | None = None, resume: bool = True,
+                  callbacks: list[Any] | None = None) -> Any:
+    """A ``TorchTrainer`` for this config. ``tracking`` = {"uri", "run_id"} for rank-0 logs;
+    ``callbacks``: Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
     from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -125,7 +127,7 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         datasets=datasets,
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(storage),
+            name=cfg.name, storage_path=str(storage), callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,

@@ -59,12 +59,6 @@ def pretrained(ray_cluster, synthetic_examples, workdir: Path, mlflow_server,
     return run_training(cfg)
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
 def test_ddp_pretrain_reports_exports_and_evaluates(pretrained) -> None:
     assert [int(p["epoch"]) for p in pretrained.curve] == [0, 1]
     exported = load_export(pretrained.export_dir)

@@ -225,7 +225,8 @@ def test_directory_source_reads_every_log_file_and_points_at_each(tmp_path: Path
     assert events["timestamp"].max() == held["timestamp"].max()
     q = pq.read_table(lake.platform_dir(tmp_path / "lake2", "shop_b") / "quarantine"
                       / "events.parquet").to_pandas()
-    assert len(q) > 0 and set(q["_file"]) <= {str(p) for p in (tmp_path / "logs" / "shop_b").glob("*.parquet")}
+    files = {str(p) for p in (tmp_path / "logs" / "shop_b").glob("*.parquet")}
+    assert len(q) > 0 and set(q["_file"]) <= files
 
 
 def test_directory_source_with_different_columns_names_the_file(tmp_path: Path) -> None:

@@ -1,0 +1,477 @@
+"""The serving computation, pure and Ray-free: an export (+ user histories) in, ranked items out.
+
+At load time every platform's catalog goes through the item tower once and is held as one matrix
+(N+1, D); a recommendation runs only the user tower on the user's history and one top-k over that
+matrix, and a search only the text encoder on the query. The Serve app (``serve/app.py``) wraps
+this class; tests and the benchmark call it directly.
+
+Cross-platform transfer at serving time: the item tower maps every platform's items into one
+space, so a user new to platform P but known on Q is served from their Q items, each embedded
+with Q's own item table, run through the user tower with P's platform id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+import yaml
+
+from recsys.data.pseudonym import Pseudonymizer, load_key
+from recsys.model.export import Exported, load_export
+from recsys.model.features import category_prefixes, normalise
+from recsys.serving.history import HistoryStore, UserHistory
+from recsys.serving.schemas import (
+    Item,
+    ModelInfo,
+    RecommendRequest,
+    RecommendResponse,
+    SearchRequest,
+    SearchResponse,
+)
+
+log = logging.getLogger(__name__)
+
+MODELS_SCHEME = "models:/"
+
+
+class UnknownPlatform(KeyError):
+    """A request names a platform the model has no catalog for (HTTP 404)."""
+
+    def __init__(self, platform: str, known: Sequence[str]) -> None:
+        super().__init__(platform)
+        self.message = f"unknown platform {platform!r}; this model serves {sorted(known)}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SearchUnavailable(RuntimeError):
+    """The export names no text encoder that could be loaded (HTTP 503)."""
+
+
+# -- where the model comes from ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: the export directory on local disk and what it was resolved from."""
+
+    uri: str
+    export_path: Path
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
+    rest = uri[len(MODELS_SCHEME):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        if name and alias and "/" not in rest:
+            return name, None, alias
+    elif rest.count("/") == 1:
+        name, version = rest.split("/")
+        if name and version.isdigit():
+            return name, version, None
+    raise ValueError(f"model uri {uri!r}: expected models:/<name>@<alias> or "
+                     "models:/<name>/<version>")
+
+
+def alias_version(tracking_uri: str, name: str, alias: str) -> str:
+    """The registry version ``alias`` points at; an error naming both if there is none."""
+    from recsys.tracking.runs import get_alias_version
+
+    version = get_alias_version(tracking_uri, name, alias)
+    if version is None:
+        raise LookupError(f"models:/{name}@{alias} does not exist on {tracking_uri} (register "
+                          "a version and set the alias, or serve a local export path)")
+    return version
+
+
+def resolve_model(uri: str, tracking_uri: str | None = None,
+                  download_dir: str | Path | None = None) -> ModelSource:
+    """A local export directory, or a registry uri (``models:/name@alias`` / ``/version``)
+    downloaded from MLflow. The alias is resolved to a version first, so the files fetched are
+    those of one version even if the alias moves during the download."""
+    if not uri.startswith(MODELS_SCHEME):
+        path = Path(uri)
+        if not (path / "export.json").is_file():
+            raise FileNotFoundError(f"model {uri!r}: {path / 'export.json'} not found (expected "
+                                    "a training run's <output_dir>/<name>/export, or "
+                                    "models:/<name>@<alias>)")
+        return ModelSource(uri=uri, export_path=path.resolve(), name=path.resolve().parent.name)
+    import mlflow.artifacts
+
+    if tracking_uri is None:
+        raise ValueError(f"model {uri!r} is a registry uri but no MLflow tracking uri is set "
+                         "(RECSYS_MLFLOW_TRACKING_URI or the app's tracking_uri)")
+    name, version, alias = parse_models_uri(uri)
+    if alias is not None:
+        version = alias_version(tracking_uri, name, alias)
+    from recsys.tracking.runs import _process_tracking_uri, client
+
+    dst = Path(download_dir or tempfile.mkdtemp(prefix="recsys-serve-"))
+    dst = dst / f"{name}-v{version}"
+    dst.mkdir(parents=True, exist_ok=True)
+    # The version's own artifact location, asked of this server: a ``models:/`` artifact uri
+    # would be resolved against the process-wide registry (MLflow's default: ./mlflow.db).
+    # The process uri is still swapped for the call (under the runs module's lock), because
+    # MLflow 3 model sources (``models:/<model_id>``) resolve through it as well.
+    with _process_tracking_uri(tracking_uri):
+        source = client(tracking_uri).get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+    return ModelSource(uri=uri, export_path=_export_inside(local), name=name, version=version,
+                       alias=alias)
+
+
+def _export_inside(model_dir: Path) -> Path:
+    """The export directory inside a downloaded pyfunc model (its ``export`` artifact)."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an MLflow model (no MLmodel file)")
+    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+    rel = flavor.get("artifacts", {}).get("export", {}).get("path")
+    if rel is None:
+        raise ValueError(f"{mlmodel}: the pyfunc model has no 'export' artifact (log it with "
+                         "artifacts={'export': <export dir>})")
+    return model_dir / rel
+
+
+# -- per-platform catalogs ----------------------------------------------------------------------
+
+
+@dataclass
+class Catalog:
+    """One platform's items as the predictor needs them; index i + 1 <-> item_ids[i]."""
+
+    platform: str
+    platform_id: int
+    item_ids: list[str]
+    titles: list[str]
+    brands: list[str | None]
+    categories: list[list[str] | None]
+    index: dict[str, int]               # item id -> item index (1..N)
+    table: torch.Tensor                 # (N+1, D) item-tower output, the user tower's input
+    scoring: torch.Tensor               # (N+1, D) the same, L2-normalised when the model is
+    by_brand: dict[str, np.ndarray]     # normalised brand -> item indices
+    by_category: dict[str, np.ndarray]  # normalised category prefix -> item indices
+    popular: list[tuple[int, int]] = field(default_factory=list)  # (item index, event count)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def _groups(values: list[list[str]]) -> dict[str, np.ndarray]:
+    out: dict[str, list[int]] = {}
+    for i, keys in enumerate(values, start=1):
+        for key in keys:
+            out.setdefault(key, []).append(i)
+    return {k: np.asarray(v, np.int64) for k, v in out.items()}
+
+
+# -- the predictor ------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A recommendation request resolved to tensors, before the user tower runs."""
+
+    request: RecommendRequest
+    catalog: Catalog
+    seq: torch.Tensor | None             # (L, D) history item vectors, oldest first; None: popular
+    history_platforms: list[str]
+    excluded: list[int]                  # item indices never to return
+    allowed: np.ndarray | None           # item indices allowed by the filters (None: all)
+
+
+class Predictor:
+    """Recommend and search over one export; immutable after construction (swap, don't mutate)."""
+
+    def __init__(self, exported: Exported, source: ModelSource,
+                 history: HistoryStore | None = None,
+                 pseudonymizer: Pseudonymizer | None = None, search: bool = True) -> None:
+        self.exported = exported
+        self.source = source
+        self.model = exported.model.eval()
+        self.history = history or HistoryStore()
+        self.pseudonymizer = pseudonymizer
+        self.max_len = int(self.model.config["max_len"])
+        self.normalize = bool(self.model.config.get("normalize", True))
+        started = time.perf_counter()
+        self.catalogs = {name: self._catalog(name) for name in exported.items}
+        self.encoder, self.tokenizer, self.search_error = (None, None, None)
+        if search:
+            self._load_text_encoder()
+        else:
+            self.search_error = "search disabled by configuration"
+        log.info("predictor %s: %s catalogs %s ready in %.1f s", source.uri,
+                 len(self.catalogs), {n: c.num_items for n, c in self.catalogs.items()},
+                 time.perf_counter() - started)
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_export(cls, path: str | Path, lake: str | Path | None = None, *,
+                    source: ModelSource | None = None, search: bool = True,
+                    pseudonymizer: Pseudonymizer | None = None) -> Predictor:
+        """Load an export directory; ``lake`` supplies user histories and popular items."""
+        source = source or resolve_model(str(path))
+        exported = load_export(source.export_path)
+        history = None
+        if lake is not None:
+            history = HistoryStore.from_lake(lake, platforms=list(exported.items),
+                                             max_len=int(exported.model.config["max_len"]))
+            if pseudonymizer is None:
+                key, where = load_key(create_if_missing=False)
+                log.info("pseudonym key from %s", where)
+                pseudonymizer = Pseudonymizer(key)
+        else:
+            log.warning("no lake: no user histories, and no popular items for the fallback")
+        return cls(exported, source, history, pseudonymizer, search)
+
+    @classmethod
+    def from_model_uri(cls, uri: str, lake: str | Path | None = None, *,
+                       tracking_uri: str | None = None, download_dir: str | Path | None = None,
+                       search: bool = True,
+                       pseudonymizer: Pseudonymizer | None = None) -> Predictor:
+        """A local export path or ``models:/name@alias`` (downloaded from the registry)."""
+        source = resolve_model(uri, tracking_uri, download_dir)
+        return cls.from_export(source.export_path, lake, source=source, search=search,
+                               pseudonymizer=pseudonymizer)
+
+    @torch.inference_mode()
+    def _catalog(self, name: str) -> Catalog:
+        it = self.exported.items[name]
+        table = self.model.item_table(torch.as_tensor(it.text_vecs),
+                                      torch.as_tensor(it.brand_ids),
+                                      torch.as_tensor(it.category_ids),
+                                      it.platform_id) if it.text_vecs is not None else None
+        if table is None:
+            raise ValueError(f"{self.exported.path}: items/{name}.npz has no text vectors")
+        path = self.exported.path / "catalog" / f"{name}.parquet"
+        cat = pq.read_table(path, columns=["item_id", "title", "brand", "category"])
+        if cat["item_id"].to_pylist() != it.item_ids:
+            raise ValueError(f"{path}: item ids differ from items/{name}.npz")
+        brands = cat["brand"].to_pylist()
+        categories = cat["category"].to_pylist()
+        index = {item: i + 1 for i, item in enumerate(it.item_ids)}
+        popular = [(index[item], n) for item, n in self.history.popular.get(name, [])
+                   if item in index]
+        return Catalog(
+            platform=name, platform_id=it.platform_id, item_ids=it.item_ids,
+            titles=cat["title"].to_pylist(), brands=brands, categories=categories, index=index,
+            table=table, scoring=F.normalize(table, dim=-1) if self.normalize else table,
+            by_brand=_groups([[normalise(b)] if b else [] for b in brands]),
+            by_category=_groups([category_prefixes(c, 64) for c in categories]),
+            popular=popular)
+
+    def _load_text_encoder(self) -> None:
+        """Search needs the item tower's text encoder: the fine-tuned one in the export, else
+        the frozen encoder named in export.json (its vectors were cached at training)."""
+        from recsys.data.catalog import load_tokenizer
+        from recsys.model.recommender import load_text_encoder
+
+        name = self.exported.meta.get("encoder")
+        if name is None:
+            self.search_error = "the export names no text encoder (export.json 'encoder')"
+            return
+        try:
+            self.tokenizer = load_tokenizer(name)
+            self.encoder = (self.model.text_encoder if self.model.text_encoder is not None
+                            else load_text_encoder(name)).eval()
+        except (OSError, ValueError) as e:
+            self.search_error = f"text encoder {name!r} could not be loaded: {e}"
+            log.warning("search unavailable: %s", self.search_error)
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    @property
+    def platforms(self) -> list[str]:
+        return list(self.catalogs)
+
+    def info(self) -> ModelInfo:
+        s = self.source
+        return ModelInfo(name=s.name, version=s.version, alias=s.alias, uri=s.uri,
+                         export_path=str(s.export_path), platforms=self.platforms,
+                         search=self.encoder is not None)
+
+    def catalog(self, platform: str) -> Catalog:
+        try:
+            return self.catalogs[platform]
+        except KeyError:
+            raise UnknownPlatform(platform, list(self.catalogs)) from None
+
+    # -- recommend -------------------------------------------------------------------------------
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        """One request, end to end (the unbatched path)."""
+        return self.recommend_many([self.prepare(request)])[0]
+
+    def prepare(self, request: RecommendRequest) -> Prepared:
+        """Resolve the user's history to item vectors; raises UnknownPlatform before any work."""
+        cat = self.catalog(request.platform)
+        histories = self._histories(request.user_id)
+        own = histories.get(cat.platform)
+        excluded = sorted(cat.index[i] for i in own.purchased
+                          if i in cat.index) if own and request.exclude_seen else []
+        allowed = self._allowed(cat, request)
+        ids = [cat.index[i] for i in (*(own.items if own else ()), *request.recent_items)
+               if i in cat.index][-self.max_len:]
+        if ids:
+            seq, used = cat.table[ids], [cat.platform]
+        else:
+            seq, used = self._cross_platform(cat.platform, histories)
+        return Prepared(request, cat, seq, used, excluded, allowed)
+
+    def _histories(self, user_id: str | None) -> dict[str, UserHistory]:
+        if user_id is None or self.pseudonymizer is None:
+            return {}
+        return self.history.lookup(self.pseudonymizer.one(user_id))
+
+    def _cross_platform(self, target: str, histories: dict[str, UserHistory]
+                        ) -> tuple[torch.Tensor | None, list[str]]:
+        """The user's items on the other platforms, merged by time, each embedded with its own
+        platform's item table (one space for all platforms: the point of the item tower)."""
+        events = [(t, p, self.catalogs[p].index[i])
+                  for p, h in histories.items() if p != target and p in self.catalogs
+                  for i, t in zip(h.items, h.times_us) if i in self.catalogs[p].index]
+        if not events:
+            return None, []
+        events = sorted(events)[-self.max_len:]
+        seq = torch.stack([self.catalogs[p].table[i] for _, p, i in events])  # (L, D)
+        return seq, sorted({p for _, p, _ in events})
+
+    @staticmethod
+    def _allowed(cat: Catalog, request: RecommendRequest) -> np.ndarray | None:
+        f = request.filters
+        if f is None or (f.brand is None and f.category is None):
+            return None
+        allowed = np.arange(1, cat.num_items + 1)
+        empty = np.zeros(0, np.int64)
+        if f.brand is not None:
+            allowed = np.intersect1d(allowed, cat.by_brand.get(normalise(f.brand), empty))
+        if f.category is not None:
+            key = " > ".join(normalise(p) for p in f.category.split(">") if normalise(p))
+            allowed = np.intersect1d(allowed, cat.by_category.get(key, empty))
+        return allowed
+
+    @torch.inference_mode()
+    def user_vectors(self, prepared: Sequence[Prepared]) -> torch.Tensor:
+        """User vectors (B, D) of requests that have a history: one user-tower call, histories
+        left-padded (positions count from the newest item, so padding changes nothing)."""
+        L = max(p.seq.shape[0] for p in prepared)
+        D = prepared[0].seq.shape[1]
+        seq = torch.zeros(len(prepared), L, D)
+        valid = torch.zeros(len(prepared), L, dtype=torch.bool)
+        for r, p in enumerate(prepared):
+            n = p.seq.shape[0]
+            seq[r, L - n:] = p.seq
+            valid[r, L - n:] = True
+        pids = torch.tensor([p.catalog.platform_id for p in prepared])
+        return self.model.user_tower(seq, valid, pids)[:, -1]                   # (B, D)
+
+    def recommend_many(self, prepared: Sequence[Prepared]) -> list[RecommendResponse]:
+        """A batch of prepared requests: one user-tower call for all that have a history."""
+        with_history = [p for p in prepared if p.seq is not None]
+        users = iter(self.user_vectors(with_history)) if with_history else iter(())
+        version = self.source.version
+        out = []
+        for p in prepared:
+            if p.seq is None:
+                items, source = self._popular(p), "popular"
+            else:
+                items, source = self._top_k(p, next(users)), "model"
+            out.append(RecommendResponse(
+                platform=p.catalog.platform, source=source, history_platforms=p.history_platforms,
+                history_length=0 if p.seq is None else int(p.seq.shape[0]), items=items,
+                model_version=version))
+        return out
+
+    @torch.inference_mode()
+    def _top_k(self, p: Prepared, user: torch.Tensor) -> list[Item]:
+        cat = p.catalog
+        if self.normalize:
+            user = F.normalize(user, dim=-1)
+        scores = cat.scoring @ user                                              # (N+1,)
+        return self._rank(cat, scores, p.request.k, p.excluded, p.allowed)
+
+    def _rank(self, cat: Catalog, scores: torch.Tensor, k: int, excluded: list[int],
+              allowed: np.ndarray | None) -> list[Item]:
+        """Top k of the catalog: padding, excluded and filtered-out items never appear."""
+        if allowed is not None:
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            keep[torch.as_tensor(allowed, dtype=torch.long)] = True
+            scores = scores.masked_fill(~keep, float("-inf"))
+        scores = scores.clone()
+        scores[0] = float("-inf")
+        if excluded:
+            scores[torch.as_tensor(excluded)] = float("-inf")
+        n = int(torch.isfinite(scores).sum())
+        top = torch.topk(scores, min(k, n))
+        return [self._item(cat, i, s) for i, s in zip(top.indices.tolist(), top.values.tolist())]
+
+    def _popular(self, p: Prepared) -> list[Item]:
+        excluded = set(p.excluded)
+        allowed = None if p.allowed is None else set(p.allowed.tolist())
+        out = []
+        for i, count in p.catalog.popular:
+            if i in excluded or (allowed is not None and i not in allowed):
+                continue
+            out.append(self._item(p.catalog, i, float(count)))
+            if len(out) == p.request.k:
+                break
+        return out
+
+    @staticmethod
+    def _item(cat: Catalog, i: int, score: float) -> Item:
+        return Item(item_id=cat.item_ids[i - 1], title=cat.titles[i - 1] or "", score=score,
+                    brand=cat.brands[i - 1], category=cat.categories[i - 1])
+
+    # -- search ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def query_vector(self, platform: str, query: str) -> torch.Tensor:
+        """Text query -> the item space of ``platform`` (D,): text encoder -> item tower with
+        no brand and no category -> the platform's adapter, as an item of that shop."""
+        cat = self.catalog(platform)
+        if self.encoder is None or self.tokenizer is None:
+            raise SearchUnavailable(self.search_error or "search unavailable")
+        max_tokens = int(self.exported.meta.get("max_tokens", 64))
+        tok = self.tokenizer([query], truncation=True, max_length=max_tokens,
+                             return_tensors="pt")
+        text = self.encoder(tok["input_ids"], tok["attention_mask"])             # (1, H)
+        depth = self.exported.items[platform].category_ids.shape[1]
+        vec = self.model.item_tower(text, torch.zeros(1, dtype=torch.long),
+                                    torch.zeros(1, depth, dtype=torch.long),
+                                    torch.tensor([cat.platform_id]))             # (1, D)
+        return vec[0]
+
+    @torch.inference_mode()
+    def search(self, request: SearchRequest) -> SearchResponse:
+        cat = self.catalog(request.platform)
+        vec = self.query_vector(request.platform, request.query)
+        if self.normalize:
+            vec = F.normalize(vec, dim=-1)
+        items = self._rank(cat, cat.scoring @ vec, request.k, [], None)
+        return SearchResponse(platform=cat.platform, query=request.query, items=items,
+                              model_version=self.source.version)
+
+
+def set_torch_threads(n: int | None) -> None:
+    """A replica's intra-op threads: on a 2-core machine with several replicas, one each."""
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))

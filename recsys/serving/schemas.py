@@ -1,0 +1,106 @@
+"""Request and response bodies of the recommendation endpoint, shared by the app and the tests.
+
+Limits live here (not in the app) so that the OpenAPI schema states them and FastAPI answers a
+violation with 422 before any model code runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_K = 100
+MAX_RECENT_ITEMS = 200
+PLATFORM_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # recsys.data.schema.validate_platform_name
+
+
+def _encodable(value: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no hash or tokenizer can encode: 422."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Filters(_Body):
+    """Restrict the candidates; case and whitespace are ignored (as in the feature vocabulary)."""
+
+    category: Text | None = Field(None, min_length=1, max_length=256,
+                                 description="a category path prefix, e.g. 'kitchen' or "
+                                             "'kitchen > cookware'")
+    brand: Text | None = Field(None, min_length=1, max_length=256)
+
+
+class RecommendRequest(_Body):
+    platform: str = Field(pattern=PLATFORM_PATTERN, description="the shop to recommend for")
+    user_id: Text | None = Field(None, min_length=1, max_length=256,
+                                description="raw user id; pseudonymised before the lookup")
+    recent_items: list[Text] = Field(
+        default_factory=list, max_length=MAX_RECENT_ITEMS,
+        description="item ids of this platform seen in the current session, oldest first; "
+                    "appended after the stored history")
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_seen: bool = Field(True, description="never return an item the user purchased "
+                                                 "on this platform")
+    filters: Filters | None = None
+
+
+class Item(BaseModel):
+    item_id: str
+    title: str
+    score: float = Field(description="cosine similarity (model, search) or event count (popular)")
+    brand: str | None = None
+    category: list[str] | None = None
+
+
+class RecommendResponse(BaseModel):
+    platform: str
+    source: Literal["model", "popular"] = Field(
+        description="model: the user tower answered; popular: no usable history anywhere")
+    history_platforms: list[str] = Field(
+        description="platforms whose items formed the history (another platform's only: "
+                    "a cross-platform answer)")
+    history_length: int
+    items: list[Item]
+    model_version: str | None = None
+
+
+class SearchRequest(_Body):
+    platform: str = Field(pattern=PLATFORM_PATTERN)
+    query: Text = Field(min_length=1, max_length=512)
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+class SearchResponse(BaseModel):
+    platform: str
+    query: str
+    items: list[Item]
+    model_version: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None
+    alias: str | None
+    uri: str
+    export_path: str
+    platforms: list[str]
+    search: bool = Field(description="whether /search is available (text encoder loaded)")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "loading"]
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str

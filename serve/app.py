@@ -1,0 +1,271 @@
+"""The recommendation endpoint on Ray Serve: a FastAPI ingress around ``recsys.serving.Predictor``.
+
+    serve run serve/config.yaml                                 # after a training run
+    serve run serve/config.yaml model_uri=models:/recsys-shop_a@champion   (see serve/README.md)
+
+``build_app`` is the typed application builder that ``serve run`` / ``serve deploy`` call with the
+config's ``args`` (validated into ``AppArgs``). Nothing runs at import time: replicas import this
+module, and ``serve run`` imports it in the controller.
+
+No ``from __future__ import annotations`` here: Serve inspects the builder's annotation to
+validate ``args`` into ``AppArgs``, and FastAPI reads handler annotations; both need real types.
+"""
+
+import hmac
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import Field
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from recsys.config import StrictModel
+from recsys.data.pseudonym import DEFAULT_KEY_FILE, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key
+from recsys.serving.predictor import (
+    MODELS_SCHEME,
+    Predictor,
+    Prepared,
+    SearchUnavailable,
+    UnknownPlatform,
+    parse_models_uri,
+    set_torch_threads,
+)
+from recsys.serving.schemas import (
+    ErrorBody,
+    Health,
+    ModelInfo,
+    RecommendRequest,
+    RecommendResponse,
+    SearchRequest,
+    SearchResponse,
+)
+from recsys.settings import get_settings
+
+log = logging.getLogger("recsys.serve")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+API_KEY_HEADER = "x-api-key"
+
+
+class AppArgs(StrictModel):
+    """The app's ``args`` in serve/config.yaml (or ``serve run ... key=value``)."""
+
+    model_uri: str = Field(
+        "runs/train/pretrain/export",
+        description="a training run's export dir (relative paths: to the repo root) or "
+                    "models:/<name>@<alias> / models:/<name>/<version> in the MLflow registry")
+    lake: str | None = Field("runs/demo/lake", description="lake with the users' events "
+                             "(histories, purchases, popular items); null: none")
+    tracking_uri: str | None = Field(None, description="MLflow server for models:/ uris "
+                                     "(default: $RECSYS_MLFLOW_TRACKING_URI)")
+    poll_interval_s: float = Field(30.0, ge=0, description="how often a replica checks the "
+                                   "alias for a new version (0: never); swaps without downtime")
+    search: bool = Field(True, description="load the text encoder for /search")
+    max_batch_size: int = Field(16, ge=1, le=256, description="user-tower batch (1: no "
+                                "batching)")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1.0)
+    torch_threads: int = Field(1, ge=0, description="intra-op threads per replica (0: torch's "
+                               "default)")
+    api_key_env: str = Field("RECSYS_API_KEY", description="environment variable holding the "
+                             "API key; unset or empty: no key required")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    download_dir: str | None = Field(None, description="where registry models are downloaded "
+                                     "(default: a temporary directory)")
+
+
+def local_path(path: str) -> Path:
+    """Relative paths in the config mean the repo root (replicas may run elsewhere), unless
+    they exist relative to the current directory."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return REPO_ROOT / p
+
+
+def load_predictor(args: AppArgs) -> Predictor:
+    """What a replica serves, from the app args (a registry uri is resolved and downloaded)."""
+    tracking = args.tracking_uri or get_settings().mlflow_tracking_uri
+    lake = local_path(args.lake) if args.lake else None
+    pseudonymizer = None
+    if lake is not None:
+        # The key that pseudonymised the lake: $RECSYS_PSEUDONYM_KEY, $RECSYS_PSEUDONYM_KEY_FILE,
+        # else the repo's .recsys/pseudonym.key (a replica's working directory may be elsewhere).
+        key_file = None
+        if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
+            key_file = local_path(str(DEFAULT_KEY_FILE))
+        pseudonymizer = Pseudonymizer(load_key(create_if_missing=False, key_file=key_file)[0])
+    if args.model_uri.startswith(MODELS_SCHEME):
+        return Predictor.from_model_uri(args.model_uri, lake, tracking_uri=tracking,
+                                        download_dir=args.download_dir, search=args.search,
+                                        pseudonymizer=pseudonymizer)
+    return Predictor.from_export(local_path(args.model_uri), lake, search=args.search,
+                                 pseudonymizer=pseudonymizer)
+
+
+# -- HTTP plumbing ------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="recsys recommendation API",
+    version="1",
+    description="Cross-platform recommendations and text search over the served model "
+                "(the MLflow champion or a local export).",
+)
+_api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                               description="required when the server sets an API key")
+ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+          503: {"model": ErrorBody}}
+
+
+def require_api_key(request: Request,
+                    key: Annotated[str | None, Depends(_api_key_header)] = None) -> None:
+    """Every endpoint but the health checks; the expected key is set by the replica."""
+    expected = getattr(request.app.state, "api_key", None)
+    if expected and not (key and hmac.compare_digest(key.encode(), expected.encode())):
+        raise HTTPException(401, "missing or wrong x-api-key")
+
+
+@api.middleware("http")
+async def limit_body_size(request: Request, call_next):  # noqa: ANN001, ANN201 (Starlette API)
+    """413 for a body over ``max_body_bytes``, checked on Content-Length and on the bytes."""
+    limit = getattr(request.app.state, "max_body_bytes", 64 * 1024)
+    declared = request.headers.get("content-length")
+    too_big = False
+    if declared is not None:
+        too_big = not declared.isdigit() or int(declared) > limit
+    elif request.method in ("POST", "PUT", "PATCH"):
+        too_big = len(await request.body()) > limit
+    if too_big:
+        return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+@serve.deployment(name="Recommender", max_ongoing_requests=64)
+@serve.ingress(api)
+class RecommendationService:
+    """One replica: a Predictor, swapped in place when the registry alias moves."""
+
+    def __init__(self, args: AppArgs) -> None:
+        self._stop = threading.Event()
+        self.args = args
+        set_torch_threads(args.torch_threads)
+        api.state.api_key = os.environ.get(args.api_key_env) or None
+        api.state.max_body_bytes = args.max_body_bytes
+        self.predictor: Predictor = load_predictor(args)
+        self._recommend_batch.set_max_batch_size(args.max_batch_size)
+        self._recommend_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.served = Counter("recsys_recommendations", description="answered recommendations",
+                              tag_keys=("platform", "source"))
+        self.latency = Histogram("recsys_predict_ms", description="model time per request",
+                                 boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200],
+                                 tag_keys=("endpoint",))
+        self.swaps = 0
+        if args.poll_interval_s > 0 and args.model_uri.startswith(MODELS_SCHEME) \
+                and parse_models_uri(args.model_uri)[2] is not None:
+            threading.Thread(target=self._watch_alias, name="alias-watch", daemon=True).start()
+
+    # -- champion changes -------------------------------------------------------------------------
+
+    def _watch_alias(self) -> None:
+        """Poll the alias; on a new version load it beside the current predictor, then swap the
+        reference: requests keep being answered by the old model until the new one is ready."""
+        from recsys.serving.predictor import alias_version
+
+        name, _, alias = parse_models_uri(self.args.model_uri)
+        tracking = self.args.tracking_uri or get_settings().mlflow_tracking_uri
+        while not self._stop.wait(self.args.poll_interval_s):
+            try:
+                version = alias_version(tracking, name, alias)
+                if version != self.predictor.source.version:
+                    started = time.perf_counter()
+                    new = load_predictor(self.args)
+                    self.predictor, self.swaps = new, self.swaps + 1
+                    log.info("models:/%s@%s -> version %s, swapped in %.1f s", name, alias,
+                             new.source.version, time.perf_counter() - started)
+            except Exception:  # keep serving the current model; the next poll retries
+                log.exception("checking models:/%s@%s failed; still serving version %s", name,
+                              alias, self.predictor.source.version)
+
+    def __del__(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    @api.get("/healthz", response_model=Health, tags=["health"])
+    def healthz(self) -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @api.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health}})
+    def readyz(self) -> Health | JSONResponse:
+        """Readiness: the model and every platform's item matrix are loaded."""
+        p = getattr(self, "predictor", None)
+        if p is None or not p.catalogs:
+            return JSONResponse(Health(status="loading").model_dump(), status_code=503)
+        return Health(status="ready", detail=f"{p.source.name} version {p.source.version}, "
+                                             f"platforms {p.platforms}")
+
+    @api.get("/model", response_model=ModelInfo, responses=ERRORS,
+             dependencies=[Depends(require_api_key)])
+    def model(self) -> ModelInfo:
+        return self.predictor.info()
+
+    @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS,
+              dependencies=[Depends(require_api_key)])
+    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+        """Top-k items for a user on a platform; falls back to popular items without history."""
+        started = time.perf_counter()
+        predictor = self.predictor  # one model for the whole request, even across a swap
+        try:
+            prepared = predictor.prepare(body)
+        except UnknownPlatform as e:
+            raise HTTPException(404, str(e)) from None
+        if self.args.max_batch_size > 1:
+            out = await self._recommend_batch((predictor, prepared))
+        else:
+            out = predictor.recommend_many([prepared])[0]
+        self.served.inc(tags={"platform": out.platform, "source": out.source})
+        self.latency.observe((time.perf_counter() - started) * 1000,
+                             tags={"endpoint": "recommend"})
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _recommend_batch(self, requests: list[tuple[Predictor, Prepared]]
+                               ) -> list[RecommendResponse]:
+        """One user-tower call per model for every request that arrived together."""
+        out: list[RecommendResponse | None] = [None] * len(requests)
+        by_model: dict[int, list[int]] = {}
+        for i, (p, _) in enumerate(requests):
+            by_model.setdefault(id(p), []).append(i)
+        for rows in by_model.values():
+            predictor = requests[rows[0]][0]
+            for i, res in zip(rows, predictor.recommend_many([requests[i][1] for i in rows])):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    @api.post("/search", response_model=SearchResponse, responses=ERRORS,
+              dependencies=[Depends(require_api_key)])
+    def search(self, body: SearchRequest) -> SearchResponse:
+        """Items of a platform closest to a text query, in the same space as recommendations."""
+        started = time.perf_counter()
+        try:
+            out = self.predictor.search(body)
+        except UnknownPlatform as e:
+            raise HTTPException(404, str(e)) from None
+        except SearchUnavailable as e:
+            raise HTTPException(503, f"search unavailable: {e}") from None
+        self.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": "search"})
+        return out
+
+
+def build_app(args: AppArgs):  # noqa: ANN201  (serve.Application; the annotation must stay a class)
+    """Typed application builder: ``import_path: serve.app:build_app`` in serve/config.yaml."""
+    return RecommendationService.bind(args)

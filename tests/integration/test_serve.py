@@ -1,0 +1,301 @@
+"""The recommendation endpoint over real HTTP: a real local Serve app (one per module) serving the
+MLflow champion of a real registry, with user histories from a real lake (``recsys.serving.toy``:
+an untrained but complete export, so these tests check the serving rules, not model quality)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from recsys.data.pseudonym import Pseudonymizer
+from recsys.serving.predictor import Predictor
+from recsys.serving.schemas import RecommendRequest
+from recsys.serving.toy import ToyWorld, build_toy_world, item_title
+
+KEY_HEX = "00112233445566778899aabbccddeeff"  # the suite's pseudonym key (tests/conftest.py)
+API_KEY = "test-api-key"
+PREFIX = "/recsys"
+
+
+@dataclass
+class Served:
+    base: str                 # http://127.0.0.1:<port>/recsys
+    worlds: dict[str, ToyWorld]  # registry version -> its files
+    name: str                 # registered model name
+    tracking_uri: str
+
+    def post(self, path: str, body: object, key: str | None = API_KEY,
+             **kw: object) -> requests.Response:
+        headers = {"x-api-key": key} if key else {}
+        return requests.post(self.base + path, json=body, headers=headers, timeout=30, **kw)
+
+    def get(self, path: str, key: str | None = API_KEY) -> requests.Response:
+        return requests.get(self.base + path, headers={"x-api-key": key} if key else {},
+                            timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _register(uri: str, name: str, world: ToyWorld) -> str:
+    from recsys.model.pyfunc import RecommenderPyfunc
+    from recsys.tracking import runs
+
+    run_id = runs.start_run(uri, "serve-tests", f"{name}-{world.export.parent.name}")
+    model_uri = runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
+                                      artifacts={"export": str(world.export)},
+                                      pip_requirements=["recsys"])
+    runs.end_run(uri, run_id)
+    return runs.register_model(uri, model_uri, name)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, mlflow_server, tiny_encoder: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from ray import serve
+
+    from recsys.tracking import runs
+    from serve.app import AppArgs, RecommendationService
+
+    root = tmp_path_factory.mktemp("serve")
+    pseudo = Pseudonymizer(bytes.fromhex(KEY_HEX))
+    worlds = {"1": build_toy_world(root / "v1", tiny_encoder, pseudo, seed=0)}
+    name = f"recsys-toy-{uuid.uuid4().hex[:8]}"
+    assert _register(mlflow_server.uri, name, worlds["1"]) == "1"
+    runs.set_alias(mlflow_server.uri, name, "champion", "1")
+    args = AppArgs(model_uri=f"models:/{name}@champion", lake=str(worlds["1"].lake),
+                   tracking_uri=mlflow_server.uri, poll_interval_s=1.0, max_batch_size=8,
+                   download_dir=str(root / "downloads"))
+    env = {"RECSYS_PSEUDONYM_KEY": KEY_HEX, "RECSYS_API_KEY": API_KEY}
+    app = RecommendationService.options(
+        ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": env}},
+        num_replicas=1).bind(args)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="recsys-test", route_prefix=PREFIX)
+    try:
+        yield Served(f"http://127.0.0.1:{port}{PREFIX}", worlds, name, mlflow_server.uri)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(served: Served) -> Predictor:
+    """The same model in process: what the endpoint must answer."""
+    w = served.worlds["1"]
+    return Predictor.from_export(w.export, w.lake, pseudonymizer=w.pseudonymizer, search=False)
+
+
+# -- health, model, auth --------------------------------------------------------------------------
+
+
+def test_health_model_and_api_key(served: Served) -> None:
+    assert served.get("/healthz", key=None).json() == {"status": "ok", "detail": None}
+    ready = served.get("/readyz", key=None)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert served.get("/model", key=None).status_code == 401
+    assert served.get("/model", key="wrong").status_code == 401
+    assert served.post("/recommend", {"platform": "shop_a"}, key=None).status_code == 401
+    info = served.get("/model").json()
+    assert info["name"] == served.name and info["alias"] == "champion"
+    assert info["version"] == "1" and info["platforms"] == ["shop_a", "shop_b"]
+    assert Path(info["export_path"], "export.json").is_file() and info["search"] is True
+    schema = requests.get(served.base + "/openapi.json", timeout=10).json()
+    assert {"/recommend", "/search", "/model", "/healthz", "/readyz"} <= set(schema["paths"])
+
+
+# -- recommend ------------------------------------------------------------------------------------
+
+
+def test_known_user_gets_the_model_ranking_without_purchases(served: Served,
+                                                             reference: Predictor) -> None:
+    r = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert body["source"] == "model" and body["history_platforms"] == ["shop_a"]
+    assert body["history_length"] == 4  # funnels collapsed: items 1, 4, 7, 2
+    assert len(ids) == len(set(ids)) == 8
+    assert all(i.startswith("shop_a-") for i in ids)
+    assert not {"shop_a-001", "shop_a-007"} & set(ids)  # alice bought them
+    expected = reference.recommend(RecommendRequest(platform="shop_a", user_id="alice", k=8))
+    assert ids == [i.item_id for i in expected.items]
+    assert [i["score"] for i in body["items"]] == pytest.approx(
+        [i.score for i in expected.items], abs=1e-5)
+    assert body["items"][0]["title"] == expected.items[0].title
+    seen = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 12,
+                                      "exclude_seen": False}).json()
+    assert {"shop_a-001", "shop_a-007"} <= {i["item_id"] for i in seen["items"]}
+
+
+def test_user_known_only_elsewhere_is_served_from_the_other_platform(served: Served,
+                                                                     reference: Predictor
+                                                                     ) -> None:
+    body = served.post("/recommend", {"platform": "shop_a", "user_id": "bob", "k": 5}).json()
+    assert body["source"] == "model" and body["history_platforms"] == ["shop_b"]
+    assert body["history_length"] == 3
+    assert all(i["item_id"].startswith("shop_a-") for i in body["items"])
+    popular = served.post("/recommend", {"platform": "shop_a", "k": 5}).json()
+    assert [i["item_id"] for i in body["items"]] != [i["item_id"] for i in popular["items"]]
+    expected = reference.recommend(RecommendRequest(platform="shop_a", user_id="bob", k=5))
+    assert [i["item_id"] for i in body["items"]] == [i.item_id for i in expected.items]
+
+
+def test_users_without_history_get_popular_items_marked_as_such(served: Served) -> None:
+    for body in ({"platform": "shop_a", "k": 3},
+                 {"platform": "shop_a", "user_id": "never-seen", "k": 3},
+                 {"platform": "shop_a", "user_id": "erin", "k": 3}):  # only on shop_z
+        out = served.post("/recommend", body).json()
+        assert out["source"] == "popular" and out["history_platforms"] == []
+        assert [i["item_id"] for i in out["items"]] == ["shop_a-003", "shop_a-006",
+                                                        "shop_a-001"]
+    session = served.post("/recommend", {"platform": "shop_b", "recent_items": [
+        "shop_b-002", "not-an-item"], "k": 3}).json()
+    assert session["source"] == "model" and session["history_length"] == 1
+
+
+def test_filters_restrict_the_candidates(served: Served) -> None:
+    brand = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 10,
+                                       "filters": {"brand": "ACME"}}).json()
+    assert brand["items"] and {i["brand"] for i in brand["items"]} == {"acme"}
+    cat = served.post("/recommend", {"platform": "shop_a", "k": 10,
+                                     "filters": {"category": "home > kitchen"}}).json()
+    assert cat["items"] and all(i["category"] == ["home", "kitchen"] for i in cat["items"])
+    none = served.post("/recommend", {"platform": "shop_a", "user_id": "alice",
+                                      "filters": {"brand": "no-such-brand"}}).json()
+    assert none["items"] == []
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+
+def test_search_finds_an_item_by_its_text(served: Served) -> None:
+    r = served.post("/search", {"platform": "shop_b", "query": item_title("shop_b", 4), "k": 3})
+    assert r.status_code == 200, r.text
+    top = r.json()["items"][0]
+    assert top["item_id"] == "shop_b-004" and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert served.post("/search", {"platform": "nope", "query": "x"}).status_code == 404
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_4xx_naming_the_problem(served: Served) -> None:
+    r = served.post("/recommend", {"platform": "shop_q", "k": 3})
+    assert r.status_code == 404 and "shop_q" in r.json()["detail"]
+    for body in ({"platform": "shop_a", "k": 0}, {"platform": "shop_a", "k": 101},
+                 {"platform": "shop_a", "colour": "red"}, {"k": 3},
+                 {"platform": "Shop A!"}, {"platform": "shop_a", "recent_items": "x"}):
+        r = served.post("/recommend", body)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+    raw = requests.post(served.base + "/recommend", data=b"{not json",
+                        headers={"x-api-key": API_KEY, "content-type": "application/json"},
+                        timeout=10)
+    assert raw.status_code == 422
+    big = {"platform": "shop_a", "recent_items": ["x" * 100] * 199, "user_id": "u" * 256}
+    assert len(json.dumps(big)) < 64 * 1024
+    assert served.post("/recommend", big).status_code == 200
+    huge = requests.post(served.base + "/recommend", data=b"{" + b" " * 70_000 + b"}",
+                         headers={"x-api-key": API_KEY, "content-type": "application/json"},
+                         timeout=10)
+    assert huge.status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the body itself is measured
+        for _ in range(70):
+            yield b" " * 1024
+    chunked = requests.post(served.base + "/recommend", data=chunks(),
+                            headers={"x-api-key": API_KEY, "content-type": "application/json"},
+                            timeout=10)
+    assert chunked.status_code == 413
+
+
+def test_schemathesis_finds_no_server_errors(served: Served) -> None:
+    """Property-based requests generated from the OpenAPI schema (valid and invalid bodies,
+    with the API key): none may be answered with a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(served.base + "/openapi.json")
+    failures: list[str] = []
+    calls = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case: object) -> None:
+            nonlocal calls
+            calls += 1
+            response = case.call(base_url=served.base, headers={"x-api-key": API_KEY})
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.path}: {response.status_code} for "
+                                f"{case.body!r}: {response.text[:200]}")
+        check()
+    assert calls >= 100
+    assert failures == []
+
+
+# -- champion swap (last: it moves the alias) -----------------------------------------------------
+
+
+def test_champion_swap_under_load_has_no_failed_request(served: Served,
+                                                         tiny_encoder: str) -> None:
+    from recsys.tracking import runs
+
+    root = served.worlds["1"].export.parents[1]
+    served.worlds["2"] = build_toy_world(root / "v2", tiny_encoder,
+                                         served.worlds["1"].pseudonymizer, seed=1)
+    version = _register(served.tracking_uri, served.name, served.worlds["2"])
+    assert version == "2"
+    statuses: list[int] = []
+    versions: list[str | None] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(served.base + "/recommend", json={"platform": "shop_a",
+                               "user_id": "alice", "k": 5},
+                               headers={"x-api-key": API_KEY}, timeout=30)
+                    statuses.append(r.status_code)
+                    if r.ok:
+                        versions.append(r.json()["model_version"])
+                except requests.RequestException:
+                    statuses.append(-1)
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        runs.set_alias(served.tracking_uri, served.name, "champion", version)
+        deadline = time.monotonic() + 60
+        while served.get("/model").json()["version"] != "2":
+            assert time.monotonic() < deadline, "the new champion was not picked up in 60 s"
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
+    after = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 5}).json()
+    v2 = Predictor.from_export(served.worlds["2"].export, served.worlds["2"].lake,
+                               pseudonymizer=served.worlds["2"].pseudonymizer, search=False)
+    expected = v2.recommend(RecommendRequest(platform="shop_a", user_id="alice", k=5))
+    assert [i["item_id"] for i in after["items"]] == [i.item_id for i in expected.items]

@@ -1,0 +1,210 @@
+"""The serving computation without Ray: ranking rules, the popular fallback, cross-platform
+users, filters, search, batching, and model resolution (``recsys.serving.predictor``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from recsys.data.pseudonym import Pseudonymizer
+from recsys.serving.predictor import (
+    Predictor,
+    SearchUnavailable,
+    UnknownPlatform,
+    parse_models_uri,
+    resolve_model,
+)
+from recsys.serving.schemas import RecommendRequest, SearchRequest
+from recsys.serving.toy import ToyWorld, build_toy_world, item_title
+
+PSEUDO = Pseudonymizer(bytes.fromhex("00112233445566778899aabbccddeeff"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_encoder: str, tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
+    return build_toy_world(tmp_path_factory.mktemp("toy"), tiny_encoder, PSEUDO)
+
+
+@pytest.fixture(scope="module")
+def predictor(world: ToyWorld) -> Predictor:
+    return Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO)
+
+
+def rec(p: Predictor, **kw: object) -> tuple[str, list[str], list[float], list[str]]:
+    out = p.recommend(RecommendRequest(**kw))
+    return (out.source, [i.item_id for i in out.items], [i.score for i in out.items],
+            out.history_platforms)
+
+
+def reference_scores(p: Predictor, platform: str, seq: torch.Tensor) -> torch.Tensor:
+    """Scores of every item straight from the model's towers (not the predictor's code)."""
+    cat = p.catalogs[platform]
+    with torch.no_grad():
+        user = p.model.user_tower(seq[None], torch.ones(1, len(seq), dtype=torch.bool),
+                                  torch.tensor([cat.platform_id]))[0, -1]
+        return F.normalize(cat.table, dim=-1) @ F.normalize(user, dim=-1)
+
+
+def test_known_user_ranking_matches_the_model_and_skips_purchases(predictor: Predictor) -> None:
+    source, ids, scores, used = rec(predictor, platform="shop_a", user_id="alice", k=12)
+    cat = predictor.catalogs["shop_a"]
+    assert source == "model" and used == ["shop_a"]
+    assert len(ids) == len(set(ids)) == 10  # 12 items minus the 2 alice bought
+    assert not {"shop_a-001", "shop_a-007"} & set(ids)
+    assert scores == sorted(scores, reverse=True)
+    history = [cat.index[f"shop_a-{n:03d}"] for n in (1, 4, 7, 2)]  # funnels collapsed
+    ref = reference_scores(predictor, "shop_a", cat.table[history])
+    ref[0] = float("-inf")
+    ref[[cat.index["shop_a-001"], cat.index["shop_a-007"]]] = float("-inf")
+    top = torch.topk(ref, 10)
+    assert ids == [cat.item_ids[i - 1] for i in top.indices.tolist()]
+    assert scores == pytest.approx(top.values.tolist(), abs=1e-5)
+    _, with_seen, _, _ = rec(predictor, platform="shop_a", user_id="alice", k=12,
+                             exclude_seen=False)
+    assert sorted(with_seen) == sorted(cat.item_ids)
+
+
+def test_recent_items_extend_the_history(predictor: Predictor) -> None:
+    cat = predictor.catalogs["shop_a"]
+    _, ids, _, _ = rec(predictor, platform="shop_a", user_id="alice", k=3,
+                       recent_items=["shop_a-005", "unknown-id", "shop_b-001"])
+    history = [cat.index[f"shop_a-{n:03d}"] for n in (1, 4, 7, 2, 5)]
+    ref = reference_scores(predictor, "shop_a", cat.table[history])
+    ref[[0, cat.index["shop_a-001"], cat.index["shop_a-007"]]] = float("-inf")
+    assert ids == [cat.item_ids[i - 1] for i in torch.topk(ref, 3).indices.tolist()]
+    out = predictor.recommend(RecommendRequest(platform="shop_b", recent_items=["shop_b-002"]))
+    assert out.source == "model" and out.history_length == 1
+
+
+def test_histories_longer_than_max_len_keep_the_most_recent(predictor: Predictor) -> None:
+    recent = [f"shop_a-{n:03d}" for n in range(1, 13)]
+    out = predictor.recommend(RecommendRequest(platform="shop_a", recent_items=recent))
+    assert out.history_length == predictor.max_len == 6
+    cat = predictor.catalogs["shop_a"]
+    ref = reference_scores(predictor, "shop_a", cat.table[list(range(7, 13))])
+    ref[0] = float("-inf")
+    assert [i.item_id for i in out.items] == [
+        cat.item_ids[i - 1] for i in torch.topk(ref, 10).indices.tolist()]
+
+
+def test_user_known_only_on_another_platform_is_served_cross_platform(
+        predictor: Predictor) -> None:
+    source, ids, _, used = rec(predictor, platform="shop_a", user_id="bob", k=5)
+    assert source == "model" and used == ["shop_b"]
+    b, a = predictor.catalogs["shop_b"], predictor.catalogs["shop_a"]
+    # bob's shop_b items, embedded with shop_b's table, through the user tower as shop_a.
+    seq = b.table[[b.index["shop_b-003"], b.index["shop_b-005"], b.index["shop_b-008"]]]
+    ref = reference_scores(predictor, "shop_a", seq)
+    ref[0] = float("-inf")
+    assert ids == [a.item_ids[i - 1] for i in torch.topk(ref, 5).indices.tolist()]
+    assert all(i.startswith("shop_a-") for i in ids)
+    # dave is known on both: his own platform's history wins.
+    assert rec(predictor, platform="shop_a", user_id="dave")[3] == ["shop_a"]
+    assert rec(predictor, platform="shop_b", user_id="dave")[3] == ["shop_b"]
+    assert rec(predictor, platform="shop_b", user_id="alice")[3] == ["shop_a"]
+
+
+def test_no_history_anywhere_falls_back_to_popular_items(predictor: Predictor) -> None:
+    for user in (None, "nobody", "erin"):  # erin is only on shop_z, unknown to the model
+        source, ids, scores, used = rec(predictor, platform="shop_a", user_id=user, k=3)
+        assert source == "popular" and used == []
+        assert ids == ["shop_a-003", "shop_a-006", "shop_a-001"] and scores[:2] == [6.0, 4.0]
+    _, ids, _, _ = rec(predictor, platform="shop_b", k=50)
+    assert len(ids) == len(set(ids)) and set(ids) <= set(predictor.catalogs["shop_b"].item_ids)
+
+
+def test_filters_restrict_candidates_in_both_paths(predictor: Predictor) -> None:
+    cat = predictor.catalogs["shop_a"]
+    for user in ("alice", None):
+        out = predictor.recommend(RecommendRequest(
+            platform="shop_a", user_id=user, k=12, filters={"brand": " Acme "}))
+        assert out.items and all(i.brand == "acme" for i in out.items)
+        out = predictor.recommend(RecommendRequest(
+            platform="shop_a", user_id=user, k=12, filters={"category": "Home>Decor"}))
+        assert out.items and all(i.category == ["home", "decor"] for i in out.items)
+    both = predictor.recommend(RecommendRequest(
+        platform="shop_a", k=12, filters={"category": "home", "brand": "globex"}))
+    expected = {cat.item_ids[i - 1] for i in range(1, 13)
+                if cat.brands[i - 1] == "globex" and cat.categories[i - 1][0] == "home"}
+    assert {i.item_id for i in both.items} == expected
+    assert predictor.recommend(RecommendRequest(platform="shop_a", user_id="alice",
+                                                filters={"brand": "nope"})).items == []
+
+
+def test_unknown_platform_is_named(predictor: Predictor) -> None:
+    with pytest.raises(UnknownPlatform, match="'shop_z'.*shop_a"):
+        predictor.recommend(RecommendRequest(platform="shop_z"))
+    with pytest.raises(UnknownPlatform, match="shop_q"):
+        predictor.search(SearchRequest(platform="shop_q", query="x"))
+
+
+def test_request_limits_are_validated() -> None:
+    for bad in ({"platform": "shop_a", "k": 0}, {"platform": "shop_a", "k": 101},
+                {"platform": "Shop A"}, {"platform": "shop_a", "filters": {"color": "red"}},
+                {"platform": "shop_a", "recent_items": ["x"] * 201},
+                {"platform": "shop_a", "user_id": "\ud800"}):  # json.loads lets it through
+        with pytest.raises(ValidationError):
+            RecommendRequest.model_validate(bad)
+
+
+def test_batched_answers_equal_single_ones(predictor: Predictor) -> None:
+    requests = [RecommendRequest(platform=p, user_id=u, k=4)
+                for p in ("shop_a", "shop_b") for u in ("alice", "bob", "dave", None)]
+    batched = predictor.recommend_many([predictor.prepare(r) for r in requests])
+    for r, b in zip(requests, batched):
+        single = predictor.recommend(r)
+        assert [i.item_id for i in b.items] == [i.item_id for i in single.items]
+        assert [i.score for i in b.items] == pytest.approx([i.score for i in single.items],
+                                                           abs=1e-5)
+
+
+def test_search_embeds_the_query_like_an_item_without_brand_or_category(
+        predictor: Predictor) -> None:
+    # shop_b's items were exported without brand/category: an item's exact text is its twin.
+    for n in (2, 7):
+        out = predictor.search(SearchRequest(platform="shop_b", query=item_title("shop_b", n),
+                                             k=3))
+        assert out.items[0].item_id == f"shop_b-{n:03d}"
+        assert out.items[0].score == pytest.approx(1.0, abs=1e-4)
+    out = predictor.search(SearchRequest(platform="shop_a", query="steel knife", k=12))
+    assert len({i.item_id for i in out.items}) == 12
+    assert [i.score for i in out.items] == sorted((i.score for i in out.items), reverse=True)
+
+
+def test_search_without_an_encoder_says_why(world: ToyWorld) -> None:
+    p = Predictor.from_export(world.export, None, search=False)
+    assert p.info().search is False
+    with pytest.raises(SearchUnavailable, match="disabled"):
+        p.search(SearchRequest(platform="shop_a", query="x"))
+    # Without a lake: no histories, and an honest empty popular list.
+    out = p.recommend(RecommendRequest(platform="shop_a", user_id="alice"))
+    assert out.source == "popular" and out.items == []
+
+
+def test_model_uris_are_parsed_and_local_exports_resolved(world: ToyWorld,
+                                                          tmp_path: Path) -> None:
+    assert parse_models_uri("models:/recsys-shop_a@champion") == ("recsys-shop_a", None,
+                                                                  "champion")
+    assert parse_models_uri("models:/m/3") == ("m", "3", None)
+    for bad in ("models:/", "models:/m@", "models:/m/x", "models:/a/b/c"):
+        with pytest.raises(ValueError, match="expected models:/"):
+            parse_models_uri(bad)
+    source = resolve_model(str(world.export))
+    assert source.export_path == world.export.resolve() and source.version is None
+    with pytest.raises(FileNotFoundError, match="export.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="tracking uri"):
+        resolve_model("models:/m@champion")
