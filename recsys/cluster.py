@@ -70,6 +70,14 @@ def _port_open(port: int, host: str = LOOPBACK) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
 def ensure_local_head(num_cpus: int | None = None) -> str:
     """A ``ray start --head`` cluster on 127.0.0.1 that outlives this process (so a deployed
     Serve app keeps answering after the job ends); joins the one already there if any.
@@ -87,6 +95,11 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
         cmd = [ray_cli, "start", "--head", "--node-ip-address", LOOPBACK,
                "--port", str(HEAD_PORT), "--dashboard-host", LOOPBACK,
                "--dashboard-port", str(DASHBOARD_PORT), "--disable-usage-stats"]
+        # Agent and metrics ports off their defaults: a private `ray.init` cluster (a test
+        # session, another job) on the same machine would otherwise collide on 52365.
+        for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                     "--runtime-env-agent-port", "--metrics-export-port"):
+            cmd += [flag, str(_free_port())]
         if num_cpus is not None:
             cmd += ["--num-cpus", str(num_cpus)]
         env = {**os.environ, **loopback_env()}
