@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark: the recommendation endpoint on Ray Serve under HTTP load (CPU, loopback).
 
-What it measures, on the demo model (``runs/train/pretrain/export`` + ``runs/demo/lake``; run
-``jobs.pretrain`` first) or, with ``--toy``, on the untrained toy world of ``recsys.serving.toy``:
+What it measures, on the demo's transfer model (``runs/demo/train/transfer-freeze_encoder-shop_c/
+export``, which serves shop_c and its pretrain shops, + ``runs/demo/lake``; run ``make demo``
+first, or name another ``--export``/``--lake``) or, with ``--toy`` (also when that export is
+missing), on the untrained toy world of ``recsys.serving.toy``:
 
 1. **In-process Predictor** time for the same requests (one thread, as a replica): the floor.
 2. **HTTP latency and throughput**, one replica, closed-loop clients (asyncio + aiohttp) at
@@ -46,6 +48,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 APP = "recsys-bench"
+DEMO_EXPORT = REPO / "runs/demo/train/transfer-freeze_encoder-shop_c/export"
+DEMO_LAKE = REPO / "runs/demo/lake"
 log = logging.getLogger("bench.serve")
 
 
@@ -270,6 +274,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short phases (smoke run)")
     ap.add_argument("--toy", action="store_true", help="toy world instead of the demo model")
+    ap.add_argument("--export", type=Path, default=DEMO_EXPORT, help="model export to serve")
+    ap.add_argument("--lake", type=Path, default=DEMO_LAKE, help="lake with the users' events")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -280,7 +286,7 @@ def main() -> None:
     from recsys.serving.predictor import Predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    if opts.toy or not (REPO / "runs/train/pretrain/export/export.json").is_file():
+    if opts.toy or not (opts.export / "export.json").is_file():
         from recsys.data.pseudonym import Pseudonymizer
         from recsys.serving.toy import build_toy_world
 
@@ -289,8 +295,8 @@ def main() -> None:
                                 Pseudonymizer(bytes.fromhex(os.environ["RECSYS_PSEUDONYM_KEY"])))
         export, lake, model_name = world.export, world.lake, "toy (untrained)"
     else:
-        export, lake = REPO / "runs/train/pretrain/export", REPO / "runs/demo/lake"
-        model_name = "demo pretrain (runs/train/pretrain/export)"
+        export, lake = opts.export.resolve(), opts.lake.resolve()
+        model_name = f"{export.parent.name} ({export})"
     t = time.perf_counter()
     predictor = Predictor.from_export(export, lake, search=False)
     load_s = time.perf_counter() - t

@@ -90,6 +90,10 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
     import sys
 
     address = f"{LOOPBACK}:{HEAD_PORT}"
+    # One explicit auth mode for the head and this driver. Ray's default ("token" when
+    # ~/.ray/auth_token exists) is applied by `ray start` but not by a joining ray.init.
+    os.environ.setdefault("RAY_AUTH_MODE", "token" if (Path.home() / ".ray" / "auth_token")
+                          .exists() else "disabled")
     if not _port_open(HEAD_PORT):
         ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
         cmd = [ray_cli, "start", "--head", "--node-ip-address", LOOPBACK,

@@ -603,13 +603,13 @@ def _ensure_persistent_cluster(cfg: PipelineConfig) -> None:
     """The endpoint must outlive this job: run on a ``ray start`` cluster, not a private one
     (under ``ray job submit`` the job already runs on one)."""
     import os
-
-    import ray
+    import sys
 
     from recsys.cluster import ensure_local_head
 
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") \
-            or os.environ.get("RECSYS_RAY_ADDRESS"):
+    # Not `import ray` first: Ray reads RAY_AUTH_MODE, which ensure_local_head sets, at import.
+    if ("ray" in sys.modules and sys.modules["ray"].is_initialized()) \
+            or os.environ.get("RAY_ADDRESS") or os.environ.get("RECSYS_RAY_ADDRESS"):
         return
     ensure_local_head(cfg.ray.num_cpus)
 

@@ -58,13 +58,14 @@ class AppArgs(StrictModel):
     """The app's ``args`` in serve/config.yaml (or ``serve run ... key=value``)."""
 
     model_uri: str = Field(
-        "runs/train/pretrain/export",
-        description="a training run's export dir (relative paths: to the repo root) or "
-                    "models:/<name>@<alias> / models:/<name>/<version> in the MLflow registry")
+        "models:/recsys-shop_c@champion",
+        description="models:/<name>@<alias> / models:/<name>/<version> in the MLflow registry, "
+                    "or a training run's export dir (relative paths: to the repo root)")
     lake: str | None = Field("runs/demo/lake", description="lake with the users' events "
                              "(histories, purchases, popular items); null: none")
     tracking_uri: str | None = Field(None, description="MLflow server for models:/ uris "
-                                     "(default: $RECSYS_MLFLOW_TRACKING_URI)")
+                                     "(default: $RECSYS_MLFLOW_TRACKING_URI, else the local "
+                                     "server the jobs started under runs/mlflow)")
     poll_interval_s: float = Field(30.0, ge=0, description="how often a replica checks the "
                                    "alias for a new version (0: never); swaps without downtime")
     search: bool = Field(True, description="load the text encoder for /search")
@@ -89,9 +90,23 @@ def local_path(path: str) -> Path:
     return REPO_ROOT / p
 
 
+def tracking_uri(args: AppArgs) -> str | None:
+    """The registry to read: the app's ``tracking_uri``, ``$RECSYS_MLFLOW_TRACKING_URI``, else
+    the local server that the jobs started (``<work_dir>/mlflow/server.json``), if it is up.
+    Never starts a server: a replica must not own the registry."""
+    from recsys.tracking.server import default_root, read_detached
+
+    settings = get_settings()
+    uri = args.tracking_uri or settings.mlflow_tracking_uri
+    if uri:
+        return uri
+    info = read_detached(local_path(str(default_root(settings))))
+    return str(info["uri"]) if info else None
+
+
 def load_predictor(args: AppArgs) -> Predictor:
     """What a replica serves, from the app args (a registry uri is resolved and downloaded)."""
-    tracking = args.tracking_uri or get_settings().mlflow_tracking_uri
+    tracking = tracking_uri(args)
     lake = local_path(args.lake) if args.lake else None
     pseudonymizer = None
     if lake is not None:
@@ -178,7 +193,7 @@ class RecommendationService:
         from recsys.serving.predictor import alias_version
 
         name, _, alias = parse_models_uri(self.args.model_uri)
-        tracking = self.args.tracking_uri or get_settings().mlflow_tracking_uri
+        tracking = tracking_uri(self.args)
         while not self._stop.wait(self.args.poll_interval_s):
             try:
                 version = alias_version(tracking, name, alias)

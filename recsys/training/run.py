@@ -65,15 +65,16 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     if model.text_encoder is not None and cfg.transfer.strategy == "lora":
         model.text_encoder = merge_lora(model.text_encoder)
+    inputs = {**setup.inputs.items, **_source_platform_items(setup)}
     items = {name: ExportedItems(platform=name, platform_id=pi.platform_id,
                                  item_ids=_item_ids(setup, name), brand_ids=pi.brand_ids,
                                  category_ids=pi.category_ids,
                                  text_vecs=pi.text_vecs if pi.text_vecs is not None
                                  else _encode_catalog(model, pi.token_ids, cfg))
-             for name, pi in setup.inputs.items.items()}
+             for name, pi in inputs.items()}
     meta = {
         "platforms": setup.model_platforms,
-        "platforms_with_items": list(setup.inputs.items),
+        "platforms_with_items": list(items),
         "vocab": setup.inputs.vocab.to_dict(),
         "encoder": cfg.data.text.encoder,
         "max_tokens": cfg.data.text.max_tokens,
@@ -86,6 +87,27 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
     }
     catalogs = {p: setup.example_set.path / "catalog" / f"{p}.parquet" for p in items}
     return save_export(out, model, model.state_dict() | state, meta, items, catalogs)
+
+
+def _source_platform_items(setup: TrainSetup) -> dict[str, Any]:
+    """Item inputs of the model's other platforms (a transfer model's pretrain platforms) that
+    the example set has: exported beside the target's so that serving can embed a user's history
+    from those platforms (a user new here but known there). The vocabulary is frozen: those
+    catalogs were in it when the model was pretrained."""
+    from recsys.training.items import prepare_item_inputs
+
+    cfg = setup.cfg
+    available = setup.example_set.manifest["platforms"]
+    extra = [p for p in setup.model_platforms if p not in setup.inputs.items and p in available]
+    if not extra:
+        return {}
+    return prepare_item_inputs(
+        setup.example_set, extra,
+        platform_ids={p: setup.model_platforms.index(p) for p in extra},
+        encoder=cfg.data.text.encoder, max_tokens=cfg.data.text.max_tokens,
+        cache_dir=cfg.encoder.cache_dir, with_vectors=not cfg.finetunes_encoder,
+        with_tokens=cfg.finetunes_encoder,
+        vocab=setup.inputs.vocab.freeze()).items
 
 
 @torch.inference_mode()

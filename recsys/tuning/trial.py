@@ -120,6 +120,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, shared: TrainSetup | No
     trainer = build_trainer(cfg, setup, tracking, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
+    except SystemExit as stop:
+        # Tune stops a trial (ASHA) by raising SystemExit(0) in the reporting thread: not an
+        # error. The sweep driver ends the child run and calls it early-stopped.
+        if run_id and stop.code not in (0, None):
+            runs.client(ctx.uri).set_tag(run_id, STATUS_TAG, "errored")
+            runs.end_run(ctx.uri, run_id, "FAILED")
+        raise
     except BaseException:
         if run_id:
             runs.client(ctx.uri).set_tag(run_id, STATUS_TAG, "errored")

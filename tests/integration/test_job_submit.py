@@ -119,3 +119,44 @@ def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path
     assert "best valid NDCG@10" in logs
     export = tmp_path / "runs" / "submitted" / "export" / "export.json"
     assert json.loads(export.read_text())["platforms"] == ["shop_a", "shop_b"]
+
+
+def test_pipeline_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-pipeline job as a cluster user submits it (here: its pretrain stage)."""
+    es = synthetic_examples
+    cfg = {
+        "name": "submitted-pipeline",
+        "work_dir": str(tmp_path / "work"),
+        "stages": ["pretrain"],
+        "tracking": False,
+        "data": {"lake": str(Path(es.path).parent / "lake"), "examples": str(es.path),
+                 "sequences": {"max_seq_len": 20, "collapse_repeats": True},
+                 "text": es.manifest["config"]["text"]},
+        "pretrain": {"platforms": ["shop_a", "shop_b"], "overrides": {
+            "model.dim": 16, "model.num_layers": 1, "model.num_heads": 2,
+            "model.num_experts": 2, "optim.epochs": 1, "optim.micro_batch_size": 128,
+            "encoder.cache_dir": str(tmp_path / "cache")}},
+    }
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [RAY, "job", "submit", "--address", head, "--working-dir", str(REPO), "--no-wait",
+           "--", sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
+    submit = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    client = JobSubmissionClient(head)
+    deadline = time.time() + 900
+    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
+        time.sleep(5)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
+    r = subprocess.run([RAY, "job", "logs", "--address", head, job_id], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    logs = r.stdout + r.stderr
+    assert "=== [1/1] pretrain" in logs and "epoch   0" in logs, logs[-4000:]
+    state = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
+    export = Path(state["pretrain"]["outputs"]["export"])
+    assert json.loads((export / "export.json").read_text())["platforms"] == ["shop_a", "shop_b"]

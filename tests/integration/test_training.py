@@ -146,6 +146,11 @@ def test_transfer_to_new_platform(pretrained, synthetic_examples, workdir: Path,
     out = run_training(cfg)
     exported = load_export(out.export_dir)
     assert exported.platforms == [*SOURCES, TARGET]  # pretrain platforms keep their ids
+    # The source catalogs travel too, so serving can embed a user's history from them.
+    assert set(exported.items) == {*SOURCES, TARGET}
+    source = load_export(pretrained.export_dir).items["shop_a"]
+    assert exported.items["shop_a"].platform_id == source.platform_id
+    assert exported.items["shop_a"].item_ids == source.item_ids
     assert set(out.report.platforms) == {TARGET}
     meta = json.loads((out.export_dir / "export.json").read_text())
     assert meta["strategy"] == strategy and meta["mode"] == "transfer"

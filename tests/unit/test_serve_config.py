@@ -24,7 +24,12 @@ def test_shipped_serve_config_is_valid() -> None:
     (app,) = config.applications
     assert app.import_path == "serve.app:build_app"
     args = AppArgs.model_validate(app.args)
-    assert not args.model_uri.startswith("models:/")  # works before anything is registered
+    # It serves the champion that the demo pipeline registers for its first target.
+    from recsys.pipeline import load_pipeline_config
+
+    demo = load_pipeline_config(REPO / "configs" / "pipeline" / "demo.yaml")
+    name = demo.registry.model_name.format(platform=demo.transfer.targets[0])
+    assert args.model_uri == f"models:/{name}@champion"
     (dep,) = app.deployments
     auto = dep.autoscaling_config
     assert dep.name == "Recommender" and auto["min_replicas"] <= auto["max_replicas"]
@@ -45,3 +50,15 @@ def test_app_args_refuse_unknown_keys_and_bad_values() -> None:
     with pytest.raises(ValidationError, match="max_batch_size"):
         AppArgs(max_batch_size=0)
     assert AppArgs(model_uri="models:/recsys-shop_a@champion").poll_interval_s > 0
+
+
+def test_registry_is_the_apps_the_environments_or_the_local_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.app import AppArgs, tracking_uri
+
+    monkeypatch.delenv("RECSYS_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RECSYS_WORK_DIR", str(tmp_path))  # no runs/mlflow/server.json there
+    assert tracking_uri(AppArgs()) is None
+    monkeypatch.setenv("RECSYS_MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(AppArgs()) == "http://127.0.0.1:5999"
+    assert tracking_uri(AppArgs(tracking_uri="http://127.0.0.1:5111")) == "http://127.0.0.1:5111"
