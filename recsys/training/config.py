@@ -6,6 +6,7 @@ One schema; the job's ``mode`` and ``transfer.strategy`` say what is trained. De
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -157,3 +158,27 @@ class TrainJobConfig(StrictModel):
     def finetunes_encoder(self) -> bool:
         """Whether the transformer runs in the training step (else cached vectors are used)."""
         return self.transfer.strategy in ("full", "lora")
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local relative path made absolute against the current directory; URIs (``s3://``),
+    ``bundled:`` encoder names and absolute paths unchanged."""
+    if path is None or "://" in path or path.startswith("bundled:") or Path(path).is_absolute():
+        return path
+    return str(Path(path).resolve())
+
+
+def with_absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
+    """The same config with its local paths absolute, for processes that run elsewhere: a Tune
+    trial runs in its own trial directory, where ``runs/demo/examples`` means nothing."""
+    encoder = cfg.data.text.encoder
+    if Path(encoder).exists():  # a local model directory (hub names stay as they are)
+        encoder = _absolute(encoder) or encoder
+    data = cfg.data.model_copy(update={
+        "lake": _absolute(cfg.data.lake), "examples": _absolute(cfg.data.examples),
+        "text": cfg.data.text.model_copy(update={"encoder": encoder})})
+    return cfg.model_copy(update={
+        "data": data, "output_dir": _absolute(cfg.output_dir),
+        "encoder": cfg.encoder.model_copy(update={"cache_dir": _absolute(cfg.encoder.cache_dir)}),
+        "transfer": cfg.transfer.model_copy(update={
+            "init_from": _absolute(cfg.transfer.init_from)})})

@@ -46,10 +46,11 @@ class PlatformTensors:
         logp[0] = -np.inf
         return cls(
             platform_id=items.platform_id,
-            brand_ids=torch.as_tensor(items.brand_ids, device=device),
-            category_ids=torch.as_tensor(items.category_ids, device=device),
-            text_vecs=None if items.text_vecs is None else torch.as_tensor(items.text_vecs,
-                                                                            device=device),
+            # Copies: arrays from the object store are read-only views (torch warns on them).
+            brand_ids=torch.tensor(items.brand_ids, device=device),
+            category_ids=torch.tensor(items.category_ids, device=device),
+            text_vecs=None if items.text_vecs is None else torch.tensor(items.text_vecs,
+                                                                         device=device),
             token_ids=items.token_ids,
             sample_logp=torch.as_tensor(logp, dtype=torch.float32, device=device),
         )

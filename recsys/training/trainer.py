@@ -94,7 +94,9 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
     setup = setup or prepare(cfg)
     # One line per epoch from rank 0 is the progress display; Ray Data's per-operator bars
     # from the split coordinator would drown it (the context travels with the datasets).
-    DataContext.get_current().enable_progress_bars = False
+    data_context = DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
     datasets = example_datasets(setup.example_set, splits=("train",),
                                 platforms=setup.train_platforms)
     datasets.update(example_datasets(setup.example_set, splits=("valid",),

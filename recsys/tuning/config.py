@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from recsys.config import ConfigError, StrictModel, load_config
-from recsys.training.config import TrainJobConfig
+from recsys.training.config import TrainJobConfig, with_absolute_paths
 
 METRIC_NAMES = ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr")
 
@@ -208,11 +208,13 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_base(cfg: SweepConfig) -> TrainJobConfig:
-    """The base training config (its file and overrides), validated."""
+    """The base training config (its file and overrides), validated, with absolute local paths
+    (each trial runs in its own directory)."""
     try:
-        return load_config(TrainJobConfig, cfg.base_config, cfg.base_overrides)
+        base = load_config(TrainJobConfig, cfg.base_config, cfg.base_overrides)
     except ConfigError as exc:
         raise ConfigError(f"sweep {cfg.name!r} base_config: {exc}") from None
+    return with_absolute_paths(base)
 
 
 def trial_config(base: TrainJobConfig, params: dict[str, Any], *, name: str, output_dir: str,

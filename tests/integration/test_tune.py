@@ -78,15 +78,24 @@ def asha(ray_cluster, synthetic_examples, tracking: str, workdir: Path):
     """4 trials (lr 0.01 and 1e-5, twice), 2 at a time, ASHA from epoch 1. The two rates give
     clearly different first-epoch scores (on these shops the text vectors alone rank well and
     lr 0.01 first disturbs them), so whichever is worse is below a rung's cut-off at least once
-    when it reaches the rung after the better one: at least one trial is stopped early."""
+    when it reaches the rung after the better one: at least one trial is stopped early.
+
+    Its data and cache paths are relative to the driver's directory, as in the shipped configs
+    (each trial runs in its own trial directory, so the sweep must resolve them)."""
     base = _base_yaml(synthetic_examples, workdir, epochs=3)
+    data = yaml.safe_load(base.read_text())
+    data["data"]["examples"] = os.path.relpath(synthetic_examples.path, workdir)
+    data["encoder"]["cache_dir"] = "cache"
+    base.write_text(yaml.safe_dump(data))
     path = _sweep_yaml(workdir, "asha", base, {
         "search_space": {"optim.lr": {"kind": "grid", "values": [0.01, 1e-5]},
                          "model.dropout": {"kind": "uniform", "low": 0.1, "high": 0.3}},
         "num_samples": 2, "max_concurrent_trials": 2,
         "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}})
     cfg = load_config(SweepConfig, path)
-    return cfg, run_sweep(cfg, str(path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        return cfg, run_sweep(cfg, str(path))
 
 
 def test_asha_sweep_finishes_with_early_stopped_trials(asha) -> None:

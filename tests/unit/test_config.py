@@ -68,3 +68,26 @@ def test_shipped_eval_configs_validate(path: Path) -> None:
 
     cfg = load_config(EvaluateConfig, path)
     assert cfg.exports
+
+
+def test_absolute_paths_for_processes_that_run_elsewhere(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys.training.config import TrainJobConfig, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "enc").mkdir()
+    cfg = TrainJobConfig.model_validate({
+        "mode": "transfer", "transfer": {"init_from": "runs/train/pretrain/export"},
+        "data": {"lake": "runs/demo/lake", "examples": "s3://bucket/examples",
+                 "text": {"encoder": "enc"}},
+        "output_dir": "/abs/out"})
+    out = with_absolute_paths(cfg)
+    assert out.data.lake == str(tmp_path / "runs/demo/lake")
+    assert out.data.examples == "s3://bucket/examples" and out.output_dir == "/abs/out"
+    assert out.transfer.init_from == str(tmp_path / "runs/train/pretrain/export")
+    assert out.encoder.cache_dir == str(tmp_path / "runs/cache/encoder")
+    assert out.data.text.encoder == str(tmp_path / "enc")
+    hub = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "text": cfg.data.text.model_copy(update={"encoder": "sentence-transformers/x"})})})
+    assert with_absolute_paths(hub).data.text.encoder == "sentence-transformers/x"
+    assert TrainJobConfig.model_validate(out.model_dump()) == out
