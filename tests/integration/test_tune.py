@@ -23,8 +23,7 @@ from mlflow import MlflowClient
 from recsys.config import load_config
 from recsys.model.export import load_export
 from recsys.tracking import registry, runs
-from recsys.training.config import TrainJobConfig
-from recsys.tuning.config import SweepConfig
+from recsys.tuning.config import SweepConfig, load_base
 from recsys.tuning.sweep import STATE_FILE, run_sweep
 from recsys.tuning.trial import STARTS_FILE, STATUS_TAG, TRIAL_TAG
 
@@ -155,8 +154,9 @@ def test_best_trial_is_champion_and_loads(asha, tracking: str) -> None:
     assert len(pred["items"][0]) == 5 and set(pred["items"][0]) <= set(ids)
 
 
-def test_worse_challenger_keeps_champion_then_rollback(asha, tracking: str,
-                                                       synthetic_examples) -> None:
+def test_worse_challenger_keeps_champion_then_rollback(asha, tracking: str, synthetic_examples,
+                                                       workdir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The worst trial, exported and registered, is re-scored against the champion on the
     validation split and does not take the alias; promoted by hand, one rollback undoes it."""
     from recsys.model.pyfunc import RecommenderPyfunc
@@ -168,11 +168,12 @@ def test_worse_challenger_keeps_champion_then_rollback(asha, tracking: str,
     champion = out.registered["version"]
     worst = min(out.rows, key=lambda r: r.best_metric)
     state = json.loads((out.sweep_dir / STATE_FILE).read_text())
-    ctx = TrialContext(sweep_name=cfg.name, base=load_config(
-        TrainJobConfig, cfg.base_config).model_dump(mode="json"),
-        resources=cfg.resources.model_dump(),
-        trials_dir=str(out.sweep_dir / "trials"), prepare_signature="", uri=tracking,
-        experiment=cfg.experiment, parent_run_id=state["parent_run_id"])
+    monkeypatch.chdir(workdir)  # the sweep's base config has paths relative to it
+    ctx = TrialContext(sweep_name=cfg.name, base=load_base(cfg).model_dump(mode="json"),
+                       resources=cfg.resources.model_dump(),
+                       trials_dir=str(out.sweep_dir / "trials"), prepare_signature="",
+                       uri=tracking, experiment=cfg.experiment,
+                       parent_run_id=state["parent_run_id"])
     tcfg = build_trial_config(ctx, worst.params, worst.trial_id)
     setup = setup_for(tcfg, None, "")
     export = export_checkpoint(setup, Path(worst.checkpoint), out.sweep_dir / "worst", {})
