@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,9 +155,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                if k in metrics})
         metrics["best_" + METRIC] = state["best"]
         if rank == 0:
+            # sys.__stdout__: Train's patched print also tees to a wrapped sys.stdout, which
+            # showed every line twice on a `ray start` cluster.
             print(f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  {METRIC} "
                   f"{metrics.get(METRIC, 0):.4f}  best {state['best']:.4f}  "
-                  f"{metrics['sequences_per_s']:.0f} seq/s", flush=True)
+                  f"{metrics['sequences_per_s']:.0f} seq/s", file=sys.__stdout__, flush=True)
             _rank0_log(config, metrics, epoch)
         with tempfile.TemporaryDirectory() as d:
             wrote = engine.save(Path(d), state, rank)
