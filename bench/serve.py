@@ -314,33 +314,34 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/recommend"
     base_args = {"model_uri": str(export), "lake": str(lake), "search": False,
                  "poll_interval_s": 0, "torch_threads": 1}
-    env = {"runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
-                                        if k.startswith("RECSYS_PSEUDONYM")}}}
+    # The shipped deployment options (serve/config.yaml), plus the pseudonym key for the lake.
+    cfg = yaml.safe_load((REPO / "serve/config.yaml").read_text())["applications"][0]
+    dep = cfg["deployments"][0]
+    actor = dict(dep["ray_actor_options"])
+    runtime_env = dict(actor.get("runtime_env", {}))
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{
+        k: v for k, v in os.environ.items() if k.startswith("RECSYS_PSEUDONYM")}}
+    actor["runtime_env"] = runtime_env
+    shipped = {"ray_actor_options": actor, "max_ongoing_requests": dep["max_ongoing_requests"]}
     results: dict[str, Any] = {"latency": {}, "in_process": inproc,
-                               "predictor_load_s": round(load_s, 2)}
+                               "predictor_load_s": round(load_s, 2), "deployment": shipped}
     for mode, mbs in (("batched", 16), ("unbatched", 1)):
-        deploy({**base_args, "max_batch_size": mbs},
-               {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5, **env}}, port)
+        deploy({**base_args, "max_batch_size": mbs}, {"num_replicas": 1, **shipped}, port)
         load(url, bodies, 8, 2.0)  # warm-up
         results["latency"][mode] = [load(url, bodies, c, dur) for c in conc]
         print(mode, json.dumps(results["latency"][mode]))
         serve.delete(APP)
 
-    cfg = yaml.safe_load((REPO / "serve/config.yaml").read_text())["applications"][0]
-    dep = cfg["deployments"][0]
     autoscaling = dict(dep["autoscaling_config"])
     deploy({**base_args, **{k: v for k, v in cfg["args"].items()
                             if k in ("max_batch_size", "batch_wait_timeout_s")}},
-           {"autoscaling_config": autoscaling,
-            "ray_actor_options": {**dep["ray_actor_options"], **env},
-            "max_ongoing_requests": dep["max_ongoing_requests"]}, port)
+           {"autoscaling_config": autoscaling, **shipped}, port)
     results["autoscaling"] = {"config": autoscaling, **autoscale_step(
         url, bodies, 32, 12.0 if opts.quick else 30.0, 15.0 if opts.quick else 45.0)}
     print("autoscaling:", {k: v for k, v in results["autoscaling"].items() if k != "timeline"})
     serve.delete(APP)
 
-    deploy({**base_args, "max_batch_size": 16},
-           {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5, **env}}, port)
+    deploy({**base_args, "max_batch_size": 16}, {"num_replicas": 2, **shipped}, port)
     results["replica_kill"] = kill_test(url, bodies, 16, 8.0 if opts.quick else 20.0,
                                         3.0 if opts.quick else 6.0)
     print("kill:", json.dumps(results["replica_kill"]))
@@ -368,7 +369,9 @@ def write(r: dict[str, Any], out: Path) -> None:
         f"shares the cores with Serve.** Model: {m['model']}, catalogs {m['catalog_items']}, "
         f"{m['users_in_store']} users in the history store; {m['requests_in_mix']} requests "
         "(60% known users, 30% session items, 10% anonymous), k=10. "
-        f"{m['phase_seconds']:.0f} s per load level; 1 replica at 0.5 CPU, 1 torch thread. "
+        f"{m['phase_seconds']:.0f} s per load level; 1 replica with serve/config.yaml's options "
+        f"({r['deployment']['ray_actor_options'].get('num_cpus')} CPU, max_ongoing_requests "
+        f"{r['deployment']['max_ongoing_requests']}), 1 torch thread. "
         f"Date {m['date']}; 1-min load at the end {m['loadavg_end'][0]:.1f}.", "",
         "## In-process Predictor (the floor)", "",
         f"p50 {ip['p50_ms']} ms, p95 {ip['p95_ms']} ms, p99 {ip['p99_ms']} ms per request "

@@ -514,9 +514,11 @@ def stage_deploy(ctx: Context) -> None:
     env = {k: os.environ[k] for k in ("RECSYS_PSEUDONYM_KEY", "RECSYS_API_KEY")
            if k in os.environ}
     options = _deployment_options(app_cfg)
-    if env:
-        options["ray_actor_options"] = {**options.get("ray_actor_options", {}),
-                                        "runtime_env": {"env_vars": env}}
+    if env:  # merged into the config's runtime_env, whose env_vars it may set too
+        actor = options.get("ray_actor_options", {})
+        runtime_env = actor.get("runtime_env", {})
+        options["ray_actor_options"] = {**actor, "runtime_env": {
+            **runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **env}}}
     started = time.perf_counter()
     init_ray(num_cpus=ctx.cfg.ray.num_cpus)
     prefix = app_cfg.get("route_prefix", "/").rstrip("/")

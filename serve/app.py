@@ -1,7 +1,7 @@
 """The recommendation endpoint on Ray Serve: a FastAPI ingress around ``recsys.serving.Predictor``.
 
-    serve run serve/config.yaml                                 # after a training run
-    serve run serve/config.yaml model_uri=models:/recsys-shop_a@champion   (see serve/README.md)
+    serve run serve/config.yaml                                 # the champion, after make demo
+    serve run serve/config.yaml model_uri=runs/demo/train/pretrain/export   (see serve/README.md)
 
 ``build_app`` is the typed application builder that ``serve run`` / ``serve deploy`` call with the
 config's ``args`` (validated into ``AppArgs``). Nothing runs at import time: replicas import this

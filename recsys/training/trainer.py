@@ -31,6 +31,38 @@ class TrainSetup:
     model_platforms: list[str]
     inputs: ItemInputs
     init: dict[str, Any] | None
+    datasets: dict[str, Any] | None = None
+    """Ray datasets (train, valid) read once and reused by every trainer built from this setup
+    (a sweep's trials); None: ``build_trainer`` reads them."""
+
+
+def training_datasets(setup: TrainSetup) -> dict[str, Any]:
+    """The train split of the train platforms and the valid split of the eval platforms, as Ray
+    datasets (materialised into the object store unless ``materialize_datasets`` is off)."""
+    from ray.data import DataContext
+
+    from recsys.data.feed import example_datasets
+    from recsys.training.loop import _filter_users
+
+    cfg = setup.cfg
+    # One line per epoch from rank 0 is the progress display; Ray Data's per-operator bars
+    # from the split coordinator would drown it (the context travels with the datasets).
+    data_context = DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    datasets = example_datasets(setup.example_set, splits=("train",),
+                                platforms=setup.train_platforms)
+    datasets.update(example_datasets(setup.example_set, splits=("valid",),
+                                     platforms=setup.eval_platforms))
+    if cfg.user_fraction < 1:
+        datasets["train"] = datasets["train"].map_batches(
+            _filter_users, batch_format="pyarrow",
+            fn_kwargs={"fraction": cfg.user_fraction, "seed": cfg.optim.seed})
+    if cfg.materialize_datasets:
+        # Read and filter once into the object store; otherwise every epoch re-executes the
+        # read (seconds per epoch on 2 cores, more than the training step on small data).
+        datasets = {k: v.materialize() for k, v in datasets.items()}
+    return datasets
 
 
 def resolve_platforms(cfg: TrainJobConfig, es: ExampleSet,
@@ -84,31 +116,13 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
     """A ``TorchTrainer`` for this config. ``tracking`` = {"uri", "run_id"} for rank-0 logs;
     ``callbacks``: Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
-    from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recsys.data.feed import example_datasets
-    from recsys.training.loop import METRIC, _filter_users, train_loop_per_worker
+    from recsys.training.loop import METRIC, train_loop_per_worker
 
     setup = setup or prepare(cfg)
-    # One line per epoch from rank 0 is the progress display; Ray Data's per-operator bars
-    # from the split coordinator would drown it (the context travels with the datasets).
-    data_context = DataContext.get_current()
-    data_context.enable_progress_bars = False
-    data_context.print_on_execution_start = False
-    datasets = example_datasets(setup.example_set, splits=("train",),
-                                platforms=setup.train_platforms)
-    datasets.update(example_datasets(setup.example_set, splits=("valid",),
-                                     platforms=setup.eval_platforms))
-    if cfg.user_fraction < 1:
-        datasets["train"] = datasets["train"].map_batches(
-            _filter_users, batch_format="pyarrow",
-            fn_kwargs={"fraction": cfg.user_fraction, "seed": cfg.optim.seed})
-    if cfg.materialize_datasets:
-        # Read and filter once into the object store; otherwise every epoch re-executes the
-        # read (seconds per epoch on 2 cores, more than the training step on small data).
-        datasets = {k: v.materialize() for k, v in datasets.items()}
+    datasets = setup.datasets if setup.datasets is not None else training_datasets(setup)
     loop_config = {
         "job": cfg.model_dump(mode="json"),
         "items_ref": ray.put(setup.inputs),

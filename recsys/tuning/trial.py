@@ -120,17 +120,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, shared: TrainSetup | No
     trainer = build_trainer(cfg, setup, tracking, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
-    except SystemExit as stop:
-        # Tune stops a trial (ASHA) by raising SystemExit(0) in the reporting thread: not an
-        # error. The sweep driver ends the child run and calls it early-stopped.
-        if run_id and stop.code not in (0, None):
-            runs.client(ctx.uri).set_tag(run_id, STATUS_TAG, "errored")
-            runs.end_run(ctx.uri, run_id, "FAILED")
-        raise
-    except BaseException:
+    except BaseException as exc:
+        # Not tagged "errored" here: when ASHA stops a trial, Tune raises SystemExit (or tears
+        # the trial's actors down) inside fit, which is no error. Tune records real errors in
+        # the trial's result; the sweep driver reads them and ends the child run accordingly.
         if run_id:
-            runs.client(ctx.uri).set_tag(run_id, STATUS_TAG, "errored")
-            runs.end_run(ctx.uri, run_id, "FAILED")
+            runs.client(ctx.uri).set_tag(run_id, "tune.trial_exception", type(exc).__name__)
         raise
     if run_id:
         runs.client(ctx.uri).set_tag(run_id, STATUS_TAG, "completed")
