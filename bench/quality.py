@@ -81,7 +81,8 @@ def ensure_examples() -> None:
     from recsys.config import load_config
     from recsys.pipeline import PipelineConfig, run_pipeline
 
-    run_pipeline(load_config(PipelineConfig, REPO / "configs/pipeline/shared_data.yaml"))
+    run_pipeline(load_config(PipelineConfig, REPO / "configs/pipeline/shared_data.yaml",
+                             ["stages=[ingest,examples]"]))
 
 
 def run_one(name: str, overrides: dict[str, Any], max_epochs: int | None) -> dict[str, Any]:

@@ -73,24 +73,11 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = {
-        "name": "submitted",
-        "data": {"examples": str(synthetic_examples.path), "sequences": {"max_seq_len": 20},
-                 "text": synthetic_examples.manifest["config"]["text"]},
-        "train_platforms": ["shop_a", "shop_b"],
-        "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "num_experts": 2},
-        "optim": {"epochs": 1, "micro_batch_size": 128},
-        "encoder": {"cache_dir": str(tmp_path / "cache")},
-        "tracking": {"enabled": False},
-        "output_dir": str(tmp_path / "runs"),
-    }
-    config = tmp_path / "pretrain.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+def _submit_and_wait(head: str, monkeypatch: pytest.MonkeyPatch, *entrypoint: str) -> str:
+    """``ray job submit --working-dir <repo>`` of ``python -m <entrypoint>``, waited for; checks
+    that ``ray job status`` says it succeeded and returns what ``ray job logs`` prints."""
     cmd = [RAY, "job", "submit", "--address", head, "--working-dir", str(REPO), "--no-wait",
-           "--", sys.executable, "-m", "jobs.pretrain", "--config", str(config),
-           "optim.lr=0.003"]
+           "--", sys.executable, "-m", *entrypoint]
     deadline = time.time() + 180
     while True:  # the head's job agent starts some seconds after the dashboard answers
         submit = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -115,6 +102,26 @@ def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path
                        capture_output=True, text=True, timeout=120)
     logs = r.stdout + r.stderr
     assert "succeeded" in status, f"{status}\n{logs[-4000:]}"
+    return logs
+
+
+def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = {
+        "name": "submitted",
+        "data": {"examples": str(synthetic_examples.path), "sequences": {"max_seq_len": 20},
+                 "text": synthetic_examples.manifest["config"]["text"]},
+        "train_platforms": ["shop_a", "shop_b"],
+        "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "num_experts": 2},
+        "optim": {"epochs": 1, "micro_batch_size": 128},
+        "encoder": {"cache_dir": str(tmp_path / "cache")},
+        "tracking": {"enabled": False},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    logs = _submit_and_wait(head, monkeypatch, "jobs.pretrain", "--config", str(config),
+                            "optim.lr=0.003")
     assert "epoch   0" in logs
     assert "best valid NDCG@10" in logs
     export = tmp_path / "runs" / "submitted" / "export" / "export.json"
@@ -140,22 +147,7 @@ def test_pipeline_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path
     }
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    cmd = [RAY, "job", "submit", "--address", head, "--working-dir", str(REPO), "--no-wait",
-           "--", sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
-    submit = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert submit.returncode == 0, submit.stderr[-3000:]
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    client = JobSubmissionClient(head)
-    deadline = time.time() + 900
-    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
-        time.sleep(5)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
-    r = subprocess.run([RAY, "job", "logs", "--address", head, job_id], env=_env(),
-                       capture_output=True, text=True, timeout=120)
-    logs = r.stdout + r.stderr
+    logs = _submit_and_wait(head, monkeypatch, "jobs.pipeline", "--config", str(config))
     assert "=== [1/1] pretrain" in logs and "epoch   0" in logs, logs[-4000:]
     state = json.loads((tmp_path / "work" / "pipeline" / "state.json").read_text())
     export = Path(state["pretrain"]["outputs"]["export"])
