@@ -103,6 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from recsys.data.feed import iter_batches
     from recsys.training.engine import make_engine
 
+    entered = time.time()
     _quiet_report_logs()
     cfg = TrainJobConfig.model_validate(config["job"])  # re-validate on the worker
     inputs: ItemInputs = ray.get(config["items_ref"])
@@ -129,6 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    setup_seconds = time.time() - entered  # model build, item tensors, restore, shards
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs):
         t0 = time.perf_counter()
         engine.train()
@@ -146,7 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen_all = float(_all_reduce(torch.tensor([float(seen)], dtype=torch.float64))[0])
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
                        train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds,
-                       epoch_seconds=time.perf_counter() - t0)  # train + validation
+                       epoch_seconds=time.perf_counter() - t0,  # train + validation
+                       setup_seconds=setup_seconds, epoch_end_time=time.time())
         improved = metrics.get(METRIC, 0.0) > state["best"]
         state["best"] = max(state["best"], metrics.get(METRIC, 0.0))
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1

@@ -110,6 +110,22 @@ def prepare(cfg: TrainJobConfig) -> TrainSetup:
     return TrainSetup(cfg, es, train, evals, model_platforms, inputs, init)
 
 
+def controller_env() -> None:
+    """Ray Train V2 settings for the controller this process is about to start (Train copies
+    them from this process's environment; an explicit setting wins). The controller polls its
+    workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (default 2 s), which is also how late it
+    notices that training ended: ~2 s per run, per sweep trial. On the private loopback cluster
+    (one machine, no spot nodes) the preemption watcher is one more actor process per run for
+    nothing; on a real cluster it stays on."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if ray.is_initialized() and ray.util.get_node_ip_address() == "127.0.0.1":
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
                   tracking: dict[str, str] | None = None, resume: bool = True,
                   callbacks: list[Any] | None = None) -> Any:
@@ -121,6 +137,7 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
 
     from recsys.training.loop import METRIC, train_loop_per_worker
 
+    controller_env()
     setup = setup or prepare(cfg)
     datasets = setup.datasets if setup.datasets is not None else training_datasets(setup)
     loop_config = {

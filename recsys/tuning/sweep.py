@@ -77,6 +77,8 @@ class SweepOutcome:
     export_dir: Path | None = None
     registered: dict[str, Any] | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    fit_started_at: float = 0.0
+    """Wall-clock time ``Tuner.fit`` began (to line up with the trials' timelines)."""
 
 
 def registry_platform(cfg: SweepConfig, base: TrainJobConfig) -> str:
@@ -258,14 +260,14 @@ def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
                                                      failure_config=tune.FailureConfig(
                                                          max_failures=0),
                                                      verbose=1))
-    t0 = time.perf_counter()
+    t0, fit_started_at = time.perf_counter(), time.time()
     with PlacementGroupJanitor(cfg.resources.trial_cpu):
         grid = tuner.fit()
     fit_seconds = time.perf_counter() - t0
 
     rows = collect_rows(grid, cfg.metric.key, uri, parent, base.optim.epochs)
     outcome = SweepOutcome(cfg.name, sweep_dir, cfg.metric.key, rows, None, restoring,
-                           fit_seconds, 0.0, uri, parent)
+                           fit_seconds, 0.0, uri, parent, fit_started_at=fit_started_at)
     scored = [r for r in rows if r.best_metric is not None and r.checkpoint]
     outcome.best = max(scored, key=lambda r: r.best_metric or 0.0) if scored else None
     outcome.files = write_results(cfg, rows, sweep_dir / "results")

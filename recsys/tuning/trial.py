@@ -23,6 +23,7 @@ from recsys.tuning.config import ResourcesConfig, trial_config
 TRIAL_TAG = "tune.trial_id"
 STATUS_TAG = "tune.trial_status"
 STARTS_FILE = "trial_starts.jsonl"
+TIMELINE_FILE = "trial_timeline.jsonl"
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, shared: TrainSetup | No
     run_id = child_run(ctx, trial_id, cfg, params)
     tracking = {"uri": ctx.uri, "run_id": run_id} if run_id else None
     trainer = build_trainer(cfg, setup, tracking, callbacks=[TuneReportCallback()])
+    _record_event(ctx, trial_id, "fit_start")
     try:
         trainer.fit()
     except BaseException as exc:
@@ -127,6 +129,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, shared: TrainSetup | No
         if run_id:
             runs.client(ctx.uri).set_tag(run_id, "tune.trial_exception", type(exc).__name__)
         raise
+    _record_event(ctx, trial_id, "fit_end")
     if run_id:
         runs.client(ctx.uri).set_tag(run_id, STATUS_TAG, "completed")
 
@@ -138,3 +141,9 @@ def _record_start(ctx: TrialContext, trial_id: str, cfg: TrainJobConfig) -> None
     with path.open("a") as fh:
         fh.write(json.dumps({"trial_id": trial_id, "name": cfg.name, "resume": cfg.resume,
                              "time": time.time()}) + "\n")
+
+
+def _record_event(ctx: TrialContext, trial_id: str, event: str) -> None:
+    """Wall-clock marks of a trial's phases (``bench/tune.py`` splits the overhead with them)."""
+    with (Path(ctx.trials_dir) / TIMELINE_FILE).open("a") as fh:
+        fh.write(json.dumps({"trial_id": trial_id, "event": event, "time": time.time()}) + "\n")
