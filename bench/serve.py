@@ -178,6 +178,21 @@ def load(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: floa
 # -- Serve ----------------------------------------------------------------------------------------
 
 
+def shown_path(path: Path) -> str:
+    """A path as the report shows it: from its ``runs/`` folder on (no machine's directories)."""
+    parts = path.parts
+    return str(Path(*parts[parts.index("runs"):])) if "runs" in parts else path.name
+
+
+def redacted(options: dict[str, Any]) -> dict[str, Any]:
+    """Deployment options for the report: environment variable names only (the pseudonym key
+    or its file's path must not land in a results file)."""
+    actor = dict(options["ray_actor_options"])
+    env = actor.get("runtime_env", {}).get("env_vars", {})
+    actor["runtime_env"] = {**actor.get("runtime_env", {}), "env_vars": dict.fromkeys(env, "<set>")}
+    return {**options, "ray_actor_options": actor}
+
+
 def noop_app(deployment_opts: dict[str, Any]) -> Any:
     """A FastAPI ingress that answers /recommend with a constant: Serve's floor here."""
     from fastapi import FastAPI
@@ -322,7 +337,7 @@ def main() -> None:
         export, lake, model_name = world.export, world.lake, "toy (untrained)"
     else:
         export, lake = opts.export.resolve(), opts.lake.resolve()
-        model_name = f"{export.parent.name} ({export})"
+        model_name = f"{export.parent.name} ({shown_path(export)})"
     t = time.perf_counter()
     predictor = Predictor.from_export(export, lake, search=False)
     load_s = time.perf_counter() - t
@@ -350,7 +365,8 @@ def main() -> None:
     actor["runtime_env"] = runtime_env
     shipped = {"ray_actor_options": actor, "max_ongoing_requests": dep["max_ongoing_requests"]}
     results: dict[str, Any] = {"latency": {}, "in_process": inproc,
-                               "predictor_load_s": round(load_s, 2), "deployment": shipped}
+                               "predictor_load_s": round(load_s, 2),
+                               "deployment": redacted(shipped)}
     serve.run(noop_app({"num_replicas": 1, **shipped}), name=APP, route_prefix="/")
     wait_ready(f"http://127.0.0.1:{port}/readyz")
     load(url, bodies, 8, 2.0)  # warm-up
