@@ -150,7 +150,8 @@ class BodySizeLimit:
     """413 for a body over ``max_body_bytes``: checked on Content-Length, else on the bytes read.
 
     A plain ASGI middleware (Starlette's ``@app.middleware("http")`` wraps every request in
-    extra tasks and streams, a few ms per request on 2 cores)."""
+    extra tasks and streams, a few ms per request on 2 cores). Added with ``add_middleware``, it
+    reads the limit from the app's state (set by the replica)."""
 
     def __init__(self, app) -> None:  # noqa: ANN001 (an ASGI app)
         self.app = app
@@ -158,7 +159,8 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = getattr(api.state, "max_body_bytes", 64 * 1024)
+        state = getattr(scope.get("app"), "state", None)
+        limit = getattr(state, "max_body_bytes", None) or 64 * 1024
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:

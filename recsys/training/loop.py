@@ -196,4 +196,6 @@ def _rank0_log(config: dict[str, Any], metrics: dict[str, float], epoch: int) ->
     from recsys.tracking.runs import log_metrics
 
     log_metrics(tracking["uri"], tracking["run_id"],
-                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
+                {k: v for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and k != "epoch_end_time"},  # MLflow has its own
+                step=epoch)

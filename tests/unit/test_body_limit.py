@@ -17,18 +17,17 @@ def client():  # noqa: ANN201 - a starlette TestClient
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from serve.app import BodySizeLimit, api
+    from serve.app import BodySizeLimit
 
     async def echo(request: Request) -> JSONResponse:
         body = await request.body()
         return JSONResponse({"bytes": len(body), "head": body[:8].decode()})
 
-    previous = getattr(api.state, "max_body_bytes", None)
-    api.state.max_body_bytes = 2048
     app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
-    with TestClient(BodySizeLimit(app)) as c:
+    app.add_middleware(BodySizeLimit)  # as serve/app.py adds it to the endpoint's app
+    app.state.max_body_bytes = 2048
+    with TestClient(app) as c:
         yield c
-    api.state.max_body_bytes = previous
 
 
 def _chunks(n: int) -> Iterator[bytes]:
