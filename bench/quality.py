@@ -145,10 +145,13 @@ def render(results: dict[str, Any]) -> str:
                 gain = f"{m['ndcg@10'] - b:+.4f} ({(m['ndcg@10'] / b - 1) * 100:+.1f}%)"
             lines.append(f"| {label} | {name} | {m['ndcg@10']:.4f} | {m['recall@10']:.4f} "
                          f"| {gain} |")
-    lines += ["", "## Runs", "", "| run | epochs | best valid NDCG@10 | seconds |",
-              "|---|---|---|---|"]
+    lines += ["", "## Runs", "",
+              "Epochs run of the run's cap; a run that used its whole cap had not early-stopped "
+              "(early stopping: patience 5 epochs on valid NDCG@10).", "",
+              "| run | epochs (of cap) | best valid NDCG@10 | seconds |", "|---|---|---|---|"]
     for name, r in sorted(runs.items()):
-        lines.append(f"| {name} | {r['epochs_run']} | {r['best_valid_ndcg@10']:.4f} | "
+        cap = r["config"]["optim"]["epochs"]
+        lines.append(f"| {name} | {r['epochs_run']} of {cap} | {r['best_valid_ndcg@10']:.4f} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

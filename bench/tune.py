@@ -158,7 +158,8 @@ def phase_breakdown(sweep_dir: Path, slot_seconds: float) -> dict[str, float]:
                 epochs.setdefault(rec["trial_id"], []).append(rec)
     keys = ["config, MLflow child run, build_trainer", "Train controller + worker group start",
             "worker setup (model, item tensors, shards)", "training loop",
-            "between epochs (checkpoint, report)"]
+            "between epochs (checkpoint, report)",
+            "Train shutdown (last report to fit returning)"]
     phases = dict.fromkeys(keys, 0.0)
     for tid, m in marks.items():
         eps = sorted(epochs.get(tid, []), key=lambda r: r["epoch_end_time"])
@@ -172,6 +173,8 @@ def phase_breakdown(sweep_dir: Path, slot_seconds: float) -> dict[str, float]:
         phases[keys[3]] += sum(r["epoch_seconds"] for r in eps)
         phases[keys[4]] += sum(b["epoch_end_time"] - b["epoch_seconds"] - a["epoch_end_time"]
                                for a, b in zip(eps, eps[1:]))
+        if "fit_end" in m:
+            phases[keys[5]] += m["fit_end"] - eps[-1]["epoch_end_time"]
     phases["Tune: scheduling, trial actor start, teardown (the rest)"] = (
         slot_seconds - sum(phases.values()))
     return {k: round(v, 1) for k, v in phases.items()}
@@ -300,8 +303,11 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", "The overhead is mostly a fixed cost per trial (trial actor, Train controller "
               "and worker processes, process group, dataset shards), so its share falls as trials "
               "train longer. Two single-worker trials side by side overlap one trial's start-up "
-              "with the other's training and skip the all-reduce. One run on a shared machine: "
-              "read the ratios, not the seconds."]
+              "with the other's training and skip the all-reduce. ASHA's stop decisions differ "
+              "from run to run (CPU training is not bit-identical), and with them the mean trial "
+              "length and the overhead share; the seconds of overhead per trial are the figure "
+              "that compares across runs. One run on a shared machine: read the ratios, not the "
+              "seconds."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 
 
 def loopback_env() -> dict[str, str]:
@@ -36,16 +39,42 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined Ray cluster at %s", address)
         return
-    ray.init(
-        address="local",  # a private cluster, even if `ray start` left one on this machine
-        num_cpus=num_cpus,
-        include_dashboard=dashboard,
-        dashboard_host=LOOPBACK,
-        _node_ip_address=LOOPBACK,
-        logging_level=logging.WARNING,
-    )
+    with _own_address_env():
+        ray.init(
+            address="local",  # a private cluster, even if `ray start` left one on this machine
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            logging_level=logging.WARNING,
+        )
     log.info("started local Ray (%s CPUs), dashboard http://%s:8265", num_cpus or os.cpu_count(),
              LOOPBACK)
+
+
+@contextmanager
+def _own_address_env() -> Iterator[None]:
+    """While a private cluster starts: its GCS on a port chosen here, and ``RAY_ADDRESS`` naming
+    it, in the environment its processes inherit (this process's is restored afterwards).
+
+    Ray processes that look the cluster up by themselves use ``RAY_ADDRESS``, else the address
+    file ``/tmp/ray/ray_current_cluster``, which names the cluster a ``ray start`` started last,
+    stale once it is stopped. Ray Train's ``PlacementGroupCleaner`` is one: with a stale file
+    each of its state-API checks hung ~40 s, and every ``TorchTrainer.fit`` waited 12 s at its
+    end for the cleaner to stop (measured; a sweep trial is one fit)."""
+    keys = (GCS_PORT_ENV, "RAY_ADDRESS")
+    saved = {k: os.environ.get(k) for k in keys}
+    port = os.environ.get(GCS_PORT_ENV) or str(_free_port())
+    os.environ[GCS_PORT_ENV] = port
+    os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quiet_ray_data() -> None:

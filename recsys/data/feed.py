@@ -1,12 +1,15 @@
 """Examples -> Ray Train workers: datasets for ``TorchTrainer(datasets=...)`` and the collate.
 
-Ray Train hands each worker its shard with ``ray.train.get_dataset_shard(name)`` (a
-``streaming_split`` of the dataset under the hood); :func:`iter_batches` turns a shard into
-padded tensors.
+Ray Train hands each worker its shard with ``ray.train.get_dataset_shard(name)``: the train split
+is a ``streaming_split`` (one split coordinator actor feeds all workers); the validation split is
+not split by Ray (:data:`SPLIT_DATASETS`), every worker reads it whole from the object store and
+keeps its part of the users (:func:`user_part`), which saves a coordinator process per run.
+:func:`iter_batches` turns a shard into padded tensors.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +19,18 @@ import pyarrow.compute as pc
 import torch
 
 from recsys.data.pipeline import ExampleSet
+
+SPLIT_DATASETS = ("train",)
+"""Datasets Ray Train splits across workers (``DataConfig(datasets_to_split=...)``)."""
+
+
+def user_part(user_ids: Any, rank: int, world: int) -> np.ndarray:
+    """Rows of this rank's users: crc32(user id) % world == rank. Order-independent, so every
+    worker reading the same split whole gets a disjoint part and together they cover it."""
+    if world <= 1:
+        return np.ones(len(user_ids), bool)
+    return np.fromiter((zlib.crc32(str(u).encode()) % world == rank for u in user_ids),
+                       bool, count=len(user_ids))
 
 
 def example_datasets(example_set: ExampleSet, splits: tuple[str, ...] = ("train", "valid"),
@@ -74,11 +89,18 @@ def collate(batch: dict[str, np.ndarray], max_len: int,
 
 def iter_batches(shard: Any, batch_size: int, max_len: int, *, shuffle_buffer: int = 0,
                  seed: int | None = None, platform_ids: dict[str, int] | None = None,
-                 device: torch.device | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches from a worker's shard, with an optional seeded local shuffle."""
+                 device: torch.device | None = None,
+                 part: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches from a worker's shard, with an optional seeded local shuffle; ``part`` =
+    (rank, world): only this rank's users of a dataset every worker reads whole."""
     kwargs: dict[str, Any] = {}
     if shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
+        if part is not None and part[1] > 1:
+            keep = user_part(batch["user_id"], *part)
+            if not keep.any():
+                continue
+            batch = {k: v[keep] for k, v in batch.items()}
         out = collate(batch, max_len, platform_ids)
         yield out if device is None else {k: v.to(device) for k, v in out.items()}

@@ -51,13 +51,15 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors],
                    shard: Any, cfg: TrainJobConfig, platform_ids: dict[str, int],
-                   device: torch.device) -> dict[str, float]:
-    """Full-ranking validation metrics over all workers' shards (sums all-reduced)."""
+                   device: torch.device, part: tuple[int, int] | None = None
+                   ) -> dict[str, float]:
+    """Full-ranking validation metrics over all workers' shards (sums all-reduced); ``part`` =
+    (rank, world) when every worker reads the split whole (``feed.SPLIT_DATASETS``)."""
     from recsys.data.feed import iter_batches
     from recsys.training.ranking import rank_batches
 
     batches = iter_batches(shard, 512, cfg.data.sequences.max_seq_len,
-                           platform_ids=platform_ids, device=device)
+                           platform_ids=platform_ids, device=device, part=part)
     ranks = rank_batches(model, platforms, batches)
     names = sorted(platform_ids, key=platform_ids.get)  # a fixed row order on every rank
     row = {platform_ids[name]: i for i, name in enumerate(names)}
@@ -100,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from recsys.data.feed import iter_batches
+    from recsys.data.feed import SPLIT_DATASETS, iter_batches
     from recsys.training.engine import make_engine
 
     entered = time.time()
@@ -144,7 +146,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seen += len(batch["target"])
         train_seconds = time.perf_counter() - t0
         engine.eval()
-        metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device)
+        metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device,
+                                 part=None if "valid" in SPLIT_DATASETS else (rank, world))
         seen_all = float(_all_reduce(torch.tensor([float(seen)], dtype=torch.float64))[0])
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
                        train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds,

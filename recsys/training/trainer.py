@@ -132,9 +132,17 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
     """A ``TorchTrainer`` for this config. ``tracking`` = {"uri", "run_id"} for rank-0 logs;
     ``callbacks``: Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from recsys.data.feed import SPLIT_DATASETS
     from recsys.training.loop import METRIC, train_loop_per_worker
 
     controller_env()
@@ -159,6 +167,7 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
             resources_per_worker=None if on_gpu else {"CPU": cfg.scaling.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS)),
         run_config=RunConfig(
             name=cfg.name, storage_path=str(storage), callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),

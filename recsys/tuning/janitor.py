@@ -6,7 +6,10 @@ worker group's placement group; that cleaner finds the cluster through address a
 (``RAY_ADDRESS`` or ``/tmp/ray/ray_current_cluster``), which picks another cluster when a machine
 runs several or has a stale file from a ``ray start`` (seen here: "Found multiple active Ray
 instances ... Connecting to latest cluster at <a dead address>"). The reserved CPUs then stay
-reserved and the next trial waits forever for Ray Data or its workers. This janitor runs on the
+reserved and the next trial waits forever for Ray Data or its workers. A private cluster from
+``recsys.cluster.init_ray`` hands its processes its own ``RAY_ADDRESS``, so there the cleaner
+finds it; on a cluster the sweep joined, the environment is whatever it was started with, so the
+janitor stays as the safety net. It runs on the
 sweep driver, which knows its cluster's address, and removes a placement group of *this job*
 that no live actor uses, once it has seen it orphaned on two checks in a row (a new trial's
 group is briefly empty before its workers start; it is not touched unless that lasts).

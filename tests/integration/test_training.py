@@ -82,7 +82,8 @@ def test_beats_popularity_on_synthetic(pretrained) -> None:
         assert res.metrics["ndcg@10"] > 0.03
 
 
-def test_mlflow_run_has_config_curves_report_and_model(pretrained, mlflow_server) -> None:
+def test_mlflow_run_has_config_curves_report_and_model(pretrained, mlflow_server,
+                                                       synthetic_examples) -> None:
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(pretrained.run_id)
     assert run.info.status == "FINISHED"
@@ -90,6 +91,11 @@ def test_mlflow_run_has_config_curves_report_and_model(pretrained, mlflow_server
     assert run.data.tags["sys.torch"]
     history = client.get_metric_history(pretrained.run_id, "valid_ndcg_at_10")
     assert [m.step for m in history] == [0, 1]
+    # Both workers read the valid split whole and each ranks its part of the users: together
+    # exactly the split's users of the train platforms, each once.
+    want = sum(synthetic_examples.manifest["platforms"][p]["valid_rows"] for p in SOURCES)
+    assert [m.value for m in client.get_metric_history(pretrained.run_id, "valid_users")] == \
+        [want, want]
     assert any(k.startswith("test_ndcg_at_10/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(pretrained.run_id, "report")}
     assert "report/report.md" in artifacts
