@@ -6,6 +6,7 @@ of a new shop without having seen them.
 
     TextEncoder       token ids (N, T)          -> text vectors (N, H)   (frozen + cached, or LoRA)
     ItemTower         text (N, H) + brand + cat -> item vectors (N, D)   (PlatformAdapter inside)
+                      [+ item id]                                        (optional, transductive)
     UserTower         history item vectors      -> user states (B, L, D) (causal, SASRec-style)
     score_all         user (B, D) . items       -> (B, N+1) full-catalog scores (retrieval)
     CTRHead           [user; item; user*item]   -> click logit (B,)      (ranking)
@@ -135,16 +136,72 @@ class PlatformAdapter(nn.Module):
         self.platform_gate = _grow_embedding(self.platform_gate, n)
 
 
-class ItemTower(nn.Module):
-    """Item vector = adapted text + brand embedding + mean of category-prefix embeddings.
+class ItemIdEmbedding(nn.Module):
+    """One learned vector per (platform, item): the transductive part of an item vector.
 
-    Text only (no per-item ID embedding), so unseen items and new platforms get vectors too.
+    Text generalises to items never seen in training; an id vector memorises what text misses
+    about items that have history (UniSRec's text+ID fine-tuning). Rows start at zero, so an
+    item starts as its text vector and an unknown item (index beyond its platform's count, a
+    platform without ids, padding) stays text only.
+
+    Layout: row 0 is a shared zero row; item i (1..count_p) of platform p is row
+    ``offsets[p] + i`` with ``offsets[p] = sum(counts[:p])``.
+    """
+
+    def __init__(self, counts: Sequence[int], dim: int) -> None:
+        super().__init__()
+        if any(c < 0 for c in counts):
+            raise ValueError(f"item counts must be >= 0, got {list(counts)}")
+        self.counts_list = [int(c) for c in counts]
+        self.register_buffer("counts", torch.tensor(self.counts_list, dtype=torch.long),
+                             persistent=False)
+        offsets = [0]
+        for c in self.counts_list[:-1]:
+            offsets.append(offsets[-1] + c)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long),
+                             persistent=False)
+        self.embedding = nn.Embedding(1 + sum(self.counts_list), dim, padding_idx=0)
+        nn.init.zeros_(self.embedding.weight)
+
+    def forward(self, item_ids: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:
+        """(N, D) id vectors of per-platform item indices ``item_ids`` (N,)."""
+        known = (item_ids > 0) & (item_ids <= self.counts[platform_ids])
+        rows = torch.where(known, self.offsets[platform_ids] + item_ids,
+                           torch.zeros_like(item_ids))
+        return self.embedding(rows)                                           # (N, D)
+
+    def grown(self, counts: Sequence[int]) -> ItemIdEmbedding:
+        """A copy with room for ``counts`` (one per platform, each >= the current count, more
+        platforms allowed); every known row keeps its vector, new rows start at zero."""
+        old = self.counts_list
+        if len(counts) < len(old) or any(n < o for n, o in zip(counts, old, strict=False)):
+            raise ValueError(f"item id table cannot shrink: {old} -> {list(counts)}")
+        new = ItemIdEmbedding(counts, self.embedding.embedding_dim).to(
+            self.embedding.weight.device, self.embedding.weight.dtype)
+        with torch.no_grad():
+            for p, c in enumerate(old):
+                if c:
+                    src = int(self.offsets[p]) + 1
+                    dst = int(new.offsets[p]) + 1
+                    new.embedding.weight[dst:dst + c] = self.embedding.weight[src:src + c]
+        new.embedding.weight.requires_grad_(self.embedding.weight.requires_grad)
+        return new
+
+
+class ItemTower(nn.Module):
+    """Item vector = adapted text + brand embedding + mean of category-prefix embeddings
+    [+ an item id embedding when ``item_counts`` is given].
+
+    Text first, so unseen items and new platforms get vectors too; the optional id part adds
+    what an item's own history taught (zero for items without one).
     Brand and category ids share one vocabulary across platforms; id 0 = unknown/none.
     """
 
     def __init__(self, text_dim: int, dim: int, num_brands: int, num_categories: int,
-                 num_platforms: int, num_experts: int, dropout: float) -> None:
+                 num_platforms: int, num_experts: int, dropout: float,
+                 item_counts: Sequence[int] | None = None) -> None:
         super().__init__()
+        self.item_id = ItemIdEmbedding(item_counts, dim) if item_counts is not None else None
         self.adapter = PlatformAdapter(text_dim, dim, num_experts, num_platforms, dropout)
         self.brand = nn.Embedding(num_brands, dim, padding_idx=0)
         self.category = nn.Embedding(num_categories, dim, padding_idx=0)
@@ -155,12 +212,25 @@ class ItemTower(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, text_vecs: torch.Tensor, brand_ids: torch.Tensor,
-                category_ids: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:
+                category_ids: torch.Tensor, platform_ids: torch.Tensor,
+                item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``item_ids`` (N,): per-platform item indices, for the id part (None: text only, as
+        for a search query)."""
         x = self.adapter(text_vecs, platform_ids)                             # (N, D)
         known = (category_ids != 0).unsqueeze(-1)                             # (N, C, 1)
         cat = (self.category(category_ids) * known).sum(dim=1)                # (N, D)
         cat = cat / known.sum(dim=1).clamp(min=1)                             # (N, D) mean
-        return self.norm(x + self.brand(brand_ids) + cat)                     # (N, D)
+        x = x + self.brand(brand_ids) + cat
+        if self.item_id is not None and item_ids is not None:
+            x = x + self.item_id(item_ids, platform_ids)                      # (N, D)
+        return self.norm(x)                                                   # (N, D)
+
+    def set_item_counts(self, counts: Sequence[int]) -> None:
+        """Id rows for ``counts`` items per platform (creates the table, or grows it)."""
+        if self.item_id is None:
+            self.item_id = ItemIdEmbedding([0] * len(counts), self.norm.normalized_shape[0]).to(
+                self.brand.weight.device)
+        self.item_id = self.item_id.grown(counts)
 
     def resize_features(self, num_brands: int, num_categories: int) -> None:
         """Grow the brand/category tables after ``FeatureVocab.extend``; new rows start at 0
@@ -260,7 +330,8 @@ class Recommender(nn.Module):
     ``config``: it is saved and loaded on its own (``save_pretrained``).
 
     Id conventions: ``num_brands`` / ``num_categories`` are vocabulary sizes including id 0
-    (``FeatureVocab.num_brands``); platform ids are 0..num_platforms-1.
+    (``FeatureVocab.num_brands``); platform ids are 0..num_platforms-1. ``item_counts``
+    (catalog size per platform id, 0 = none) switches on per-item id embeddings.
     """
 
     def __init__(
@@ -276,6 +347,7 @@ class Recommender(nn.Module):
         dropout: float = 0.1,
         num_experts: int = 4,
         normalize: bool = True,
+        item_counts: list[int] | None = None,
         text_encoder: TextEncoder | None = None,
     ) -> None:
         super().__init__()
@@ -287,11 +359,15 @@ class Recommender(nn.Module):
         self.config: dict[str, Any] = dict(
             text_dim=text_dim, dim=dim, num_platforms=num_platforms, num_brands=num_brands,
             num_categories=num_categories, max_len=max_len, num_layers=num_layers,
-            num_heads=num_heads, dropout=dropout, num_experts=num_experts, normalize=normalize)
+            num_heads=num_heads, dropout=dropout, num_experts=num_experts, normalize=normalize,
+            item_counts=list(item_counts) if item_counts is not None else None)
+        if item_counts is not None and len(item_counts) != num_platforms:
+            raise ValueError(f"item_counts has {len(item_counts)} entries for {num_platforms} "
+                             "platforms")
         self.normalize = normalize
         self.text_encoder = text_encoder
         self.item_tower = ItemTower(text_dim, dim, num_brands, num_categories, num_platforms,
-                                    num_experts, dropout)
+                                    num_experts, dropout, item_counts)
         self.user_tower = UserTower(dim, max_len, num_platforms, num_layers, num_heads, dropout)
         self.ctr_head = CTRHead(dim)
 
@@ -313,8 +389,9 @@ class Recommender(nn.Module):
         """
         n = text_vecs.shape[0] - 1
         platform_ids = torch.full((n,), platform_id, dtype=torch.long, device=text_vecs.device)
+        item_ids = torch.arange(1, n + 1, device=text_vecs.device)
         items = self.item_tower(text_vecs[1:], brand_ids[1:], category_ids[1:],
-                                platform_ids)                                 # (N, D)
+                                platform_ids, item_ids)                       # (N, D)
         return torch.cat([items.new_zeros(1, items.shape[1]), items], dim=0)  # (N+1, D)
 
     # -- users ------------------------------------------------------------------------------------
@@ -359,6 +436,17 @@ class Recommender(nn.Module):
         self.item_tower.adapter.add_platforms(n)
         self.user_tower.add_platforms(n)
         self.config["num_platforms"] += n
+        if self.item_tower.item_id is not None:  # new platforms: no id rows until set
+            self.set_item_counts(self.item_tower.item_id.counts_list + [0] * n)
+
+    def set_item_counts(self, counts: list[int]) -> None:
+        """Id embeddings for ``counts`` items per platform: created (all zero) or grown, known
+        rows kept. Call before building the optimizer: the table is a new Parameter."""
+        if len(counts) != self.config["num_platforms"]:
+            raise ValueError(f"{len(counts)} item counts for {self.config['num_platforms']} "
+                             "platforms")
+        self.item_tower.set_item_counts(counts)
+        self.config["item_counts"] = list(self.item_tower.item_id.counts_list)
 
     def resize_features(self, num_brands: int, num_categories: int) -> None:
         """Grow brand/category tables to an extended ``FeatureVocab`` (never shrinks)."""
@@ -392,6 +480,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 __all__ = [
-    "CTRHead", "ItemTower", "PlatformAdapter", "Recommender", "TextEncoder", "UserTower",
+    "CTRHead", "ItemIdEmbedding", "ItemTower", "PlatformAdapter", "Recommender", "TextEncoder",
+    "UserTower",
     "apply_lora", "count_parameters", "load_text_encoder", "merge_lora",
 ]

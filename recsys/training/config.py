@@ -26,6 +26,9 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.2, ge=0, lt=1)
     num_experts: int = Field(8, ge=1)
     category_depth: int = Field(3, ge=1)
+    item_ids: bool = False
+    """Add a learned vector per item of each trained platform to its text vector (UniSRec's
+    text+ID): better on items with history, zero (text only) for items never trained on."""
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -71,6 +74,9 @@ class OptimConfig(StrictModel):
     grad_clip: float = Field(1.0, ge=0)
     early_stopping_patience: int = Field(3, ge=1)
     """Epochs without a better validation NDCG@10 before stopping."""
+    min_epochs: int = Field(0, ge=0)
+    """No early stop before this many epochs: a model that starts from text similarity can dip
+    below its epoch-0 score before it climbs past it (seen on small data)."""
     seed: int = 0
 
 

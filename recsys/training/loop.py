@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from recsys.evaluation.metrics import ranking_metrics
-from recsys.training.config import TrainJobConfig
+from recsys.training.config import OptimConfig, TrainJobConfig
 from recsys.training.items import ItemInputs, keep_user
 from recsys.training.model_setup import build_model
 from recsys.training.objective import PlatformTensors, RecommenderObjective
@@ -41,6 +41,12 @@ def seed_everything(seed: int) -> None:
 def _filter_users(batch: Any, fraction: float, seed: int) -> Any:
     """Ray Data batch filter for the low-data setting (same users on every worker)."""
     return batch.filter(keep_user(batch["user_id"].to_pylist(), fraction, seed))
+
+
+def should_stop(bad_epochs: int, epoch: int, optim: OptimConfig) -> bool:
+    """Early stopping: ``patience`` epochs without a better validation score, and not before
+    ``min_epochs`` epochs (0-based ``epoch`` just finished)."""
+    return epoch + 1 >= optim.min_epochs and bad_epochs >= optim.early_stopping_patience
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -171,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wrote = engine.save(Path(d), state, rank)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
         _maybe_fail(cfg, epoch, rank)
-        if state["bad_epochs"] >= cfg.optim.early_stopping_patience:
+        if should_stop(state["bad_epochs"], epoch, cfg.optim):
             if rank == 0:
                 print(f"early stop: no better {METRIC} for {state['bad_epochs']} epochs",
                       flush=True)

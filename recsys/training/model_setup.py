@@ -5,8 +5,9 @@ Transfer strategies (``transfer.strategy``):
 * ``full``: everything trains, the text encoder included (it runs in the step);
 * ``freeze_encoder``: the encoder is frozen (its vectors come from the cache); towers train;
 * ``lora``: LoRA adapters on the encoder's attention train, with the towers; the base is frozen;
-* ``adapter_only``: only the per-platform parts train (MoE adapter, platform embeddings); the
-  user tower, brand/category embeddings and the CTR head keep their pretrained weights.
+* ``adapter_only``: only the per-platform parts train (MoE adapter, platform embeddings, item
+  id embeddings when ``model.item_ids``); the user tower, brand/category embeddings and the
+  CTR head keep their pretrained weights.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def model_kwargs(cfg: TrainJobConfig, inputs: ItemInputs, text_dim: int,
         num_experts=cfg.model.num_experts)
 
 
+def item_counts(inputs: ItemInputs, model_platforms: list[str]) -> list[int]:
+    """Catalog size per model platform (0 for platforms this run has no items of)."""
+    return [len(inputs.items[p].brand_ids) - 1 if p in inputs.items else 0
+            for p in model_platforms]
+
+
 def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | None,
                 model_platforms: list[str]) -> Recommender:
     """Build the Recommender; ``init`` = {"config": ..., "state_dict": ...} of a pretrain export.
@@ -45,9 +52,10 @@ def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | 
             lo = cfg.encoder.lora
             encoder = apply_lora(encoder, r=lo.r, alpha=lo.alpha, dropout=lo.dropout)
     text_dim = encoder.hidden_size if encoder is not None else _text_dim(inputs)
+    counts = item_counts(inputs, model_platforms) if cfg.model.item_ids else None
     if init is None:
         model = Recommender(**model_kwargs(cfg, inputs, text_dim, len(model_platforms)),
-                            text_encoder=encoder)
+                            item_counts=counts, text_encoder=encoder)
     else:
         pre = dict(init["config"])
         pre["dropout"] = cfg.model.dropout
@@ -57,6 +65,9 @@ def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | 
         if grow > 0:
             model.add_platforms(grow)
         model.resize_features(inputs.vocab.num_brands, inputs.vocab.num_categories)
+        if counts is not None:  # keep the pretrained rows, add the new platforms' items
+            known = model.config.get("item_counts") or [0] * len(counts)
+            model.set_item_counts([max(a, b) for a, b in zip(known, counts, strict=True)])
         if encoder is not None:
             if encoder.hidden_size != pre["text_dim"]:
                 raise ValueError(f"encoder hidden size {encoder.hidden_size} != pretrained "
@@ -88,6 +99,8 @@ def set_trainable(model: Recommender, cfg: TrainJobConfig) -> None:
     if strategy == "adapter_only":
         model.requires_grad_(False)
         model.item_tower.adapter.requires_grad_(True)
+        if model.item_tower.item_id is not None:  # per-item, hence per-platform
+            model.item_tower.item_id.requires_grad_(True)
         for name, p in model.user_tower.named_parameters():
             if "platform" in name:
                 p.requires_grad_(True)

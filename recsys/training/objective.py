@@ -79,7 +79,7 @@ def item_vectors(model: Recommender, p: PlatformTensors, ids: torch.Tensor | Non
         # Cached vectors are fp32; DeepSpeed's bf16 casts the parameters, never this cache.
         text = p.text_vecs[all_ids].to(model.item_tower.adapter.weight.dtype)
     pid = torch.full_like(all_ids, p.platform_id)
-    vecs = model.item_tower(text, p.brand_ids[all_ids], p.category_ids[all_ids], pid)
+    vecs = model.item_tower(text, p.brand_ids[all_ids], p.category_ids[all_ids], pid, all_ids)
     return vecs.masked_fill((all_ids == 0).unsqueeze(-1), 0.0)  # padding row stays zero
 
 

@@ -12,6 +12,7 @@ from transformers import BertConfig, BertModel
 
 from recsys.model.recommender import (
     CTRHead,
+    ItemIdEmbedding,
     ItemTower,
     PlatformAdapter,
     Recommender,
@@ -263,6 +264,86 @@ def test_config_and_state_dict_round_trip(tmp_path: Path) -> None:
     for r in (rebuilt.eval(), from_file.eval()):
         got = r.user_vector(history, r.item_table(*table_args), torch.tensor([2]))
         torch.testing.assert_close(got, expected)
+
+
+# -- item id embeddings (text + ID) ---------------------------------------------------------------
+
+
+def test_item_ids_start_at_zero_so_the_model_starts_as_text_only() -> None:
+    text, brands, cats = catalog()
+    plain, with_ids = model().eval(), model(item_counts=[N, 4]).eval()
+    state = {k: v for k, v in with_ids.state_dict().items() if "item_id" not in k}
+    assert set(with_ids.state_dict()) - set(state) == {"item_tower.item_id.embedding.weight"}
+    plain.load_state_dict(state)
+    for p in range(P):
+        torch.testing.assert_close(with_ids.item_table(text, brands, cats, p),
+                                   plain.item_table(text, brands, cats, p))
+    # 1 shared zero row + N rows of platform 0 + 4 rows of platform 1
+    assert with_ids.item_tower.item_id.embedding.num_embeddings == 1 + N + 4
+
+
+def test_item_ids_get_gradients_and_separate_items_with_the_same_text() -> None:
+    m = model(item_counts=[N, N], dropout=0.0)
+    text, brands, cats = catalog()
+    text[2], brands[2], cats[2] = text[1], brands[1], cats[1]  # items 1 and 2: same features
+    table = m.item_table(text, brands, cats, 0)
+    torch.testing.assert_close(table[1], table[2])
+    user = m.user_vector(torch.tensor([[0, 0, 0, 3, 4, 5]]), table, torch.tensor([0]))
+    loss = torch.nn.functional.cross_entropy(m.score_all(user, table) / 0.07, torch.tensor([1]))
+    loss.backward()
+    grad = m.item_tower.item_id.embedding.weight.grad
+    assert grad[1:1 + N].abs().sum() > 0           # platform 0's rows learn
+    assert torch.equal(grad[0], torch.zeros(D))     # the shared zero row never does
+    assert torch.equal(grad[1 + N:], torch.zeros(N, D))  # platform 1 took no part
+    with torch.no_grad():
+        torch.optim.SGD(m.parameters(), lr=1.0).step()
+        table = m.item_table(text, brands, cats, 0)
+    assert not torch.allclose(table[1], table[2])   # the id part tells them apart now
+
+
+def test_item_id_rows_are_per_platform_and_unknown_items_get_none() -> None:
+    emb = ItemIdEmbedding([3, 0, 2], dim=4)
+    with torch.no_grad():
+        emb.embedding.weight.copy_(torch.arange(6.0)[:, None].expand(6, 4))  # row r = r
+    ids = torch.tensor([1, 3, 4, 0, 1, 1, 2, 3])
+    pid = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2])
+    # platform 0 items 1, 3 -> rows 1, 3; item 4 is beyond its 3 items; 0 is padding;
+    # platform 1 has no ids; platform 2 items 1, 2 -> rows 4, 5; its item 3 is unknown.
+    assert emb(ids, pid)[:, 0].tolist() == [1, 3, 0, 0, 0, 4, 5, 0]
+
+
+def test_grown_item_ids_keep_every_known_row() -> None:
+    emb = ItemIdEmbedding([3, 2], dim=4)
+    with torch.no_grad():
+        emb.embedding.weight.normal_()
+    ids, pid = torch.tensor([1, 2, 3, 1, 2]), torch.tensor([0, 0, 0, 1, 1])
+    before = emb(ids, pid)
+    big = emb.grown([5, 2, 4])  # more items on platform 0, a new platform 2
+    torch.testing.assert_close(big(ids, pid), before)
+    assert torch.equal(big(torch.tensor([4, 5, 1, 4]), torch.tensor([0, 0, 2, 2])),
+                       torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="cannot shrink"):
+        emb.grown([2, 2])
+
+
+def test_add_platforms_and_round_trip_with_item_ids(tmp_path: Path) -> None:
+    m = model(item_counts=[N, N]).eval()
+    with torch.no_grad():
+        m.item_tower.item_id.embedding.weight.normal_()
+    text, brands, cats = catalog()
+    before = m.item_table(text, brands, cats, 1)
+    m.add_platforms(1)
+    assert m.config["item_counts"] == [N, N, 0]
+    m.set_item_counts([N, N, 5])
+    torch.testing.assert_close(m.item_table(text, brands, cats, 1), before)
+    save_file(m.state_dict(), tmp_path / "model.safetensors")
+    rebuilt = Recommender(**m.config)
+    rebuilt.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    for p in range(P + 1):
+        torch.testing.assert_close(rebuilt.eval().item_table(text, brands, cats, p),
+                                   m.item_table(text, brands, cats, p))
+    with pytest.raises(ValueError, match="2 item counts for 3 platforms"):
+        m.set_item_counts([N, N])
 
 
 def test_parameter_count_of_the_reference_config() -> None:

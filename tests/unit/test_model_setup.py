@@ -217,6 +217,27 @@ def test_transfer_keeps_the_pretrained_platform_and_adds_the_new_one() -> None:
     assert init["config"]["num_platforms"] == 1 and init["config"]["num_brands"] == 4
 
 
+def test_item_ids_cover_the_run_platforms_and_transfer_keeps_pretrained_rows() -> None:
+    ids = ["model.item_ids=true"]
+    pre = build_model(load_config(TrainJobConfig, None, SMALL + ids), item_inputs(["shop_a"]),
+                      None, ["shop_a"])
+    assert pre.config["item_counts"] == [SIZES["shop_a"]]
+    with torch.no_grad():
+        pre.item_tower.item_id.embedding.weight.normal_()
+    init = {"config": dict(pre.config), "state_dict": pre.state_dict()}
+    cfg = load_config(TrainJobConfig, None, SMALL + ids + [
+        "mode=transfer", "transfer.init_from=x", "transfer.strategy=adapter_only"])
+    # The transfer run has items of shop_b only: shop_a keeps its pretrained rows.
+    model = build_model(cfg, item_inputs(["shop_b"]), init, ["shop_a", "shop_b"])
+    assert model.config["item_counts"] == [SIZES["shop_a"], SIZES["shop_b"]]
+    rows = SIZES["shop_a"] + 1
+    torch.testing.assert_close(model.item_tower.item_id.embedding.weight[1:rows],
+                               pre.item_tower.item_id.embedding.weight[1:])
+    assert torch.equal(model.item_tower.item_id.embedding.weight[rows:],
+                       torch.zeros(SIZES["shop_b"], 16))
+    assert "item_tower.item_id.embedding.weight" in trainable(model)  # per-platform part
+
+
 def test_transfer_takes_the_new_dropout_but_keeps_the_pretrained_sizes() -> None:
     _, init = pretrained()
     cfg = load_config(TrainJobConfig, None, ["mode=transfer", "transfer.init_from=x",
