@@ -1,29 +1,23 @@
-"""Stop what the demo leaves running: the Serve endpoint and the local Ray head it runs on,
-and the detached MLflow server.
+"""Stop what the demo leaves running: the local Ray head (port 6379) with its Serve endpoint, and
+the detached MLflow server. Other Ray clusters on the machine (a benchmark's, a test session's)
+keep running: unlike ``ray stop``, only the head's own processes are stopped.
 
     python -m jobs.stop        # or: make stop
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-from recsys.cluster import loopback_env
+from recsys.cluster import HEAD_PORT, stop_local_head
 from recsys.settings import get_settings
 from recsys.tracking.server import default_root, stop_detached
 
 
 def main() -> int:
-    ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "token"}
-    # `ray stop` stops every Ray process of this user on the machine, Serve included.
-    subprocess.run([ray_cli, "stop"], env=env, check=False)
-    stop_detached(default_root(get_settings()))
-    print("stopped the local Ray cluster (and its Serve endpoint) and the MLflow server")
+    stopped = stop_local_head(HEAD_PORT)
+    print(f"local Ray head on port {HEAD_PORT}: " + (
+        f"stopped ({stopped} processes, Serve included)" if stopped else "not running"))
+    mlflow = stop_detached(default_root(get_settings()))
+    print("MLflow server: " + ("stopped" if mlflow else "not running"))
     return 0
 
 

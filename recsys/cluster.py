@@ -112,7 +112,7 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
     Serve app keeps answering after the job ends); joins the one already there if any.
 
     Returns its address, also exported as ``RAY_ADDRESS`` so :func:`init_ray` joins it. Stop it
-    with ``ray stop`` (``make stop``).
+    with ``make stop`` (:func:`stop_local_head`).
     """
     import shutil
     import subprocess
@@ -146,3 +146,54 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
         log.info("joining the Ray head already listening on %s", address)
     os.environ["RAY_ADDRESS"] = address
     return address
+
+
+def stop_local_head(port: int = HEAD_PORT, timeout_s: float = 30.0) -> int:
+    """Stop the Ray cluster whose GCS listens on ``port`` (the demo's head), and only it.
+
+    ``ray stop`` ends every Ray process of the user on the machine: a benchmark's or a test
+    session's private cluster too. Here the cluster is found by its GCS port, its processes by
+    the session directory in their command lines, plus all their descendants (the raylet's
+    workers, Serve's proxy and replicas, the agents, whose titles Ray rewrites). SIGTERM, then
+    SIGKILL after ``timeout_s``. Returns how many processes were stopped (0: none listening).
+    """
+    import psutil
+
+    def cmdline(p: psutil.Process) -> list[str]:
+        try:
+            return p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return []
+
+    session = None
+    for p in psutil.process_iter():
+        cmd = cmdline(p)
+        if cmd and cmd[0].endswith("gcs_server") and f"--gcs_server_port={port}" in cmd:
+            session = next((a.split("=", 1)[1] for a in cmd if a.startswith("--session-dir=")),
+                           None)
+            break
+    if not session:
+        return 0
+    roots = [p for p in psutil.process_iter() if any(session in a for a in cmdline(p))]
+    targets: dict[int, psutil.Process] = {}
+    for p in roots:
+        targets[p.pid] = p
+        try:
+            targets.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    targets.pop(os.getpid(), None)
+    procs = list(targets.values())
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    log.info("stopped the Ray cluster on port %d (%s): %d processes", port, session, len(procs))
+    return len(procs)

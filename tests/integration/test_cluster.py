@@ -22,3 +22,46 @@ def test_cluster_processes_get_this_clusters_address(ray_cluster) -> None:
     assert env_address == gcs
     assert detected == gcs
     assert gcs.startswith("127.0.0.1:")
+
+
+def test_stop_local_head_stops_that_head_only(ray_cluster) -> None:
+    """`make stop` stops the demo's head, not every Ray cluster on the machine (`ray stop` did,
+    and once killed a benchmark's cluster): a second head is stopped by its GCS port while this
+    session's private cluster keeps running tasks."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recsys.cluster import loopback_env, stop_local_head
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    port = free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--runtime-env-agent-port", "--metrics-export-port",
+                 "--ray-client-server-port"):
+        cmd += [flag, str(free_port())]
+    env = {**os.environ, **loopback_env()}
+    env.pop("RAY_ADDRESS", None)
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+
+    assert stop_local_head(port) >= 2  # at least its GCS and raylet
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the head's GCS still listens"
+    assert stop_local_head(port) == 0  # nothing left to stop
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    def alive() -> int:
+        return 42
+
+    assert ray.get(alive.remote(), timeout=60) == 42
