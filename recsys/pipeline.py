@@ -476,12 +476,12 @@ def stage_register(ctx: Context) -> None:
     ctx.results["register"] = out
 
 
-def _deployment_options(app_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The first deployment's options from a Serve config (autoscaling, resources, ...)."""
-    deployments = app_cfg.get("deployments") or [{}]
+def deployment_options(app_cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """A deployment's options from a Serve config app, by name (autoscaling, resources, ...)."""
+    found = [d for d in app_cfg.get("deployments") or [] if d.get("name") == name]
     allowed = ("autoscaling_config", "ray_actor_options", "max_ongoing_requests",
                "num_replicas", "graceful_shutdown_timeout_s", "health_check_period_s")
-    return {k: v for k, v in deployments[0].items() if k in allowed}
+    return {k: v for k, v in (found[0] if found else {}).items() if k in allowed}
 
 
 def stage_deploy(ctx: Context) -> None:
@@ -494,7 +494,7 @@ def stage_deploy(ctx: Context) -> None:
 
     from recsys.cluster import LOOPBACK, init_ray
     from recsys.tracking import registry
-    from serve.app import AppArgs, RecommendationService
+    from serve.app import AppArgs, compose
 
     t, d = ctx.cfg.transfer, ctx.cfg.deploy
     assert t is not None
@@ -513,12 +513,13 @@ def stage_deploy(ctx: Context) -> None:
                                    "tracking_uri": uri})
     env = {k: os.environ[k] for k in ("RECSYS_PSEUDONYM_KEY", "RECSYS_API_KEY")
            if k in os.environ}
-    options = _deployment_options(app_cfg)
-    if env:  # merged into the config's runtime_env, whose env_vars it may set too
-        actor = options.get("ray_actor_options", {})
-        runtime_env = actor.get("runtime_env", {})
-        options["ray_actor_options"] = {**actor, "runtime_env": {
-            **runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **env}}}
+    options = {tier: deployment_options(app_cfg, tier) for tier in ("Recommender", "Gateway")}
+    for opts in options.values():
+        if env:  # merged into the config's runtime_env, whose env_vars it may set too
+            actor = opts.get("ray_actor_options", {})
+            runtime_env = actor.get("runtime_env", {})
+            opts["ray_actor_options"] = {**actor, "runtime_env": {
+                **runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **env}}}
     started = time.perf_counter()
     init_ray(num_cpus=ctx.cfg.ray.num_cpus)
     prefix = app_cfg.get("route_prefix", "/").rstrip("/")
@@ -529,8 +530,8 @@ def stage_deploy(ctx: Context) -> None:
     gone = None if _app_running(app_cfg["name"]) else f"app {app_cfg['name']!r} not running"
     if ctx.needed(key, "deploy", inputs, [], also=gone):
         serve.start(http_options={"host": LOOPBACK, "port": port})
-        serve.run(RecommendationService.options(**options).bind(args), name=app_cfg["name"],
-                  route_prefix=app_cfg.get("route_prefix", "/"))
+        serve.run(compose(args, options["Recommender"], options["Gateway"]),
+                  name=app_cfg["name"], route_prefix=app_cfg.get("route_prefix", "/"))
         ctx.finish(key, {"url": url, "model": f"models:/{name}@champion", "version": champion,
                          "app": app_cfg["name"]}, time.perf_counter() - started)
         print(f"deployed {app_cfg['name']} serving {name} v{champion} (@champion) at {url}")

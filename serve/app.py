@@ -1,4 +1,8 @@
-"""The recommendation endpoint on Ray Serve: a FastAPI ingress around ``recsys.serving.Predictor``.
+"""The recommendation endpoint on Ray Serve: a FastAPI gateway in front of a model deployment
+around ``recsys.serving.Predictor``.
+
+    HTTP -> Serve proxy -> Gateway (FastAPI: validation, API key, status codes, retries)
+        -> handle -> Recommender (Predictor: batching, alias polling; the tier that autoscales)
 
     serve run serve/config.yaml                                 # the champion, after make demo
     serve run serve/config.yaml model_uri=runs/demo/train/pretrain/export   (see serve/README.md)
@@ -11,6 +15,7 @@ No ``from __future__ import annotations`` here: Serve inspects the builder's ann
 validate ``args`` into ``AppArgs``, and FastAPI reads handler annotations; both need real types.
 """
 
+import asyncio
 import hmac
 import logging
 import os
@@ -24,6 +29,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import Field
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from recsys.config import StrictModel
@@ -52,6 +59,7 @@ log = logging.getLogger("recsys.serve")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_KEY_HEADER = "x-api-key"
+READY_TIMEOUT_S = 5.0
 
 
 class AppArgs(StrictModel):
@@ -79,6 +87,8 @@ class AppArgs(StrictModel):
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     download_dir: str | None = Field(None, description="where registry models are downloaded "
                                      "(default: a temporary directory)")
+    retries: int = Field(2, ge=0, le=5, description="times the gateway repeats a model call "
+                         "whose replica died mid-request (reads only, so safe to repeat)")
 
 
 def local_path(path: str) -> Path:
@@ -205,16 +215,15 @@ api.add_middleware(BodySizeLimit)
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=64)
-@serve.ingress(api)
-class RecommendationService:
-    """One replica: a Predictor, swapped in place when the registry alias moves."""
+class Recommender:
+    """The model tier: one replica holds a Predictor (item matrices computed once at start) and
+    swaps it in place when the registry alias moves. Called by the Gateway through a handle,
+    never over HTTP; this is the deployment that autoscales with load."""
 
     def __init__(self, args: AppArgs) -> None:
         self._stop = threading.Event()
         self.args = args
         set_torch_threads(args.torch_threads)
-        api.state.api_key = os.environ.get(args.api_key_env) or None
-        api.state.max_body_bytes = args.max_body_bytes
         self.predictor: Predictor = load_predictor(args)
         self._recommend_batch.set_max_batch_size(args.max_batch_size)
         self._recommend_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
@@ -254,38 +263,23 @@ class RecommendationService:
         if hasattr(self, "_stop"):
             self._stop.set()
 
-    # -- endpoints --------------------------------------------------------------------------------
+    # -- what the gateway calls -------------------------------------------------------------------
 
-    @api.get("/healthz", response_model=Health, tags=["health"])
-    def healthz(self) -> Health:
-        """Liveness: the process answers."""
-        return Health(status="ok")
-
-    @api.get("/readyz", response_model=Health, tags=["health"],
-             responses={503: {"model": Health}})
-    def readyz(self) -> Health | JSONResponse:
-        """Readiness: the model and every platform's item matrix are loaded."""
+    def ready(self) -> Health:
         p = getattr(self, "predictor", None)
         if p is None or not p.catalogs:
-            return JSONResponse(Health(status="loading").model_dump(), status_code=503)
+            return Health(status="loading")
         return Health(status="ready", detail=f"{p.source.name} version {p.source.version}, "
                                              f"platforms {p.platforms}")
 
-    @api.get("/model", response_model=ModelInfo, responses=ERRORS,
-             dependencies=[Depends(require_api_key)])
-    def model(self) -> ModelInfo:
+    def info(self) -> ModelInfo:
         return self.predictor.info()
 
-    @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS,
-              dependencies=[Depends(require_api_key)])
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
-        """Top-k items for a user on a platform; falls back to popular items without history."""
+        """Raises UnknownPlatform (the gateway answers 404)."""
         started = time.perf_counter()
         predictor = self.predictor  # one model for the whole request, even across a swap
-        try:
-            prepared = predictor.prepare(body)
-        except UnknownPlatform as e:
-            raise HTTPException(404, str(e)) from None
+        prepared = predictor.prepare(body)
         if self.args.max_batch_size > 1:
             out = await self._recommend_batch((predictor, prepared))
         else:
@@ -309,21 +303,101 @@ class RecommendationService:
                 out[i] = res
         return out  # type: ignore[return-value]
 
-    @api.post("/search", response_model=SearchResponse, responses=ERRORS,
-              dependencies=[Depends(require_api_key)])
     def search(self, body: SearchRequest) -> SearchResponse:
-        """Items of a platform closest to a text query, in the same space as recommendations."""
+        """Raises UnknownPlatform / SearchUnavailable (the gateway answers 404 / 503)."""
         started = time.perf_counter()
-        try:
-            out = self.predictor.search(body)
-        except UnknownPlatform as e:
-            raise HTTPException(404, str(e)) from None
-        except SearchUnavailable as e:
-            raise HTTPException(503, f"search unavailable: {e}") from None
+        out = self.predictor.search(body)
         self.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": "search"})
         return out
 
 
+@serve.deployment(name="Gateway", max_ongoing_requests=256)
+@serve.ingress(api)
+class Gateway:
+    """The HTTP tier: validation, API key, body limit and status codes; the model work is a
+    handle call to a Recommender replica.
+
+    Why two tiers: when a model replica dies (killed, out of memory, its node lost), Serve's
+    HTTP proxy answers 500 for the requests it was streaming into that replica (measured: 7 of
+    1807 in ``bench/serve.py``'s kill test), while a handle call from this tier is re-routed by
+    Serve's router to another (or the restarted) replica. A ``RayActorError`` that still surfaces
+    here is sent again, up to ``retries`` times; both endpoints only read, so a repeat is safe.
+    Costs one handle hop per request."""
+
+    def __init__(self, args: AppArgs, model: DeploymentHandle) -> None:
+        self.args = args
+        self.model = model
+        api.state.api_key = os.environ.get(args.api_key_env) or None
+        api.state.max_body_bytes = args.max_body_bytes
+        self.retried = Counter("recsys_gateway_retries",
+                               description="model calls repeated after a replica died",
+                               tag_keys=("endpoint",))
+
+    async def _call(self, method: str, *call_args: object) -> object:
+        for attempt in range(self.args.retries + 1):
+            try:
+                return await getattr(self.model, method).remote(*call_args)
+            except RayTaskError as e:  # the replica raised: its own errors become 404 / 503
+                if isinstance(e.cause, UnknownPlatform):
+                    raise HTTPException(404, str(e.cause)) from None
+                if isinstance(e.cause, SearchUnavailable):
+                    raise HTTPException(503, f"search unavailable: {e.cause}") from None
+                raise
+            except RayActorError as e:
+                if attempt == self.args.retries:
+                    raise HTTPException(503, f"model replicas unavailable after "
+                                             f"{attempt + 1} attempts; retry later") from e
+                self.retried.inc(tags={"endpoint": method})
+                log.warning("%s: model replica failed (%s); attempt %d of %d", method,
+                            type(e).__name__, attempt + 2, self.args.retries + 1)
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    @api.get("/healthz", response_model=Health, tags=["health"])
+    def healthz(self) -> Health:
+        """Liveness: the HTTP tier answers."""
+        return Health(status="ok")
+
+    @api.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health}})
+    async def readyz(self) -> Health | JSONResponse:
+        """Readiness: a model replica has the model and every platform's item matrix loaded."""
+        try:
+            health = await asyncio.wait_for(self._call("ready"), timeout=READY_TIMEOUT_S)
+        except (TimeoutError, HTTPException):
+            health = Health(status="loading", detail="no model replica answered")
+        if health.status != "ready":
+            return JSONResponse(health.model_dump(), status_code=503)
+        return health
+
+    @api.get("/model", response_model=ModelInfo, responses=ERRORS,
+             dependencies=[Depends(require_api_key)])
+    async def model_info(self) -> ModelInfo:
+        return await self._call("info")
+
+    @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS,
+              dependencies=[Depends(require_api_key)])
+    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+        """Top-k items for a user on a platform; falls back to popular items without history."""
+        return await self._call("recommend", body)
+
+    @api.post("/search", response_model=SearchResponse, responses=ERRORS,
+              dependencies=[Depends(require_api_key)])
+    async def search(self, body: SearchRequest) -> SearchResponse:
+        """Items of a platform closest to a text query, in the same space as recommendations."""
+        return await self._call("search", body)
+
+
+def compose(args: AppArgs, model_options: dict | None = None,
+            gateway_options: dict | None = None):  # noqa: ANN201 (serve.Application)
+    """Gateway -> Recommender, with deployment options (``.options(...)``) for either tier."""
+    model = Recommender.options(**(model_options or {})).bind(args)
+    return Gateway.options(**(gateway_options or {})).bind(args, model)
+
+
 def build_app(args: AppArgs):  # noqa: ANN201  (serve.Application; the annotation must stay a class)
-    """Typed application builder: ``import_path: serve.app:build_app`` in serve/config.yaml."""
-    return RecommendationService.bind(args)
+    """Typed application builder: ``import_path: serve.app:build_app`` in serve/config.yaml
+    (whose ``deployments`` section sets each tier's options by name)."""
+    return compose(args)

@@ -49,10 +49,15 @@ class UnknownPlatform(KeyError):
 
     def __init__(self, platform: str, known: Sequence[str]) -> None:
         super().__init__(platform)
-        self.message = f"unknown platform {platform!r}; this model serves {sorted(known)}"
+        self.known = sorted(known)
+        self.message = f"unknown platform {platform!r}; this model serves {self.known}"
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:
+        # Pickled as its constructor arguments: it crosses from a model replica to the gateway.
+        return (UnknownPlatform, (self.args[0], self.known))
 
 
 class SearchUnavailable(RuntimeError):

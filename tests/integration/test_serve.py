@@ -67,7 +67,7 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     from ray import serve
 
     from recsys.tracking import runs
-    from serve.app import AppArgs, RecommendationService
+    from serve.app import AppArgs, compose
 
     root = tmp_path_factory.mktemp("serve")
     pseudo = Pseudonymizer(bytes.fromhex(KEY_HEX))
@@ -79,9 +79,9 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
                    tracking_uri=mlflow_server.uri, poll_interval_s=1.0, max_batch_size=8,
                    download_dir=str(root / "downloads"))
     env = {"RECSYS_PSEUDONYM_KEY": KEY_HEX, "RECSYS_API_KEY": API_KEY}
-    app = RecommendationService.options(
-        ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": env}},
-        num_replicas=1).bind(args)
+    tier = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": env}},
+            "num_replicas": 1}
+    app = compose(args, model_options=tier, gateway_options=tier)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="recsys-test", route_prefix=PREFIX)
@@ -251,6 +251,31 @@ def test_schemathesis_finds_no_server_errors(served: Served) -> None:
 # -- champion swap (last: it moves the alias) -----------------------------------------------------
 
 
+def _stream(served: Served, stop: threading.Event, statuses: list[int],
+            versions: list[str | None] | None = None, clients: int = 4
+            ) -> list[threading.Thread]:
+    """``clients`` threads posting /recommend for alice until ``stop`` is set: each answer's
+    status (-1: no answer) and, when given a list, the model version that answered."""
+
+    def stream() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(served.base + "/recommend", json={"platform": "shop_a",
+                               "user_id": "alice", "k": 5},
+                               headers={"x-api-key": API_KEY}, timeout=60)
+                    statuses.append(r.status_code)
+                    if r.ok and versions is not None:
+                        versions.append(r.json()["model_version"])
+                except requests.RequestException:
+                    statuses.append(-1)
+
+    threads = [threading.Thread(target=stream) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def test_champion_swap_under_load_has_no_failed_request(served: Served,
                                                          tiny_encoder: str) -> None:
     from recsys.tracking import runs
@@ -263,23 +288,7 @@ def test_champion_swap_under_load_has_no_failed_request(served: Served,
     statuses: list[int] = []
     versions: list[str | None] = []
     stop = threading.Event()
-
-    def stream() -> None:
-        with requests.Session() as s:
-            while not stop.is_set():
-                try:
-                    r = s.post(served.base + "/recommend", json={"platform": "shop_a",
-                               "user_id": "alice", "k": 5},
-                               headers={"x-api-key": API_KEY}, timeout=30)
-                    statuses.append(r.status_code)
-                    if r.ok:
-                        versions.append(r.json()["model_version"])
-                except requests.RequestException:
-                    statuses.append(-1)
-
-    threads = [threading.Thread(target=stream) for _ in range(4)]
-    for t in threads:
-        t.start()
+    threads = _stream(served, stop, statuses, versions)
     try:
         time.sleep(1.0)
         runs.set_alias(served.tracking_uri, served.name, "champion", version)
@@ -299,3 +308,36 @@ def test_champion_swap_under_load_has_no_failed_request(served: Served,
                                pseudonymizer=served.worlds["2"].pseudonymizer, search=False)
     expected = v2.recommend(RecommendRequest(platform="shop_a", user_id="alice", k=5))
     assert [i["item_id"] for i in after["items"]] == [i.item_id for i in expected.items]
+
+
+def test_killed_model_replica_fails_no_request(served: Served) -> None:
+    """A model replica killed under a stream of requests: the gateway sends what was in flight
+    on it again, and waits for the replica Serve starts in its place; no request fails."""
+    import ray
+    from ray import serve
+
+    def model_replicas() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::recsys-test#Recommender#")]
+
+    (victim,) = model_replicas()
+    statuses: list[int] = []
+    stop = threading.Event()
+    threads = _stream(served, stop, statuses)
+    try:
+        time.sleep(1.5)
+        before = len(statuses)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 90
+        while not (set(model_replicas()) - {victim}):
+            assert time.monotonic() < deadline, "no replacement replica in 90 s"
+            time.sleep(0.5)
+        time.sleep(2.0)  # answered by the new replica for a while
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert before > 0 and len(statuses) > before
+    assert all(s == 200 for s in statuses), sorted(set(statuses))
+    status = serve.status().applications["recsys-test"].deployments["Recommender"]
+    assert status.replica_states.get("RUNNING", 0) >= 1

@@ -208,3 +208,14 @@ def test_model_uris_are_parsed_and_local_exports_resolved(world: ToyWorld,
         resolve_model(str(tmp_path))
     with pytest.raises(ValueError, match="tracking uri"):
         resolve_model("models:/m@champion")
+
+
+def test_unknown_platform_survives_pickling() -> None:
+    """It travels from a model replica to the gateway, which answers 404 with its message."""
+    import pickle
+
+    from recsys.serving.predictor import UnknownPlatform
+
+    e = pickle.loads(pickle.dumps(UnknownPlatform("shop_q", ["shop_b", "shop_a"])))
+    assert isinstance(e, UnknownPlatform) and isinstance(e, KeyError)
+    assert str(e) == "unknown platform 'shop_q'; this model serves ['shop_a', 'shop_b']"

@@ -30,11 +30,12 @@ def test_shipped_serve_config_is_valid() -> None:
     demo = load_pipeline_config(REPO / "configs" / "pipeline" / "demo.yaml")
     name = demo.registry.model_name.format(platform=demo.transfer.targets[0])
     assert args.model_uri == f"models:/{name}@champion"
-    (dep,) = app.deployments
-    auto = dep.autoscaling_config
-    assert dep.name == "Recommender" and auto["min_replicas"] <= auto["max_replicas"]
+    deps = {d.name: d for d in app.deployments}
+    assert set(deps) == {"Gateway", "Recommender"}  # the two tiers compose() builds
+    auto = deps["Recommender"].autoscaling_config
+    assert auto["min_replicas"] <= auto["max_replicas"]
     assert auto["target_ongoing_requests"] > 0 and auto["downscale_delay_s"] > 0
-    assert dep.ray_actor_options.num_cpus > 0
+    assert all(d.ray_actor_options.num_cpus > 0 for d in deps.values())
     import inspect
 
     assert inspect.signature(build_app).parameters["args"].annotation is AppArgs
