@@ -77,6 +77,11 @@ class OptimConfig(StrictModel):
     min_epochs: int = Field(0, ge=0)
     """No early stop before this many epochs: a model that starts from text similarity can dip
     below its epoch-0 score before it climbs past it (seen on small data)."""
+    lr_decay: float = Field(1.0, gt=0, le=1)
+    """Multiply the learning rate by this after every ``lr_decay_patience`` epochs in a row
+    without a better validation score (reduce-on-plateau; 1 = constant rate). A constant rate
+    leaves the validation score bouncing around its plateau; a smaller step settles it."""
+    lr_decay_patience: int = Field(2, ge=1)
     seed: int = 0
 
 
@@ -101,6 +106,11 @@ class TransferConfig(StrictModel):
     init_from: str | None = None
     """Export or checkpoint directory of a pretrain run (required for mode=transfer)."""
     strategy: Strategy = "freeze_encoder"
+    shrink: float = Field(1.0, gt=0, le=1)
+    """Shrink-and-perturb (Ash & Adams, 2020): start from ``shrink * pretrained + perturb *
+    fresh initialisation`` of the towers and head. Warm-started networks fit the new data
+    faster but generalise worse than fresh ones; shrinking restores some of that. 1 = as is."""
+    perturb: float = Field(0.0, ge=0, le=1)
 
 
 class FaultInjection(StrictModel):

@@ -24,6 +24,7 @@ class Engine:
     """Common interface; ``module`` is the unwrapped objective (its ``.model`` is exported)."""
 
     module: nn.Module
+    optimizer: torch.optim.Optimizer
 
     def step(self, history: torch.Tensor, target: torch.Tensor,
              platform: torch.Tensor) -> dict[str, float]:
@@ -35,6 +36,11 @@ class Engine:
 
     def load(self, directory: Path) -> dict[str, Any]:
         raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        """Set every parameter group's learning rate (reduce-on-plateau)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def train(self) -> None:
         self.module.train()
@@ -100,6 +106,7 @@ class DeepSpeedEngine(Engine):
                                                 config=ds_cfg)
         self.module = objective
         self.ds_config = ds_cfg
+        self.optimizer = self.ds.optimizer  # ZeRO's wrapper exposes the param_groups
 
     def step(self, history: torch.Tensor, target: torch.Tensor,
              platform: torch.Tensor) -> dict[str, float]:
@@ -120,7 +127,7 @@ class DeepSpeedEngine(Engine):
         _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
         if client_state is None:
             raise RuntimeError(f"{directory}: DeepSpeed checkpoint has no client state")
-        return {k: client_state[k] for k in ("epoch", "best", "bad_epochs", "curve")
+        return {k: client_state[k] for k in ("epoch", "best", "bad_epochs", "curve", "lr_scale")
                 if k in client_state}
 
 

@@ -44,10 +44,12 @@ def evaluate_export(exported: Exported, example_set: ExampleSet, *, split: str =
                     platforms: Sequence[str] | None = None, run: str = "eval",
                     batch_size: int = 512, seed: int = 0, user_fraction: float = 1.0,
                     curves: Sequence[Mapping[str, float]] = (),
-                    meta: Mapping[str, str | int | float | bool | None] | None = None
-                    ) -> EvalReport:
+                    meta: Mapping[str, str | int | float | bool | None] | None = None,
+                    ranks_out: dict[str, np.ndarray] | None = None) -> EvalReport:
     """Evaluation report of ``exported`` on ``split`` (``user_fraction``: the training users the
-    model saw, so that the cold-start subset means 'unseen in *its* training data')."""
+    model saw, so that the cold-start subset means 'unseen in *its* training data').
+    ``ranks_out``, if given, receives each platform's per-user target ranks (split row order),
+    for paired comparisons of two models on the same users."""
     platforms = list(platforms or exported.meta["platforms_with_items"])
     model = exported.model.eval()
     max_len = exported.model.config["max_len"]
@@ -72,6 +74,8 @@ def evaluate_export(exported: Exported, example_set: ExampleSet, *, split: str =
         ranks = rank_batches(model, tensors, batches, with_history_excluded=True)[ids[name]]
         cold = cold_start_mask(ranks["target"], seen)
         primary.add(name, ranks["rank"], subsets={COLD_START: cold})
+        if ranks_out is not None:
+            ranks_out[name] = np.asarray(ranks["rank"])
         excluded.add(name, ranks["rank_excl"])
         ctr_auc[name] = _ctr_auc(model, pt, batches, gen)
     return build_report(run, split, primary, history_excluded=excluded, auc=ctr_auc,

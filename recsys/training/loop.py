@@ -49,6 +49,14 @@ def should_stop(bad_epochs: int, epoch: int, optim: OptimConfig) -> bool:
     return epoch + 1 >= optim.min_epochs and bad_epochs >= optim.early_stopping_patience
 
 
+def lr_scale_after(scale: float, bad_epochs: int, optim: OptimConfig) -> float:
+    """Learning-rate multiplier after an epoch that left ``bad_epochs`` epochs in a row without
+    a better validation score: decays by ``lr_decay`` each ``lr_decay_patience`` of them."""
+    if optim.lr_decay < 1 and bad_epochs and bad_epochs % optim.lr_decay_patience == 0:
+        return scale * optim.lr_decay
+    return scale
+
+
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
@@ -128,11 +136,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     objective = RecommenderObjective(model, cfg.loss, tensors)
     engine = make_engine(objective, cfg, world, on_gpu=device.type == "cuda")
 
-    state: dict[str, Any] = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "curve": []}
+    state: dict[str, Any] = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "curve": [],
+                             "lr_scale": 1.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = engine.load(Path(d))
+            state = {"lr_scale": 1.0, **engine.load(Path(d))}
+        engine.set_lr(cfg.optim.lr * state["lr_scale"])
         log.info("rank %d resumed after epoch %d (best %s %.4f)", rank, state["epoch"], METRIC,
                  state["best"])
 
@@ -163,6 +173,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["best"] = max(state["best"], metrics.get(METRIC, 0.0))
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
+        metrics["lr"] = cfg.optim.lr * state["lr_scale"]  # the rate this epoch trained with
+        scale = lr_scale_after(state["lr_scale"], state["bad_epochs"], cfg.optim)
+        if scale != state["lr_scale"]:
+            state["lr_scale"] = scale
+            engine.set_lr(cfg.optim.lr * scale)
         state["curve"].append({k: metrics[k] for k in ("epoch", "train_loss", METRIC)
                                if k in metrics})
         metrics["best_" + METRIC] = state["best"]

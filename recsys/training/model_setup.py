@@ -68,6 +68,8 @@ def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | 
         if counts is not None:  # keep the pretrained rows, add the new platforms' items
             known = model.config.get("item_counts") or [0] * len(counts)
             model.set_item_counts([max(a, b) for a, b in zip(known, counts, strict=True)])
+        if cfg.transfer.shrink < 1 or cfg.transfer.perturb > 0:
+            shrink_perturb(model, cfg.transfer.shrink, cfg.transfer.perturb)
         if encoder is not None:
             if encoder.hidden_size != pre["text_dim"]:
                 raise ValueError(f"encoder hidden size {encoder.hidden_size} != pretrained "
@@ -75,6 +77,21 @@ def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | 
             model.text_encoder = encoder
     set_trainable(model, cfg)
     return model
+
+
+@torch.no_grad()
+def shrink_perturb(model: Recommender, shrink: float, perturb: float) -> None:
+    """``p <- shrink * p + perturb * q`` for every tower/head parameter ``p``, where ``q`` is
+    the same parameter of a freshly initialised Recommender (the text encoder is left alone).
+
+    Called on the grown model, before the optimizer exists. Normalisation gains (ones) and
+    zero-initialised tables scale like any other weight: that is the method as published.
+    """
+    fresh = dict(Recommender(**model.config).named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith("text_encoder."):
+            continue
+        p.mul_(shrink).add_(fresh[name].to(p.device, p.dtype), alpha=perturb)
 
 
 def _text_dim(inputs: ItemInputs) -> int:

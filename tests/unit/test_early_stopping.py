@@ -1,9 +1,10 @@
-"""Early stopping: patience on validation NDCG@10, never before ``min_epochs``."""
+"""Early stopping (patience on validation NDCG@10, never before ``min_epochs``) and the
+learning-rate decay on a plateau of the same score."""
 
 from __future__ import annotations
 
 from recsys.training.config import OptimConfig
-from recsys.training.loop import should_stop
+from recsys.training.loop import lr_scale_after, should_stop
 
 
 def test_patience_alone_stops_after_that_many_bad_epochs() -> None:
@@ -20,3 +21,21 @@ def test_no_stop_before_min_epochs_even_when_patience_ran_out() -> None:
     assert not should_stop(bad_epochs=9, epoch=8, optim=optim)
     assert should_stop(bad_epochs=5, epoch=9, optim=optim)   # the 10th epoch just finished
     assert not should_stop(bad_epochs=4, epoch=20, optim=optim)
+
+
+def run_scales(bad_epochs: list[int], optim: OptimConfig) -> list[float]:
+    scale, out = 1.0, []
+    for bad in bad_epochs:
+        scale = lr_scale_after(scale, bad, optim)
+        out.append(scale)
+    return out
+
+
+def test_lr_decays_after_each_patience_run_of_bad_epochs_and_keeps_its_level() -> None:
+    optim = OptimConfig(lr_decay=0.5, lr_decay_patience=2)
+    # Bad-epoch counts epoch after epoch: 1, 2 (decay), 3, 4 (decay), improved (0), 1, 2 (decay).
+    assert run_scales([1, 2, 3, 4, 0, 1, 2], optim) == [1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.125]
+
+
+def test_constant_lr_by_default() -> None:
+    assert run_scales([1, 2, 3, 4, 5, 6], OptimConfig()) == [1.0] * 6

@@ -255,3 +255,33 @@ def test_transfer_refuses_an_encoder_of_another_width(monkeypatch: pytest.Monkey
     monkeypatch.setattr(model_setup, "load_text_encoder", lambda name: wide)
     with pytest.raises(ValueError, match="encoder hidden size 32 != pretrained text_dim 16"):
         build_model(config("transfer", "full"), item_inputs(["shop_a"]), init, ["shop_a"])
+
+
+def test_shrink_and_perturb_mixes_pretrained_and_fresh_weights() -> None:
+    model, _ = pretrained()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    model_setup.shrink_perturb(model, 0.5, 0.25)
+    torch.manual_seed(1)  # the same draw for the fresh model
+    fresh = dict(Recommender(**model.config).named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, 0.5 * before[n] + 0.25 * fresh[n])
+
+
+def test_transfer_shrinks_the_towers_but_not_the_encoder(fake_encoder: list[str]) -> None:
+    _, init = pretrained()
+    plain = build_model(config("transfer", "lora"), item_inputs(["shop_a"]), init, ["shop_a"])
+    cfg = load_config(TrainJobConfig, None, SMALL + [
+        "mode=transfer", "transfer.init_from=x", "transfer.strategy=lora", "transfer.shrink=0.5"])
+    shrunk = build_model(cfg, item_inputs(["shop_a"]), init, ["shop_a"])
+    towers = {n for n, _ in plain.named_parameters() if not n.startswith("text_encoder.")}
+    assert any(n.startswith("user_tower.") for n in towers)
+    for (n, p), (_, q) in zip(shrunk.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(p, 0.5 * q if n in towers else q)
+    assert trainable(shrunk) == trainable(plain)
+
+
+def test_shrink_and_perturb_are_bounded() -> None:
+    for bad in ("transfer.shrink=0", "transfer.shrink=1.5", "transfer.perturb=-0.1"):
+        with pytest.raises(ValueError, match="transfer"):
+            load_config(TrainJobConfig, None, ["mode=transfer", "transfer.init_from=x", bad])
