@@ -4,6 +4,7 @@ Runs (frozen-encoder cache mode: each item text is encoded once by MiniLM, then 
 sequence-model speed; DDP with 2 workers on CPU):
 
 * ``scientific_scratch``, ``online_retail_scratch``: against VQ-Rec's published numbers;
+  ``scientific_scratch_decay``: with ``optim.lr_decay`` (halved after 2 epochs without gain);
 * ``scientific_scratch_ids``, ``online_retail_scratch_ids``: with a learned id vector per item
   (``model.item_ids``; Online Retail also with ``optim.lr_decay``);
 * ``pretrain_sources``: one model on Online Retail + Office + MovieLens pooled;
@@ -65,6 +66,9 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
         # history, which Scientific's short sequences (7 events per user) overfit.
         "scientific_scratch_ids": {"mode": "scratch", "train_platforms": [TARGET],
                                    "model": {"item_ids": True}},
+        # The same with a smaller step once validation stops rising (optim.lr_decay).
+        "scientific_scratch_decay": {"mode": "scratch", "train_platforms": [TARGET],
+                                     "optim": {"lr_decay": 0.5}},
         "online_retail_scratch": {"mode": "scratch", "train_platforms": ["online_retail"],
                                   "optim": {"epochs": 30}},
         # Online Retail is dense (150 events per item): text + ID, and a smaller step once the
@@ -186,6 +190,7 @@ def render(results: dict[str, Any]) -> str:
               "| ratio R@10 / N@10 |", "|---|---|---|---|---|---|---|---|"]
     for plat, run in (("scientific", "scientific_scratch"),
                       ("scientific", "scientific_scratch_ids"),
+                      ("scientific", "scientific_scratch_decay"),
                       ("online_retail", "online_retail_scratch"),
                       ("online_retail", "online_retail_scratch_ids")):
         if run not in runs:

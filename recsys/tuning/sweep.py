@@ -174,7 +174,7 @@ def _tune_config(cfg: SweepConfig, base: TrainJobConfig) -> Any:
     return tune.TuneConfig(metric=cfg.metric.key, mode="max", num_samples=cfg.num_samples,
                            max_concurrent_trials=cfg.max_concurrent_trials, scheduler=scheduler,
                            search_alg=search_alg,
-                           reuse_actors=False)
+                           reuse_actors=cfg.reuse_actors)
 
 
 def _read_state(sweep_dir: Path) -> dict[str, Any] | None:
