@@ -148,7 +148,7 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
     return address
 
 
-def stop_local_head(port: int = HEAD_PORT, timeout_s: float = 30.0) -> int:
+def stop_local_head(port: int = HEAD_PORT, timeout_s: float = 10.0) -> int:
     """Stop the Ray cluster whose GCS listens on ``port`` (the demo's head), and only it.
 
     ``ray stop`` ends every Ray process of the user on the machine: a benchmark's or a test

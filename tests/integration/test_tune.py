@@ -134,9 +134,10 @@ def test_mlflow_parent_and_child_runs(asha, tracking: str) -> None:
         assert float(run.data.params["optim.lr"]) == r.params["optim.lr"]
         steps = sorted(m.step for m in c.get_metric_history(r.run_id,
                                                             f"valid_ndcg_at_10/{TARGET}"))
-        # Rank 0 logs each epoch; a trial ASHA stopped may have logged one more epoch to MLflow
-        # than Tune received before it stopped the trial.
-        assert steps[:r.epochs] == list(range(r.epochs)) and len(steps) <= r.epochs + 1
+        # Rank 0 logs each epoch, in order. A trial ASHA stopped keeps training until its Train
+        # workers are torn down, and logs the epochs it finishes meanwhile: one on a quiet
+        # machine, more on a loaded one (seen: 3 epochs logged, 1 received by Tune).
+        assert steps == list(range(len(steps))) and r.epochs <= len(steps) <= 3
         assert run.info.status == "FINISHED"
 
 
