@@ -19,7 +19,7 @@ CPU) and ``concurrent`` (two single-worker trials at a time). Measured per layou
 
 Usage::
 
-    python bench/tune.py             # scale 2.0, 6 epochs per trial, all layouts
+    python bench/tune.py             # scale 2.0, 6 epochs per trial, both layouts
     python bench/tune.py --layout concurrent
     python bench/tune.py --quick     # smoke: scale 0.3, 2 epochs
 """
@@ -100,9 +100,7 @@ LAYOUTS = {
     # name: (concurrent trials, DDP workers per trial, CPUs per worker); same global batch (512)
     "sequential": (1, 2, 0.5),   # one trial at a time, data-parallel over both cores
     "concurrent": (2, 1, 0.9),   # two single-worker trials side by side
-    "sequential_reuse": (1, 2, 0.5),  # sequential, the next trial in the last one's actor
 }
-REUSE_ACTORS = {"sequential_reuse"}
 GLOBAL_BATCH = 512
 
 
@@ -130,7 +128,6 @@ def sweep_files(tmp: Path, es: Any, epochs: int, layout: str) -> Path:
         "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2},
         "search": {"algorithm": "random", "seed": 0},
         "num_samples": 4, "max_concurrent_trials": concurrent,
-        "reuse_actors": layout in REUSE_ACTORS,
         "resources": {"num_workers": workers, "cpus_per_worker": cpus},
         "registry": {"platform": TARGET, "model_name": f"bench-tune-{layout}-shop_c"},
         "experiment": "bench-tune", "output_dir": str(tmp / "tune"),
@@ -263,13 +260,11 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         "# Sweep benchmark (`bench/tune.py`)", "",
         f"{res['created']}; {m['cpus']} CPUs, Python {m['python']}, ray {m['ray']}, torch "
-        f"{m['torch']}, mlflow {m['mlflow']}. One run, every layout in the same process.", "",
+        f"{m['torch']}, mlflow {m['mlflow']}. One run, both layouts in the same process.", "",
         f"A fixed sweep: 4 trials (lr x dropout, random search, ASHA grace 2), pretraining on "
         f"3 synthetic shops (x{res['scale']}, train rows {res['train_rows']}), up to "
         f"{res['epochs_per_trial']} epochs per trial, global batch {GLOBAL_BATCH}, MLflow "
-        "parent/child runs, registry step at the end; run in several layouts of the same 2 "
-        "CPUs (`sequential_reuse`: sequential with Tune's `reuse_actors`, the next trial in "
-        "the last one's actor process).",
+        "parent/child runs, registry step at the end; run in two layouts of the same 2 CPUs.",
         "",
         "Overhead share = 1 - (sum over trials of the time inside the training loop) / "
         "(`Tuner.fit` wall time x concurrent trials): the share of trial-slot time not spent "
@@ -294,11 +289,6 @@ def render(res: dict[str, Any]) -> str:
                   f" {b['trials_per_hour'] / a['trials_per_hour']:.2f}x trials "
                   "per hour (ASHA may stop different trials at different points, so epochs/h "
                   "is the like-for-like figure)."]
-    if {"sequential", "sequential_reuse"} <= set(layouts):
-        a, b = layouts["sequential"], layouts["sequential_reuse"]
-        lines += ["", "Reusing trial actors, sequential: "
-                  f"{b['overhead_per_trial_seconds']} s of overhead per trial against "
-                  f"{a['overhead_per_trial_seconds']} s without."]
     for name, r in layouts.items():
         lines += ["", f"## {name}: where the trial-slot time went ({r['slot_seconds']} s)", "",
                   "| phase | seconds | share |", "|---|---|---|",
@@ -326,12 +316,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: scale 0.3, 2 epochs")
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--layout", choices=[*LAYOUTS, "all"], default="all")
+    p.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     scale, epochs = (0.3, 2) if a.quick else (a.scale, a.epochs)
-    res = run(scale, epochs, list(LAYOUTS) if a.layout == "all" else [a.layout])
+    res = run(scale, epochs, list(LAYOUTS) if a.layout == "both" else [a.layout])
     name = "tune_quick" if a.quick else "tune"
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")

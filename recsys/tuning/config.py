@@ -135,9 +135,6 @@ class SweepConfig(StrictModel):
     num_samples: int = Field(4, ge=1)
     """Trials (with `grid` keys: repetitions of the whole grid, as in Tune)."""
     max_concurrent_trials: int = Field(1, ge=1)
-    reuse_actors: bool = False
-    """Start the next trial in a finished trial's actor process (Tune's ``reuse_actors``)
-    instead of a new one: one process start less per trial."""
     resources: ResourcesConfig = ResourcesConfig()
     registry: RegistryConfig = RegistryConfig()
     experiment: str = "recsys-tune"
