@@ -4,6 +4,8 @@ Runs (frozen-encoder cache mode: each item text is encoded once by MiniLM, then 
 sequence-model speed; DDP with 2 workers on CPU):
 
 * ``scientific_scratch``, ``online_retail_scratch``: against VQ-Rec's published numbers;
+  ``*_no_repeat``: the same without the learned repeat bias (``model.repeat_bias``: a score per
+  platform for items already in the user's history), the text-only model as it was before;
   ``scientific_scratch_decay``: with ``optim.lr_decay`` (halved after 2 epochs without gain);
 * ``scientific_scratch_ids``, ``online_retail_scratch_ids``: with a learned id vector per item
   (``model.item_ids``; Online Retail also with ``optim.lr_decay``);
@@ -62,6 +64,8 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
     """Run name -> config overrides (on top of BASE)."""
     runs: dict[str, dict[str, Any]] = {
         "scientific_scratch": {"mode": "scratch", "train_platforms": [TARGET]},
+        "scientific_scratch_no_repeat": {"mode": "scratch", "train_platforms": [TARGET],
+                                         "model": {"repeat_bias": False}},
         # Text + a learned vector per item (UniSRec's text+ID): more capacity on items with
         # history, which Scientific's short sequences (7 events per user) overfit.
         "scientific_scratch_ids": {"mode": "scratch", "train_platforms": [TARGET],
@@ -71,6 +75,10 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
                                      "optim": {"lr_decay": 0.5}},
         "online_retail_scratch": {"mode": "scratch", "train_platforms": ["online_retail"],
                                   "optim": {"epochs": 30}},
+        "online_retail_scratch_no_repeat": {"mode": "scratch",
+                                            "train_platforms": ["online_retail"],
+                                            "model": {"repeat_bias": False},
+                                            "optim": {"epochs": 30}},
         # Online Retail is dense (150 events per item): text + ID, and a smaller step once the
         # validation score stops rising (it bounced around its plateau at a constant rate).
         "online_retail_scratch_ids": {"mode": "scratch", "train_platforms": ["online_retail"],
@@ -159,15 +167,16 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
             cache[run] = per_user(ranks[TARGET], "ndcg@10")
         return cache[run]
 
+    pairs = [(run, f"{prefix}_scratch") for prefix in ("scientific", "scientific10")
+             for run in sorted(r for r in results["runs"] if r.startswith(f"{prefix}_transfer_"))]
+    pairs.append(("scientific_scratch", "scientific_scratch_no_repeat"))  # the repeat bias
     out: dict[str, Any] = {}
-    for prefix in ("scientific", "scientific10"):
-        base = f"{prefix}_scratch"
-        for run in sorted(r for r in results["runs"] if r.startswith(f"{prefix}_transfer_")):
-            if base not in results["runs"]:
-                continue
+    for run, base in pairs:
+        if run in results["runs"] and base in results["runs"]:
             diff = ndcg(run) - ndcg(base)
             low, high = bootstrap_ci(diff, n=n_boot, seed=0)
-            out[run] = {"baseline": base, "gain": float(diff.mean()), "ci95": [low, high],
+            key = run if run.split("_")[1] == "transfer" else f"{run} vs {base}"
+            out[key] = {"baseline": base, "gain": float(diff.mean()), "ci95": [low, high],
                         "users": int(diff.size), "better_users": int((diff > 0).sum()),
                         "worse_users": int((diff < 0).sum())}
     return out
@@ -189,9 +198,11 @@ def render(results: dict[str, Any]) -> str:
               "| platform | run | Recall@10 | NDCG@10 | Recall@50 | NDCG@50 | VQ-Rec R@10 / N@10 "
               "| ratio R@10 / N@10 |", "|---|---|---|---|---|---|---|---|"]
     for plat, run in (("scientific", "scientific_scratch"),
+                      ("scientific", "scientific_scratch_no_repeat"),
                       ("scientific", "scientific_scratch_ids"),
                       ("scientific", "scientific_scratch_decay"),
                       ("online_retail", "online_retail_scratch"),
+                      ("online_retail", "online_retail_scratch_no_repeat"),
                       ("online_retail", "online_retail_scratch_ids")):
         if run not in runs:
             lines.append(f"| {plat} | {run} | not run yet | | | | | |")
@@ -202,6 +213,16 @@ def render(results: dict[str, Any]) -> str:
                      f"{m['recall@50']:.4f} | {m['ndcg@50']:.4f} | {ref['recall@10']:.4f} / "
                      f"{ref['ndcg@10']:.4f} | {m['recall@10'] / ref['recall@10']:.3f} / "
                      f"{m['ndcg@10'] / ref['ndcg@10']:.3f} |")
+    ablation = results.get("paired", {}).get("scientific_scratch vs scientific_scratch_no_repeat")
+    if ablation:
+        lo, hi = ablation["ci95"]
+        lines += ["", f"The learned repeat bias (`model.repeat_bias`, on in every run but "
+                  f"`*_no_repeat`) on Scientific: NDCG@10 {ablation['gain']:+.4f}, paired 95% CI "
+                  f"[{lo:+.4f}, {hi:+.4f}] over {ablation['users']} test users. Few Scientific "
+                  "users take an item again (0.6% of test targets are in the user's history); "
+                  "a text model ranks the items just seen near the top (the user vector sits "
+                  "near their vectors), and the bias, learned from the training sequences, "
+                  "moves them down. Nothing is masked by the evaluation."]
     lines += ["", f"Anchors: {PUBLISHED_SOURCE}", "", "## Transfer to Scientific", "",
               "| users | run | NDCG@10 | Recall@10 | gain vs scratch (NDCG@10) | 95% CI of the "
               "gain (paired) |", "|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: training speed of the Ray Train loop on CPU (ratios, not absolute speed).
 
-Four comparisons on one small synthetic example set (3 shops, frozen-encoder cache mode, the
+Five comparisons on one small synthetic example set (3 shops, frozen-encoder cache mode, the
 model of ``configs/train/*.yaml`` at dim 64 / 2 layers, full softmax, micro batch 256):
 
 1. **Ray Train vs a plain process** -- ``build_trainer(cfg)`` with 1 DDP worker (the loop's own
@@ -21,6 +21,9 @@ model of ``configs/train/*.yaml`` at dim 64 / 2 layers, full softmax, micro batc
    (sampled softmax adds popularity-sampled negatives; full softmax encodes the whole catalog),
    the frozen-cache mode (0 tokens per step; each distinct text encoded once per encoder), and
    seconds per step estimated from a timed MiniLM forward(+backward) on real item texts.
+5. **Batches grouped by history length** (``optim.length_buckets``, what every loop above uses)
+   vs random batches (``length_buckets=1``), in the plain loop: sequences/s and padded
+   positions per real one (a batch is padded to its longest history).
 
 Every Ray run uses ``epochs`` epochs; the first is warm-up and is not counted (neither in the
 plain loop). Throughput is the median over the remaining epochs of sequences/s (the loop's own
@@ -349,7 +352,7 @@ def _plain_loop(cfg: Any, setup: Any, data: dict[str, np.ndarray], threads: int,
                 label: str) -> dict[str, Any]:
     import torch
 
-    from recsys.data.feed import collate
+    from recsys.data.feed import collate, length_batches
     from recsys.training.loop import seed_everything
     from recsys.training.model_setup import build_model
     from recsys.training.objective import PlatformTensors, RecommenderObjective
@@ -372,18 +375,30 @@ def _plain_loop(cfg: Any, setup: Any, data: dict[str, np.ndarray], threads: int,
         accum, clip = cfg.optim.grad_accum, cfg.optim.grad_clip
         n = len(data["target"])
         epochs = []
+        buckets = cfg.optim.length_buckets
+        padded = real = 0
         for epoch in range(cfg.optim.epochs):
             objective.train()
-            perm = np.random.default_rng(cfg.optim.seed + epoch * 1000).permutation(n)
+            rng = np.random.default_rng(cfg.optim.seed + epoch * 1000)
+            perm = rng.permutation(n)
+            # Batches as the Ray loop cuts them (recsys.data.feed.iter_batches): reads of
+            # `buckets` batches' worth of shuffled rows, grouped by history length.
+            order = []
+            for start in range(0, n, bs * buckets):
+                read = perm[start:start + bs * buckets]
+                order += [read if b is None else read[b]
+                          for b in length_batches(data["history"][read], bs, buckets, rng)]
             collate_s = step_s = 0.0
             seen = micro = 0
             c0 = time.process_time()
             losses = []
-            for start in range(0, n, bs):
-                idx = perm[start:start + bs]
+            for idx in order:
                 t0 = time.perf_counter()
                 batch = collate({k: v[idx] for k, v in data.items()}, max_len, platform_ids)
                 t1 = time.perf_counter()
+                if epoch == 0:
+                    padded += batch["history"].numel()
+                    real += int(batch["length"].sum())
                 loss, stats = objective(batch["history"], batch["target"], batch["platform"])
                 (loss / accum).backward()
                 micro += 1
@@ -407,7 +422,9 @@ def _plain_loop(cfg: Any, setup: Any, data: dict[str, np.ndarray], threads: int,
                            "train_loss": float(np.mean(losses))})
             log(f"  {label} epoch {epoch}: {seen / secs:,.0f} seq/s "
                 f"(collate {collate_s:.1f} s, step {step_s:.1f} s, load {loadavg()[0]})")
-        return {"threads": torch.get_num_threads(), "epochs": epochs, **summarise_epochs(epochs)}
+        return {"threads": torch.get_num_threads(), "length_buckets": buckets,
+                "padded_positions_per_real": padded / max(real, 1), "epochs": epochs,
+                **summarise_epochs(epochs)}
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -768,6 +785,15 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         f"{fz['distinct_texts']:,} distinct texts, {fz['tokens_total']:,} tokens, once per "
         "encoder) | 0 |",
     ]
+    if "length_buckets_over_random" in c:
+        pb, pr = res["runs"]["plain_b"], res["runs"]["plain_random"]
+        lines.append(
+            f"| Batches grouped by history length (`optim.length_buckets` "
+            f"{pb['length_buckets']}) / random batches, plain loop, sequences/s | "
+            f"**{fmt(c['length_buckets_over_random'])}** ({fmt(sps['plain_b'], ',.0f')} / "
+            f"{fmt(pr['sequences_per_s'], ',.0f')}); padded positions per real one "
+            f"{pb['padded_positions_per_real']:.2f} vs {pr['padded_positions_per_real']:.2f}"
+            f"{caveat('plain_b', 'plain_random')} | > 1 |")
     if "plain_nice0" in res["runs"]:
         lines.append(
             f"| (extra) plain at nice 0 / plain at the Ray worker's niceness "
@@ -925,6 +951,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"the worker used {threads} thread(s) at nice {nice}: plain_a again")
             plain("plain_a", nice)
         plain("plain_b", nice)
+        # 5. Batches grouped by history length (the default) vs random batches, same loop.
+        log(f"plain_random: length_buckets=1 (random batches), load {loadavg()}")
+        random_cfg = base.model_copy(update={"optim": base.optim.model_copy(
+            update={"length_buckets": 1})})
+        with CpuMeter() as m:
+            runs["plain_random"] = plain_loop(random_cfg, setup, data, threads, nice,
+                                              "plain_random")
+        meters["plain_random"] = m.summary
         if nice != 0 and not args.no_nice0:
             plain("plain_nice0", 0)
         ray_job("ray_ddp_2w", "ddp", 2)
@@ -999,6 +1033,9 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed_over_ddp": sps["ray_ds2_2w"] / sps["ray_ddp_2w"],
         "two_over_one_workers": sps["ray_ddp_2w"] / sps["ray_ddp_1w"],
         "scaling_efficiency": sps["ray_ddp_2w"] / (2 * sps["ray_ddp_1w"]),
+        "length_buckets_over_random": sps["plain_b"] / runs["plain_random"]["sequences_per_s"],
+        "padding_random_over_buckets": (runs["plain_random"]["padded_positions_per_real"]
+                                        / runs["plain_b"]["padded_positions_per_real"]),
     }
     comparisons["ray_over_plain_met"] = bool(comparisons["ray_over_plain"]
                                              >= TARGET_RAY_OVER_PLAIN)

@@ -1,12 +1,20 @@
 #!/usr/bin/env python
 """Benchmark: sweep throughput and the share of a sweep's wall time spent outside training.
 
-A fixed small sweep (``run_sweep``, the same code as ``recsys tune``) on a synthetic example set
-(3 shops; frozen text vectors from a random 1-layer BERT with MiniLM's tokenizer and width, so
-the one-off encoding takes seconds): pretraining on the 3 shops pooled, 4 trials of lr x dropout,
-ASHA, real MLflow (a private server) and the registry step at the end; run in two layouts of the
-same 2 CPUs with the same global batch: ``sequential`` (one trial at a time, 2 DDP workers x 0.5
-CPU) and ``concurrent`` (two single-worker trials at a time). Measured per layout:
+Two kinds of sweep, both through ``run_sweep`` (the same code as ``recsys tune``), each in a
+private Ray cluster with a private MLflow server, registry step included:
+
+* the default, a fixed micro-sweep on a synthetic example set (3 shops; frozen text vectors from
+  a random 1-layer BERT with MiniLM's tokenizer and width, so the one-off encoding takes
+  seconds): pretraining on the 3 shops pooled, 4 trials of lr x dropout, ASHA; run in two layouts
+  of the same 2 CPUs with the same global batch: ``sequential`` (one trial at a time, 2 DDP
+  workers x 0.5 CPU) and ``concurrent`` (two single-worker trials at a time). Its trials train
+  for well under a minute, so it shows the fixed cost per trial at its worst;
+* ``--sweep FILE``: a shipped sweep file as users run it (e.g.
+  ``tune/sweeps/scientific_scratch.yaml`` on the shared real data), with its own trials, epochs
+  and early stopping.
+
+Measured per layout:
 
 * **trials per hour** = trials / ``Tuner.fit`` wall time x 3600 (and epochs per hour);
 * **overhead share** = 1 - (sum over trials of the time inside the training loop) / (``Tuner.fit``
@@ -22,11 +30,13 @@ Usage::
     python bench/tune.py             # scale 2.0, 6 epochs per trial, both layouts
     python bench/tune.py --layout concurrent
     python bench/tune.py --quick     # smoke: scale 0.3, 2 epochs
+    python bench/tune.py --sweep tune/sweeps/scientific_scratch.yaml   # -> tune_<file stem>.*
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +44,7 @@ import platform as pyplatform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -180,6 +191,33 @@ def phase_breakdown(sweep_dir: Path, slot_seconds: float) -> dict[str, float]:
     return {k: round(v, 1) for k, v in phases.items()}
 
 
+def measure(out: Any, concurrent: int, wall: float) -> dict[str, Any]:
+    """The figures of one finished sweep (``run_sweep``'s outcome, ``wall``: the whole call)."""
+    fit = out.fit_seconds
+    loop = sum(r.loop_seconds for r in out.rows)
+    slots = fit * concurrent
+    epochs_run = sum(r.epochs for r in out.rows)
+    return {
+        "concurrent_trials": concurrent, "trials": len(out.rows), "epochs_run": epochs_run,
+        "statuses": {s: sum(r.status == s for r in out.rows)
+                     for s in ("completed", "early_stopped", "errored")},
+        "fit_seconds": round(fit, 1), "slot_seconds": round(slots, 1),
+        "loop_seconds": round(loop, 1),
+        "overhead_share": round(1 - loop / slots, 4),
+        "overhead_per_trial_seconds": round((slots - loop) / max(1, len(out.rows)), 1),
+        "mean_trial_loop_seconds": round(loop / max(1, len(out.rows)), 1),
+        "trials_per_hour": round(len(out.rows) / fit * 3600, 1),
+        "epochs_per_hour": round(epochs_run / fit * 3600, 1),
+        "after_fit_seconds": round(wall - fit, 1),
+        "meets_target": 1 - loop / slots < OVERHEAD_TARGET,
+        "registered": out.registered,
+        "phases_seconds": phase_breakdown(out.sweep_dir, slots),
+        "rows": [{"trial": r.trial_id, "status": r.status, "epochs": r.epochs,
+                  "loop_seconds": round(r.loop_seconds, 1), "best_metric": r.best_metric,
+                  "params": r.params} for r in out.rows],
+    }
+
+
 def run_layout(tmp: Path, es: Any, epochs: int, layout: str) -> dict[str, Any]:
     from recsys.config import load_config
     from recsys.tuning.config import SweepConfig
@@ -192,64 +230,75 @@ def run_layout(tmp: Path, es: Any, epochs: int, layout: str) -> dict[str, Any]:
     load0 = loadavg()
     t0 = time.perf_counter()
     out = run_sweep(cfg, str(path))
-    total = time.perf_counter() - t0
-    fit = out.fit_seconds
-    loop = sum(r.loop_seconds for r in out.rows)
-    slots = fit * concurrent
-    epochs_run = sum(r.epochs for r in out.rows)
-    return {
-        "layout": layout, "concurrent_trials": concurrent, "workers_per_trial": workers,
-        "cpus_per_worker": cpus, "micro_batch_size": GLOBAL_BATCH // workers,
-        "loadavg_start": load0, "loadavg_end": loadavg(),
-        "trials": len(out.rows), "epochs_run": epochs_run,
-        "statuses": {s: sum(r.status == s for r in out.rows)
-                     for s in ("completed", "early_stopped", "errored")},
-        "fit_seconds": round(fit, 1), "slot_seconds": round(slots, 1),
-        "loop_seconds": round(loop, 1),
-        "overhead_share": round(1 - loop / slots, 4),
-        "overhead_per_trial_seconds": round((slots - loop) / max(1, len(out.rows)), 1),
-        "trials_per_hour": round(len(out.rows) / fit * 3600, 1),
-        "epochs_per_hour": round(epochs_run / fit * 3600, 1),
-        "after_fit_seconds": round(total - fit, 1),
-        "meets_target": 1 - loop / slots < OVERHEAD_TARGET,
-        "registered": out.registered,
-        "phases_seconds": phase_breakdown(out.sweep_dir, slots),
-        "rows": [{"trial": r.trial_id, "status": r.status, "epochs": r.epochs,
-                  "loop_seconds": round(r.loop_seconds, 1), "best_metric": r.best_metric,
-                  "params": r.params} for r in out.rows],
-    }
+    return {"layout": layout, "workers_per_trial": workers, "cpus_per_worker": cpus,
+            "micro_batch_size": GLOBAL_BATCH // workers, "loadavg_start": load0,
+            "loadavg_end": loadavg(), **measure(out, concurrent, time.perf_counter() - t0)}
 
 
-def run(scale: float, epochs: int, layouts: list[str]) -> dict[str, Any]:
+@contextlib.contextmanager
+def private_stack(tmp: Path) -> Iterator[float]:
+    """A private MLflow server and a private 2-CPU Ray cluster for the benchmark's sweeps;
+    yields Ray's start-up seconds."""
     from recsys.cluster import init_ray
     from recsys.tracking.server import LocalMlflowServer
 
     for var in ("RAY_ADDRESS", "RECSYS_RAY_ADDRESS"):
         os.environ.pop(var, None)  # a private local cluster, never another one on the machine
     os.environ.setdefault("RECSYS_PSEUDONYM_KEY", PSEUDONYM_KEY.hex())
-    with tempfile.TemporaryDirectory(prefix="bench-tune-") as d:
+    server = LocalMlflowServer(tmp / "mlflow").start()
+    os.environ["RECSYS_MLFLOW_TRACKING_URI"] = server.uri
+    try:
+        t0 = time.perf_counter()
+        init_ray(num_cpus=2)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield time.perf_counter() - t0
+    finally:
+        import ray
+
+        ray.shutdown()
+        server.stop()
+
+
+def run_shipped(path: Path, overrides: list[str]) -> dict[str, Any]:
+    """A sweep file as users run it (``recsys tune --config PATH``), in a private stack: its
+    own trials, epochs and early stopping, so the overhead share is that of a real sweep."""
+    from recsys.config import load_config
+    from recsys.tuning.config import SweepConfig
+    from recsys.tuning.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory(prefix="bench-tune-") as d, private_stack(Path(d)) as ray_s:
+        cfg = load_config(SweepConfig, path, [*overrides, f"output_dir={d}/tune", "resume=false",
+                                              f"registry.model_name=bench-tune-{path.stem}"])
+        base = cfg.base_config
+        log(f"{path}: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at a time")
+        load0 = loadavg()
+        t0 = time.perf_counter()
+        out = run_sweep(cfg, str(path))
+        res = measure(out, cfg.max_concurrent_trials, time.perf_counter() - t0)
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(), "sweep_file": str(path.relative_to(REPO)),
+        "overrides": overrides, "base_config": base, "ray_start_seconds": round(ray_s, 1),
+        "target_overhead_share": OVERHEAD_TARGET,
+        "layouts": {cfg.name: {"layout": cfg.name, "loadavg_start": load0,
+                               "loadavg_end": loadavg(),
+                               "workers_per_trial": cfg.resources.num_workers,
+                               "cpus_per_worker": cfg.resources.cpus_per_worker, **res}},
+    }
+
+
+def run(scale: float, epochs: int, layouts: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-tune-") as d, private_stack(Path(d)) as ray_s:
         tmp = Path(d)
-        server = LocalMlflowServer(tmp / "mlflow").start()
-        os.environ["RECSYS_MLFLOW_TRACKING_URI"] = server.uri
-        try:
-            t0 = time.perf_counter()
-            init_ray(num_cpus=2)
-            ray_start = time.perf_counter() - t0
-            import ray.data
-
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            es = build_examples(tmp, scale, save_tiny_encoder(tmp / "encoder"))
-            counts = {p: c.get("train_rows", 0) for p, c in es.manifest["platforms"].items()}
-            results = {name: run_layout(tmp, es, epochs, name) for name in layouts}
-        finally:
-            import ray
-
-            ray.shutdown()
-            server.stop()
+        es = build_examples(tmp, scale, save_tiny_encoder(tmp / "encoder"))
+        counts = {p: c.get("train_rows", 0) for p, c in es.manifest["platforms"].items()}
+        results = {name: run_layout(tmp, es, epochs, name) for name in layouts}
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(), "scale": scale, "epochs_per_trial": epochs,
-        "train_rows": counts, "ray_start_seconds": round(ray_start, 1),
+        "train_rows": counts, "ray_start_seconds": round(ray_s, 1),
         "target_overhead_share": OVERHEAD_TARGET, "layouts": results,
     }
 
@@ -257,31 +306,39 @@ def run(scale: float, epochs: int, layouts: list[str]) -> dict[str, Any]:
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
     layouts = res["layouts"]
+    if "sweep_file" in res:
+        what = (f"The shipped sweep `{res['sweep_file']}` as `recsys tune` runs it (its own "
+                f"trials, epochs, ASHA and early stopping; base `{res['base_config']}`"
+                + (f", overrides {res['overrides']}" if res["overrides"] else "")
+                + "), in a private Ray cluster and MLflow server, registry step included.")
+    else:
+        what = (f"A fixed micro-sweep: 4 trials (lr x dropout, random search, ASHA grace 2), "
+                f"pretraining on 3 synthetic shops (x{res['scale']}, train rows "
+                f"{res['train_rows']}), up to {res['epochs_per_trial']} epochs per trial, global "
+                f"batch {GLOBAL_BATCH}, MLflow parent/child runs, registry step at the end; run in "
+                "two layouts of the same 2 CPUs, in the same process.")
     lines = [
         "# Sweep benchmark (`bench/tune.py`)", "",
         f"{res['created']}; {m['cpus']} CPUs, Python {m['python']}, ray {m['ray']}, torch "
-        f"{m['torch']}, mlflow {m['mlflow']}. One run, both layouts in the same process.", "",
-        f"A fixed sweep: 4 trials (lr x dropout, random search, ASHA grace 2), pretraining on "
-        f"3 synthetic shops (x{res['scale']}, train rows {res['train_rows']}), up to "
-        f"{res['epochs_per_trial']} epochs per trial, global batch {GLOBAL_BATCH}, MLflow "
-        "parent/child runs, registry step at the end; run in two layouts of the same 2 CPUs.",
-        "",
+        f"{m['torch']}, mlflow {m['mlflow']}. One run.", "", what, "",
         "Overhead share = 1 - (sum over trials of the time inside the training loop) / "
         "(`Tuner.fit` wall time x concurrent trials): the share of trial-slot time not spent "
         "training (Ray/Tune/Train/MLflow). \"Inside the loop\" is the loop's own per-epoch "
         "`epoch_seconds` (train + validation). Target < "
         f"{100 * res['target_overhead_share']:.0f}%.", "",
         "| layout | trials at once x workers | trials/h | epochs/h | `fit` s | loop s | "
-        "overhead | per trial s | target | statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "loop s per trial | overhead | overhead s per trial | target | statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in layouts.items():
+        per_trial_loop = r.get("mean_trial_loop_seconds",
+                               round(r["loop_seconds"] / max(1, r["trials"]), 1))
         lines.append(
             f"| {name} | {r['concurrent_trials']} x {r['workers_per_trial']} "
             f"({r['cpus_per_worker']} CPU) | **{r['trials_per_hour']}** | {r['epochs_per_hour']} "
-            f"| {r['fit_seconds']} | {r['loop_seconds']} | **{100 * r['overhead_share']:.1f}%** "
-            f"| {r['overhead_per_trial_seconds']} | {'met' if r['meets_target'] else 'NOT met'} "
-            f"| {r['statuses']} |")
+            f"| {r['fit_seconds']} | {r['loop_seconds']} | {per_trial_loop} "
+            f"| **{100 * r['overhead_share']:.1f}%** | {r['overhead_per_trial_seconds']} "
+            f"| {'met' if r['meets_target'] else 'NOT met'} | {r['statuses']} |")
     if {"sequential", "concurrent"} <= set(layouts):
         a, b = layouts["sequential"], layouts["concurrent"]
         gain = b["epochs_per_hour"] / a["epochs_per_hour"]
@@ -301,13 +358,13 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"| {row['trial']} | {row['status']} | {row['epochs']} | "
                          f"{row['loop_seconds']} | {metric} |")
     lines += ["", "The overhead is mostly a fixed cost per trial (trial actor, Train controller "
-              "and worker processes, process group, dataset shards), so its share falls as trials "
-              "train longer. Two single-worker trials side by side overlap one trial's start-up "
-              "with the other's training and skip the all-reduce. ASHA's stop decisions differ "
-              "from run to run (CPU training is not bit-identical), and with them the mean trial "
-              "length and the overhead share; the seconds of overhead per trial are the figure "
-              "that compares across runs. One run on a shared machine: read the ratios, not the "
-              "seconds."]
+              "and worker processes, process group, dataset shards), so its share is that cost "
+              "over the mean trial's training time: it falls as trials train longer. Two "
+              "single-worker trials side by side overlap one trial's start-up with the other's "
+              "training and skip the all-reduce. ASHA's stop decisions differ from run to run "
+              "(CPU training is not bit-identical), and with them the mean trial length and the "
+              "overhead share; the seconds of overhead per trial are the figure that compares "
+              "across runs and sweeps. One run: read the ratios, not the seconds."]
     return "\n".join(lines) + "\n"
 
 
@@ -317,12 +374,18 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
+    p.add_argument("--sweep", type=Path, help="run this sweep file instead of the micro-sweep")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of --sweep's file")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    scale, epochs = (0.3, 2) if a.quick else (a.scale, a.epochs)
-    res = run(scale, epochs, list(LAYOUTS) if a.layout == "both" else [a.layout])
-    name = "tune_quick" if a.quick else "tune"
+    if a.sweep:
+        res = run_shipped(a.sweep.resolve(), a.overrides)
+        name = f"tune_{a.sweep.stem}"
+    else:
+        scale, epochs = (0.3, 2) if a.quick else (a.scale, a.epochs)
+        res = run(scale, epochs, list(LAYOUTS) if a.layout == "both" else [a.layout])
+        name = "tune_quick" if a.quick else "tune"
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (a.out / f"{name}.md").write_text(render(res))

@@ -24,6 +24,7 @@ SPLIT_DATASETS = ("train",)
 """Datasets Ray Train splits across workers (``DataConfig(datasets_to_split=...)``)."""
 
 
+
 def user_part(user_ids: Any, rank: int, world: int) -> np.ndarray:
     """Rows of this rank's users: crc32(user id) % world == rank. Order-independent, so every
     worker reading the same split whole gets a disjoint part and together they cover it."""
@@ -89,18 +90,44 @@ def collate(batch: dict[str, np.ndarray], max_len: int,
 
 def iter_batches(shard: Any, batch_size: int, max_len: int, *, shuffle_buffer: int = 0,
                  seed: int | None = None, platform_ids: dict[str, int] | None = None,
-                 device: torch.device | None = None,
-                 part: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                 device: torch.device | None = None, part: tuple[int, int] | None = None,
+                 length_buckets: int = 1) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches from a worker's shard, with an optional seeded local shuffle; ``part`` =
-    (rank, world): only this rank's users of a dataset every worker reads whole."""
+    (rank, world): only this rank's users of a dataset every worker reads whole.
+
+    ``length_buckets`` > 1: read that many batches' worth of rows at a time, order them by
+    history length, cut them into batches and yield those in a seeded random order. A batch is
+    padded to its longest history, so a random batch of short-history users (Scientific: 6
+    items on average, up to 50) is mostly padding, and the user tower's cost is per padded
+    position; batches of similar lengths cut it several-fold. Two shards of equal size still
+    give the same number of batches (each full read gives exactly ``length_buckets``), which
+    DDP needs.
+    """
     kwargs: dict[str, Any] = {}
     if shuffle_buffer:
         kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
+    rng = np.random.default_rng(seed)
+    read = batch_size * max(1, length_buckets)
+    for rows in shard.iter_batches(batch_size=read, batch_format="numpy", **kwargs):
         if part is not None and part[1] > 1:
-            keep = user_part(batch["user_id"], *part)
+            keep = user_part(rows["user_id"], *part)
             if not keep.any():
                 continue
-            batch = {k: v[keep] for k, v in batch.items()}
-        out = collate(batch, max_len, platform_ids)
-        yield out if device is None else {k: v.to(device) for k, v in out.items()}
+            rows = {k: v[keep] for k, v in rows.items()}
+        for idx in length_batches(rows["history"], batch_size, length_buckets, rng):
+            out = collate(rows if idx is None else {k: v[idx] for k, v in rows.items()},
+                          max_len, platform_ids)
+            yield out if device is None else {k: v.to(device) for k, v in out.items()}
+
+
+def length_batches(histories: Any, batch_size: int, buckets: int,
+                    rng: np.random.Generator) -> list[np.ndarray | None]:
+    """Row indices of each batch of one read (None: the whole read is one batch)."""
+    n = len(histories)
+    if buckets <= 1 or n <= batch_size:
+        return [None] if buckets <= 1 else [np.arange(n)]
+    lengths = np.fromiter((len(h) for h in histories), np.int64, count=n)
+    order = np.argsort(lengths, kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng.shuffle(batches)  # long and short batches interleaved, not a curriculum
+    return batches

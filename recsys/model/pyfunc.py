@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from recsys.model.export import Exported, load_export
+from recsys.model.recommender import seen_items
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
@@ -59,7 +60,8 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
                 if ids:
                     hist[r, max_len - len(ids):] = torch.as_tensor(ids)
             pid = torch.full((len(rows),), self.exported.items[name].platform_id)
-            scores = model.score_all(model.user_vector(hist, table, pid), table)  # (B, N+1)
+            scores = model.score_all(model.user_vector(hist, table, pid), table,
+                                     seen_items(hist, table.shape[0]), pid)  # (B, N+1)
             ks = rows["k"].astype(int).tolist() if "k" in rows else [10] * len(rows)
             top = torch.topk(scores, k=min(max(ks), table.shape[0] - 1), dim=1)
             item_ids = self.exported.items[name].item_ids

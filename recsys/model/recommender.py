@@ -9,6 +9,7 @@ of a new shop without having seen them.
                       [+ item id]                                        (optional, transductive)
     UserTower         history item vectors      -> user states (B, L, D) (causal, SASRec-style)
     score_all         user (B, D) . items       -> (B, N+1) full-catalog scores (retrieval)
+                      [+ repeat bias on seen]                            (optional, per platform)
     CTRHead           [user; item; user*item]   -> click logit (B,)      (ranking)
 
 Shapes: N items of one platform (item index 1..N, 0 = padding), H text width, D model width,
@@ -332,6 +333,12 @@ class Recommender(nn.Module):
     Id conventions: ``num_brands`` / ``num_categories`` are vocabulary sizes including id 0
     (``FeatureVocab.num_brands``); platform ids are 0..num_platforms-1. ``item_counts``
     (catalog size per platform id, 0 = none) switches on per-item id embeddings.
+
+    ``repeat_bias``: one learned score per platform, added to the items already in a user's
+    history. How often people take an item again is a property of the shop (a gift shop's
+    re-orders, a lab-supplies shop's one-off purchases), and a text model cannot learn it from
+    item vectors: the user vector sits near the vectors of the items just seen, which therefore
+    score high. Starts at 0 (no effect).
     """
 
     def __init__(
@@ -348,6 +355,7 @@ class Recommender(nn.Module):
         num_experts: int = 4,
         normalize: bool = True,
         item_counts: list[int] | None = None,
+        repeat_bias: bool = False,
         text_encoder: TextEncoder | None = None,
     ) -> None:
         super().__init__()
@@ -360,7 +368,8 @@ class Recommender(nn.Module):
             text_dim=text_dim, dim=dim, num_platforms=num_platforms, num_brands=num_brands,
             num_categories=num_categories, max_len=max_len, num_layers=num_layers,
             num_heads=num_heads, dropout=dropout, num_experts=num_experts, normalize=normalize,
-            item_counts=list(item_counts) if item_counts is not None else None)
+            item_counts=list(item_counts) if item_counts is not None else None,
+            repeat_bias=repeat_bias)
         if item_counts is not None and len(item_counts) != num_platforms:
             raise ValueError(f"item_counts has {len(item_counts)} entries for {num_platforms} "
                              "platforms")
@@ -370,6 +379,9 @@ class Recommender(nn.Module):
                                     num_experts, dropout, item_counts)
         self.user_tower = UserTower(dim, max_len, num_platforms, num_layers, num_heads, dropout)
         self.ctr_head = CTRHead(dim)
+        self.repeat: nn.Embedding | None = None
+        if repeat_bias:
+            self.enable_repeat_bias()
 
     # -- items ------------------------------------------------------------------------------------
 
@@ -416,12 +428,36 @@ class Recommender(nn.Module):
             user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
         return user @ items.T                                                 # (B, M)
 
-    def score_all(self, user: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
-        """Scores (B, N+1) against the whole catalog; padding column 0 is -inf."""
+    def score_all(self, user: torch.Tensor, item_table: torch.Tensor,
+                  seen: torch.Tensor | None = None,
+                  platform_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B, N+1) against the whole catalog; padding column 0 is -inf. ``seen``
+        (B, N+1) bool, with ``platform_ids`` (B,): items already in each user's history
+        (:func:`seen_items`), which get the platform's repeat bias."""
         scores = self.score_candidates(user, item_table)                      # (B, N+1)
+        if seen is not None and platform_ids is not None:
+            scores = scores + self.repeat_scores(seen, platform_ids)
         pad = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
         pad[0] = True
         return scores.masked_fill(pad, float("-inf"))
+
+    def repeat_scores(self, seen: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:
+        """What the repeat bias adds to scores (B, M): the platform's bias where ``seen``
+        (B, M) is True, else 0 (also everywhere for a model without a repeat bias)."""
+        if self.repeat is None:
+            return torch.zeros(seen.shape, dtype=self.ctr_head.linear.weight.dtype,
+                               device=seen.device)
+        bias = self.repeat(platform_ids)                                      # (B, 1)
+        return seen.to(bias.dtype) * bias                                     # (B, M)
+
+    def enable_repeat_bias(self) -> None:
+        """Add the per-platform repeat bias (zero: scores unchanged) to a model without one,
+        e.g. one pretrained before it existed. Call before building the optimizer."""
+        if self.repeat is None:
+            self.repeat = nn.Embedding(self.config["num_platforms"], 1,
+                                       device=self.ctr_head.linear.weight.device)
+            nn.init.zeros_(self.repeat.weight)
+        self.config["repeat_bias"] = True
 
     def ctr_logit(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Click logits (B,) of (user, item) pairs."""
@@ -435,6 +471,8 @@ class Recommender(nn.Module):
         optimizer: the grown tables are new Parameters."""
         self.item_tower.adapter.add_platforms(n)
         self.user_tower.add_platforms(n)
+        if self.repeat is not None:
+            self.repeat = _grow_embedding(self.repeat, n)
         self.config["num_platforms"] += n
         if self.item_tower.item_id is not None:  # new platforms: no id rows until set
             self.set_item_counts(self.item_tower.item_id.counts_list + [0] * n)
@@ -475,6 +513,14 @@ def _grow_embedding(emb: nn.Embedding, n: int, init: str = "mean") -> nn.Embeddi
     return new
 
 
+def seen_items(history: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(B, num_rows) bool: the items of each history (B, L) (0 = padding, never marked)."""
+    seen = torch.zeros(history.shape[0], num_rows, dtype=torch.bool, device=history.device)
+    seen.scatter_(1, history, True)
+    seen[:, 0] = False
+    return seen
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -482,5 +528,5 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "CTRHead", "ItemIdEmbedding", "ItemTower", "PlatformAdapter", "Recommender", "TextEncoder",
     "UserTower",
-    "apply_lora", "count_parameters", "load_text_encoder", "merge_lora",
+    "apply_lora", "count_parameters", "load_text_encoder", "merge_lora", "seen_items",
 ]

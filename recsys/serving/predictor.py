@@ -200,6 +200,7 @@ class Prepared:
     history_platforms: list[str]
     excluded: list[int]                  # item indices never to return
     allowed: np.ndarray | None           # item indices allowed by the filters (None: all)
+    seen: list[int] = field(default_factory=list)  # this catalog's history item indices
 
 
 class Predictor:
@@ -339,7 +340,7 @@ class Predictor:
             seq, used = cat.table[ids], [cat.platform]
         else:
             seq, used = self._cross_platform(cat.platform, histories)
-        return Prepared(request, cat, seq, used, excluded, allowed)
+        return Prepared(request, cat, seq, used, excluded, allowed, seen=ids)
 
     def _histories(self, user_id: str | None) -> dict[str, UserHistory]:
         if user_id is None or self.pseudonymizer is None:
@@ -411,6 +412,10 @@ class Predictor:
         if self.normalize:
             user = F.normalize(user, dim=-1)
         scores = cat.scoring @ user                                              # (N+1,)
+        if p.seen and self.model.repeat is not None:  # the learned repeat bias, as in training
+            pid = torch.tensor([cat.platform_id])
+            scores = scores.clone()
+            scores[torch.as_tensor(sorted(set(p.seen)))] += self.model.repeat(pid)[0, 0]
         return self._rank(cat, scores, p.request.k, p.excluded, p.allowed)
 
     def _rank(self, cat: Catalog, scores: torch.Tensor, k: int, excluded: list[int],

@@ -29,6 +29,9 @@ class ModelConfig(StrictModel):
     item_ids: bool = False
     """Add a learned vector per item of each trained platform to its text vector (UniSRec's
     text+ID): better on items with history, zero (text only) for items never trained on."""
+    repeat_bias: bool = True
+    """A learned score per platform for items already in the user's history (how often people
+    take an item again is a property of the shop; see ``Recommender``). Starts at 0."""
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -70,6 +73,10 @@ class OptimConfig(StrictModel):
     epochs: int = Field(20, ge=1)
     micro_batch_size: int = Field(256, ge=1)
     """Examples per worker per step (before accumulation)."""
+    length_buckets: int = Field(16, ge=1)
+    """Batch sequences of similar length: read this many batches' worth of rows at a time, sort
+    them by history length and cut them into batches (1 = random batches). Padding is most of a
+    random batch when histories are short and long-tailed; see ``recsys.data.feed``."""
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0)
     early_stopping_patience: int = Field(3, ge=1)

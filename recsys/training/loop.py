@@ -73,7 +73,8 @@ def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors]
     from recsys.training.ranking import rank_batches
 
     batches = iter_batches(shard, 512, cfg.data.sequences.max_seq_len,
-                           platform_ids=platform_ids, device=device, part=part)
+                           platform_ids=platform_ids, device=device, part=part,
+                           length_buckets=cfg.optim.length_buckets, seed=0)
     ranks = rank_batches(model, platforms, batches)
     names = sorted(platform_ids, key=platform_ids.get)  # a fixed row order on every rank
     row = {platform_ids[name]: i for i, name in enumerate(names)}
@@ -156,7 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for batch in iter_batches(train_shard, cfg.optim.micro_batch_size,
                                   cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
                                   seed=cfg.optim.seed + epoch * 1000 + rank,
-                                  platform_ids=platform_ids, device=device):
+                                  platform_ids=platform_ids, device=device,
+                                  length_buckets=cfg.optim.length_buckets):
             stats = engine.step(batch["history"], batch["target"], batch["platform"])
             losses.append(stats["loss"])
             seen += len(batch["target"])

@@ -28,7 +28,7 @@ def model_kwargs(cfg: TrainJobConfig, inputs: ItemInputs, text_dim: int,
         num_brands=inputs.vocab.num_brands, num_categories=inputs.vocab.num_categories,
         max_len=cfg.data.sequences.max_seq_len, num_layers=cfg.model.num_layers,
         num_heads=cfg.model.num_heads, dropout=cfg.model.dropout,
-        num_experts=cfg.model.num_experts)
+        num_experts=cfg.model.num_experts, repeat_bias=cfg.model.repeat_bias)
 
 
 def item_counts(inputs: ItemInputs, model_platforms: list[str]) -> list[int]:
@@ -65,6 +65,8 @@ def build_model(cfg: TrainJobConfig, inputs: ItemInputs, init: dict[str, Any] | 
         if grow > 0:
             model.add_platforms(grow)
         model.resize_features(inputs.vocab.num_brands, inputs.vocab.num_categories)
+        if cfg.model.repeat_bias:  # a source model without one starts the target's at 0
+            model.enable_repeat_bias()
         if counts is not None:  # keep the pretrained rows, add the new platforms' items
             known = model.config.get("item_counts") or [0] * len(counts)
             model.set_item_counts([max(a, b) for a, b in zip(known, counts, strict=True)])
@@ -116,6 +118,8 @@ def set_trainable(model: Recommender, cfg: TrainJobConfig) -> None:
     if strategy == "adapter_only":
         model.requires_grad_(False)
         model.item_tower.adapter.requires_grad_(True)
+        if model.repeat is not None:  # one score per platform
+            model.repeat.requires_grad_(True)
         if model.item_tower.item_id is not None:  # per-item, hence per-platform
             model.item_tower.item_id.requires_grad_(True)
         for name, p in model.user_tower.named_parameters():

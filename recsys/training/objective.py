@@ -83,6 +83,19 @@ def item_vectors(model: Recommender, p: PlatformTensors, ids: torch.Tensor | Non
     return vecs.masked_fill((all_ids == 0).unsqueeze(-1), 0.0)  # padding row stays zero
 
 
+def prefix_items(history: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For next-item prediction at every valid position of left-padded histories (b, L): the
+    items the user had seen by then, as (row, item) pairs; row = index of the position in
+    ``history[valid]`` order (the order of the loss's rows). A history of n items gives
+    n (n + 1) / 2 pairs, so batches of long histories cost the most (length buckets help)."""
+    L = history.shape[1]
+    upto = torch.tril(torch.ones(L, L, dtype=torch.bool, device=history.device))  # [t, s]: s<=t
+    pairs = valid[:, :, None] & upto[None] & (history[:, None, :] > 0)             # (b, t, s)
+    row_of = torch.cumsum(valid.flatten(), 0).view_as(valid) - 1                   # (b, L)
+    b, t, src = pairs.nonzero(as_tuple=True)
+    return row_of[b, t], history[b, src]
+
+
 class RecommenderObjective(nn.Module):
     """``forward(batch) -> (loss, stats)``; the module that DDP / DeepSpeed wrap."""
 
@@ -102,12 +115,16 @@ class RecommenderObjective(nn.Module):
             p = self.platforms[pid]
             hist, lab = history[rows], labels[rows]
             valid = hist > 0  # (b, L) positions with an input item
+            pids = platform[rows][0].expand(int(valid.sum()))  # (P,) this platform
+            seen_rows, seen_items = prefix_items(hist, valid)
             if self.cfg.kind == "full_softmax":
                 table = item_vectors(self.model, p, None)  # (N+1, D) once per step
                 states = self.model.user_states(hist, table, platform[rows])  # (b, L, D)
                 u = states[valid]  # (P, D)
                 y = lab[valid]  # (P,)
-                logits = self.model.score_all(u, table) / self.cfg.temperature  # (P, N+1)
+                seen = torch.zeros(len(y), table.shape[0], dtype=torch.bool, device=y.device)
+                seen[seen_rows, seen_items] = True  # (P, N+1) items up to each position
+                logits = self.model.score_all(u, table, seen, pids) / self.cfg.temperature
                 losses.append(F.cross_entropy(logits, y, reduction="sum"))
                 pos_vec = table[y]
                 neg_ids = self._sample(p, len(y))
@@ -117,7 +134,13 @@ class RecommenderObjective(nn.Module):
                 states = self.model.user_states(hist, table_hist, platform[rows])
                 u = states[valid]
                 cand_vec = table_hist[cand]  # (M, D), already encoded in _candidates
-                logits = self.model.score_candidates(u, cand_vec) / self.cfg.temperature
+                # (P, M) candidates already at or before each position (cand is sorted)
+                col = torch.searchsorted(cand, seen_items).clamp(max=len(cand) - 1)
+                hit = cand[col] == seen_items
+                seen = torch.zeros(len(y_idx), len(cand), dtype=torch.bool, device=cand.device)
+                seen[seen_rows[hit], col[hit]] = True
+                logits = (self.model.score_candidates(u, cand_vec)
+                          + self.model.repeat_scores(seen, pids)) / self.cfg.temperature
                 if self.cfg.logq_correction:
                     logits = logits - p.sample_logp[cand][None, :]
                 losses.append(F.cross_entropy(logits, y_idx, reduction="sum"))

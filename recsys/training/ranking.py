@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from recsys.evaluation.metrics import rank_of_target
-from recsys.model.recommender import Recommender
+from recsys.model.recommender import Recommender, seen_items
 from recsys.training.objective import PlatformTensors, item_vectors
 
 
@@ -34,7 +34,8 @@ def rank_batches(model: Recommender, platforms: dict[int, PlatformTensors],
                 tables[pid] = item_vectors(model, platforms[pid], None)
             table = tables[pid]
             user = model.user_vector(history[rows], table, platform[rows])  # (b, D)
-            scores = model.score_all(user, table)  # (b, N+1)
+            seen = seen_items(history[rows], table.shape[0])  # (b, N+1)
+            scores = model.score_all(user, table, seen, platform[rows])  # (b, N+1)
             acc = out.setdefault(pid, {"rank": [], "target": [], "rank_excl": []})
             acc["rank"].append(rank_of_target(scores, target[rows]).cpu().numpy())
             acc["target"].append(target[rows].cpu().numpy())

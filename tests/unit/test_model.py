@@ -21,6 +21,7 @@ from recsys.model.recommender import (
     apply_lora,
     count_parameters,
     merge_lora,
+    seen_items,
 )
 
 H, D, P, N, C, L = 32, 16, 2, 9, 3, 6  # text width, model width, platforms, items, depth, len
@@ -351,3 +352,40 @@ def test_parameter_count_of_the_reference_config() -> None:
                     max_len=50, num_layers=2, num_heads=2, dropout=0.1, num_experts=4)
     assert count_parameters(m) == 210_445
     assert count_parameters(m) == count_parameters(m, trainable_only=True)
+
+
+# -- repeat bias ----------------------------------------------------------------------------------
+
+
+def test_repeat_bias_adds_the_platforms_score_to_seen_items_only() -> None:
+    m = model(repeat_bias=True).eval()
+    table = m.item_table(*catalog(), platform_id=0)
+    user = torch.randn(2, D)
+    history = torch.tensor([[0, 0, 0, 2, 5, 2], [0, 0, 0, 0, 0, 7]])
+    seen = seen_items(history, N + 1)
+    assert seen.sum(1).tolist() == [2, 1] and not seen[:, 0].any()
+    pid = torch.tensor([0, 1])
+    plain = m.score_all(user, table)
+    torch.testing.assert_close(m.score_all(user, table, seen, pid), plain)  # starts at 0
+    with torch.no_grad():
+        m.repeat.weight.copy_(torch.tensor([[-0.5], [0.25]]))
+    diff = m.score_all(user, table, seen, pid) - plain
+    diff[:, 0] = 0  # padding column: -inf in both
+    want = torch.zeros(2, N + 1)
+    want[0, [2, 5]], want[1, 7] = -0.5, 0.25
+    torch.testing.assert_close(diff, want)
+    m.add_platforms(1)  # a new platform starts at the mean bias; the old ones keep theirs
+    torch.testing.assert_close(m.repeat.weight.squeeze(-1), torch.tensor([-0.5, 0.25, -0.125]))
+    rebuilt = Recommender(**m.config)
+    rebuilt.load_state_dict(m.state_dict())
+    torch.testing.assert_close(rebuilt.repeat.weight, m.repeat.weight)
+
+
+def test_repeat_bias_can_be_added_to_a_model_without_one() -> None:
+    m = model().eval()
+    assert m.repeat is None and m.config["repeat_bias"] is False
+    seen = torch.ones(1, N + 1, dtype=torch.bool)
+    assert m.repeat_scores(seen, torch.tensor([0])).abs().sum() == 0
+    m.enable_repeat_bias()
+    assert m.config["repeat_bias"] is True and m.repeat.weight.shape == (P, 1)
+    assert m.repeat.weight.abs().sum() == 0

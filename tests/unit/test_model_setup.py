@@ -156,7 +156,8 @@ def test_adapter_only_trains_the_per_platform_parts_only() -> None:
     _, init = pretrained()
     model = build_model(config("transfer", "adapter_only"), item_inputs(["shop_a", "shop_b"]),
                         init, ["shop_a", "shop_b"])
-    expected = names(model, "item_tower.adapter.") | {"user_tower.platform.weight"}
+    expected = names(model, "item_tower.adapter.") | {"user_tower.platform.weight",
+                                                      "repeat.weight"}
     assert trainable(model) == expected
     assert not trainable(model) & names(model, "ctr_head.")
 

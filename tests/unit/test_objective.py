@@ -245,3 +245,47 @@ def test_full_softmax_with_the_encoder_in_the_step_stays_finite() -> None:
     loss.backward()
     assert_finite_grads(obj)
     assert "item_tower.adapter.weight" in grad_names(obj.model)
+
+
+def test_prefix_items_pairs_each_position_with_the_items_seen_by_then() -> None:
+    from recsys.training.objective import prefix_items
+
+    history, _, _ = batch()
+    valid = history > 0
+    rows, items = prefix_items(history, valid)
+    want = []  # brute force, in the loss's row order (history[valid], row-major)
+    r = 0
+    for b in range(history.shape[0]):
+        for t in range(history.shape[1]):
+            if valid[b, t]:
+                want += [(r, int(i)) for i in history[b, :t + 1] if i > 0]
+                r += 1
+    assert sorted(zip(rows.tolist(), items.tolist(), strict=True)) == sorted(want)
+    assert int(rows.max()) == int(valid.sum()) - 1
+
+
+@pytest.mark.parametrize("kind", ["full_softmax", "sampled_softmax"])
+def test_repeat_bias_starts_neutral_and_learns_per_platform(kind: str) -> None:
+    """A zero bias leaves the loss as without one; trained on data where the next item is
+    always one just seen, the bias of that platform rises (and only that platform's)."""
+    plain = objective(kind, model=tiny_model(dropout=0.0))
+    with_bias = tiny_model(dropout=0.0)
+    with_bias.enable_repeat_bias()
+    biased = objective(kind, model=with_bias)
+    history, target, platform = batch()
+    torch.manual_seed(1)
+    a, _ = plain(history, target, platform)
+    torch.manual_seed(1)
+    b, _ = biased(history, target, platform)
+    assert torch.allclose(a, b)
+    # On platform 0 people take the same item again and again: every next item was seen.
+    hist0 = torch.tensor([[0, 3, 3, 3, 3], [0, 0, 7, 7, 7], [5, 5, 5, 5, 5]])
+    target0, platform0 = torch.tensor([3, 7, 5]), torch.zeros(3, dtype=torch.long)
+    opt = torch.optim.Adam([with_bias.repeat.weight], lr=0.05)
+    for _ in range(30):
+        loss, _ = biased(hist0, target0, platform0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bias = with_bias.repeat.weight.detach().squeeze(-1)
+    assert bias[0] > 0.3 and bias[1] == 0.0

@@ -219,3 +219,18 @@ def test_unknown_platform_survives_pickling() -> None:
     e = pickle.loads(pickle.dumps(UnknownPlatform("shop_q", ["shop_b", "shop_a"])))
     assert isinstance(e, UnknownPlatform) and isinstance(e, KeyError)
     assert str(e) == "unknown platform 'shop_q'; this model serves ['shop_a', 'shop_b']"
+
+
+def test_repeat_bias_moves_the_users_seen_items_as_in_training(world: ToyWorld) -> None:
+    """A model's learned repeat bias is applied to the items of the user's history on this
+    platform (here with exclude_seen off, so they can be returned at all)."""
+    p = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO)
+    cat = p.catalogs["shop_a"]
+    seen = {cat.index[f"shop_a-{n:03d}"] for n in (1, 4, 7, 2)}  # alice's history
+    p.model.enable_repeat_bias()
+    for bias in (5.0, -5.0):  # beyond any cosine difference: seen items first, or last
+        with torch.no_grad():
+            p.model.repeat.weight.fill_(bias)
+        _, ids, _, _ = rec(p, platform="shop_a", user_id="alice", k=12, exclude_seen=False)
+        head = {cat.index[i] for i in (ids[:4] if bias > 0 else ids[-4:])}
+        assert head == seen
