@@ -40,16 +40,20 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
         log.info("joined Ray cluster at %s", address)
         return
     with _own_address_env():
-        ray.init(
+        ctx = ray.init(
             address="local",  # a private cluster, even if `ray start` left one on this machine
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host=LOOPBACK,
+            # Not 8265: that is the `ray start --head` cluster's (`ray job submit` targets it).
+            # A private cluster holding it left a head started later without a dashboard, and
+            # Ray Train's placement-group cleaner then waited 12 s at the end of every fit.
+            dashboard_port=_free_port(),
             _node_ip_address=LOOPBACK,
             logging_level=logging.WARNING,
         )
-    log.info("started local Ray (%s CPUs), dashboard http://%s:8265", num_cpus or os.cpu_count(),
-             LOOPBACK)
+    log.info("started local Ray (%s CPUs), dashboard %s", num_cpus or os.cpu_count(),
+             f"http://{ctx.dashboard_url}" if ctx.dashboard_url else "off")
 
 
 @contextmanager
