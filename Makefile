@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: setup demo stop test test-slow bench lint lock clean
+.PHONY: setup demo stop test test-slow test-gpu bench lint lock clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" $(ARGS)
+
+# Needs a CUDA GPU and a CUDA build of torch (the local setup installs the CPU build).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m "gpu" tests/gpu $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py $(ARGS)

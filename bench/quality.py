@@ -213,6 +213,12 @@ def bias_off(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def repeat_bias(run: dict[str, Any]) -> str:
+    """'on' / 'off' from the run's config; '-' for a run recorded before the option existed."""
+    flag = run["config"]["model"].get("repeat_bias")
+    return "-" if flag is None else ("on" if flag else "off")
+
+
 def render(results: dict[str, Any]) -> str:
     from recsys.evaluation.report import PUBLISHED, PUBLISHED_SOURCE
 
@@ -223,11 +229,15 @@ def render(results: dict[str, Any]) -> str:
              "Not run here: the `full` and `lora` transfer strategies, which put the text encoder "
              "in every training step (MiniLM forward + backward over each step's distinct item "
              "texts: ~26 CPU-seconds per step by `bench/train_speed.py`, against ~0.6 s for a "
-             "frozen-cache step). That is what a GPU adds: fine-tuning the encoder itself, "
-             "`configs/train/gpu/`.", ""]
+             "frozen-cache step). That is what a GPU adds: fine-tuning the encoder itself "
+             "(`bench/gpu.py`, figures in `gpu.md` beside this file).", ""]
     lines += ["## Against published numbers", "",
-              "| platform | run | Recall@10 | NDCG@10 | Recall@50 | NDCG@50 | VQ-Rec R@10 / N@10 "
-              "| ratio R@10 / N@10 |", "|---|---|---|---|---|---|---|---|"]
+              "`repeat bias`: whether the run learned the per-platform score for items already "
+              "in the user's history (`model.repeat_bias`); `-` marks runs recorded before that "
+              "option existed (the model then had none).", "",
+              "| platform | run | repeat bias | Recall@10 | NDCG@10 | Recall@50 | NDCG@50 "
+              "| VQ-Rec R@10 / N@10 | ratio R@10 / N@10 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for plat, run in (("scientific", "scientific_scratch"),
                       ("scientific", "scientific_scratch_no_repeat"),
                       ("scientific", "scientific_scratch_ids"),
@@ -237,11 +247,12 @@ def render(results: dict[str, Any]) -> str:
                       ("online_retail", "online_retail_scratch_ids")):
         if run not in runs:
             if run in ("scientific_scratch", "online_retail_scratch"):  # ablations: only if run
-                lines.append(f"| {plat} | {run} | not run yet | | | | | |")
+                lines.append(f"| {plat} | {run} | | not run yet | | | | | |")
             continue
         m = runs[run]["test"][plat]["metrics"]
         ref = PUBLISHED[plat]["VQ-Rec"]
-        lines.append(f"| {plat} | {run} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+        lines.append(f"| {plat} | {run} | {repeat_bias(runs[run])} | {m['recall@10']:.4f} | "
+                     f"{m['ndcg@10']:.4f} | "
                      f"{m['recall@50']:.4f} | {m['ndcg@50']:.4f} | {ref['recall@10']:.4f} / "
                      f"{ref['ndcg@10']:.4f} | {m['recall@10'] / ref['recall@10']:.3f} / "
                      f"{m['ndcg@10'] / ref['ndcg@10']:.3f} |")

@@ -39,6 +39,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined Ray cluster at %s", address)
         return
+    if dashboard and _dashboard_missing():
+        log.warning("Ray's dashboard packages are not installed (a minimal `pip install ray`, "
+                    "not ray[default]): starting without the dashboard")
+        dashboard = False
     with _own_address_env():
         ctx = ray.init(
             address="local",  # a private cluster, even if `ray start` left one on this machine
@@ -54,6 +58,12 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
         )
     log.info("started local Ray (%s CPUs), dashboard %s", num_cpus or os.cpu_count(),
              f"http://{ctx.dashboard_url}" if ctx.dashboard_url else "off")
+
+
+def _dashboard_missing() -> bool:
+    from ray._private.utils import get_dashboard_dependency_error
+
+    return get_dashboard_dependency_error() is not None
 
 
 @contextmanager

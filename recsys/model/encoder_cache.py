@@ -66,6 +66,12 @@ def encoder_fingerprint(encoder: str, max_tokens: int) -> str:
     return h.hexdigest()[:16]
 
 
+def encode_device() -> torch.device:
+    """Where one-off catalog encoding runs: this process's GPU if it has one (a GPU head node,
+    a single-GPU machine), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class TextVectorCache:
     """Frozen-encoder vectors by text hash, on disk; encodes only what is missing."""
 

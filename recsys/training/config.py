@@ -45,6 +45,9 @@ class LoraConfig(StrictModel):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
+    lr: float = Field(5e-4, gt=0)
+    """Learning rate of the LoRA adapters (``transfer.strategy=lora``); fresh low-rank weights
+    take a larger step than a pretrained encoder's own (``encoder.lr``)."""
 
 
 class EncoderConfig(StrictModel):
@@ -54,6 +57,10 @@ class EncoderConfig(StrictModel):
     """Frozen-encoder vectors, keyed by encoder + text hash (each text encoded once, ever)."""
     lora: LoraConfig = LoraConfig()
     encode_batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    """Learning rate of the pretrained encoder's weights under ``transfer.strategy=full``. The
+    towers' ``optim.lr`` (1e-3 and up) wrecks a pretrained BERT in a few hundred steps; BERT
+    fine-tuning uses 1e-5..1e-4. ``optim.lr_decay`` scales both rates alike."""
 
 
 class LossConfig(StrictModel):

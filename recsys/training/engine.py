@@ -37,10 +37,12 @@ class Engine:
     def load(self, directory: Path) -> dict[str, Any]:
         raise NotImplementedError
 
-    def set_lr(self, lr: float) -> None:
-        """Set every parameter group's learning rate (reduce-on-plateau)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    base_lrs: list[float]
+
+    def scale_lr(self, scale: float) -> None:
+        """Every parameter group at ``scale`` times its configured rate (reduce-on-plateau)."""
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * scale
 
     def train(self) -> None:
         self.module.train()
@@ -54,9 +56,9 @@ class DDPEngine(Engine):
         import ray.train.torch
 
         self.module = objective
-        params = [p for p in objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr,
+        self.optimizer = torch.optim.AdamW(param_groups(objective, cfg), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         # Frozen parameters are ignored by DDP; only a CTR head with weight 0 goes unused, and
         # looking for unused parameters costs a walk over the autograd graph every step.
         self.wrapped = ray.train.torch.prepare_model(
@@ -101,12 +103,12 @@ class DeepSpeedEngine(Engine):
         bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
         ds_cfg = build_deepspeed_config(cfg.deepspeed, cfg.optim, world_size, on_gpu=on_gpu,
                                         gpu_supports_bf16=bf16_ok)
-        params = [p for p in objective.parameters() if p.requires_grad]
-        self.ds, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params,
-                                                config=ds_cfg)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=objective, model_parameters=param_groups(objective, cfg), config=ds_cfg)
         self.module = objective
         self.ds_config = ds_cfg
         self.optimizer = self.ds.optimizer  # ZeRO's wrapper exposes the param_groups
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def step(self, history: torch.Tensor, target: torch.Tensor,
              platform: torch.Tensor) -> dict[str, float]:
@@ -129,6 +131,20 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"{directory}: DeepSpeed checkpoint has no client state")
         return {k: client_state[k] for k in ("epoch", "best", "bad_epochs", "curve", "lr_scale")
                 if k in client_state}
+
+
+def param_groups(objective: nn.Module, cfg: TrainJobConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in up to two optimizer groups: the towers and heads at
+    ``optim.lr``; the text encoder's trained weights (``full``: all of them, ``lora``: the
+    adapters) at ``encoder.lr`` / ``encoder.lora.lr``. Groups without parameters are left out."""
+    encoder_lr = (cfg.encoder.lora.lr if cfg.transfer.strategy == "lora" else cfg.encoder.lr)
+    towers: list[nn.Parameter] = []
+    encoder: list[nn.Parameter] = []
+    for name, p in objective.named_parameters():
+        if p.requires_grad:
+            (encoder if ".text_encoder." in f".{name}" else towers).append(p)
+    groups = [{"params": towers, "lr": cfg.optim.lr}, {"params": encoder, "lr": encoder_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def make_engine(objective: nn.Module, cfg: TrainJobConfig, world_size: int,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data.pipeline import ExampleSet, read_split
-from recsys.model.encoder_cache import TextVectorCache
+from recsys.model.encoder_cache import TextVectorCache, encode_device
 from recsys.model.features import FeatureVocab, ItemFeatures, load_item_features, load_token_ids
 
 
@@ -85,7 +85,8 @@ def prepare_item_inputs(example_set: ExampleSet, platforms: list[str],
     tokens = load_token_ids(example_set.path)
     out = ItemInputs(platforms=list(platforms), vocab=vocab)
     train = read_split(example_set, "train")
-    cache = TextVectorCache(Path(cache_dir), encoder, max_tokens) if with_vectors else None
+    cache = (TextVectorCache(Path(cache_dir), encoder, max_tokens, device=encode_device())
+             if with_vectors else None)
     for name in platforms:
         f: ItemFeatures = feats[name]
         vecs = cache.item_vectors(f, tokens) if cache is not None else None

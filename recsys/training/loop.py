@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = {"lr_scale": 1.0, **engine.load(Path(d))}
-        engine.set_lr(cfg.optim.lr * state["lr_scale"])
+        engine.scale_lr(state["lr_scale"])
         log.info("rank %d resumed after epoch %d (best %s %.4f)", rank, state["epoch"], METRIC,
                  state["best"])
 
@@ -171,6 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds,
                        epoch_seconds=time.perf_counter() - t0,  # train + validation
                        setup_seconds=setup_seconds, epoch_end_time=time.time())
+        if device.type == "cuda":  # this process's peak so far (weights, optimizer, activations)
+            metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         improved = metrics.get(METRIC, 0.0) > state["best"]
         state["best"] = max(state["best"], metrics.get(METRIC, 0.0))
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
@@ -179,8 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scale = lr_scale_after(state["lr_scale"], state["bad_epochs"], cfg.optim)
         if scale != state["lr_scale"]:
             state["lr_scale"] = scale
-            engine.set_lr(cfg.optim.lr * scale)
-        state["curve"].append({k: metrics[k] for k in ("epoch", "train_loss", METRIC)
+            engine.scale_lr(scale)
+        state["curve"].append({k: metrics[k] for k in ("epoch", "train_loss", METRIC,
+                                                       "train_seconds", "sequences_per_s")
                                if k in metrics})
         metrics["best_" + METRIC] = state["best"]
         if rank == 0:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from recsys.evaluation.report import EvalReport, write_report
+from recsys.model.encoder_cache import encode_device
 from recsys.model.export import ExportedItems, load_export, save_export
 from recsys.model.features import token_batch
 from recsys.model.recommender import Recommender, merge_lora
@@ -118,11 +119,16 @@ def _encode_catalog(model: Recommender, token_ids: list[np.ndarray] | None,
     if model.text_encoder is None or token_ids is None:
         raise ValueError("no cached text vectors and no fine-tuned encoder to compute them")
     model.eval()
+    device = encode_device()
+    encoder = model.text_encoder.to(device)
     bs = cfg.encoder.encode_batch_size
     chunks = []
-    for i in range(1, len(token_ids), bs):
-        input_ids, mask = token_batch(token_ids[i:i + bs])
-        chunks.append(model.encode_items_text(input_ids, mask).float().numpy())
+    try:
+        for i in range(1, len(token_ids), bs):
+            input_ids, mask = token_batch(token_ids[i:i + bs])
+            chunks.append(encoder(input_ids.to(device), mask.to(device)).float().cpu().numpy())
+    finally:
+        model.text_encoder.to("cpu")
     vecs = np.concatenate(chunks) if chunks else np.zeros((0, model.config["text_dim"]))
     return np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs.astype(np.float32)])
 
@@ -137,9 +143,6 @@ def _item_ids(setup: TrainSetup, platform: str) -> list[str]:
 
 def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     """Fit with Ray Train, export the best checkpoint, evaluate it on the test split."""
-    from recsys.tracking import runs
-    from recsys.tracking.server import ensure_experiment, ensure_tracking
-
     started = time.perf_counter()
     if not cfg.resume:
         _start_over(cfg)
@@ -147,7 +150,10 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     log.info("platforms: train %s, eval %s; encoder cache %s", setup.train_platforms,
              setup.eval_platforms, setup.inputs.cache_stats)
     uri = run_id = model_uri = None
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled:  # MLflow is imported only then (an untracked run needs none)
+        from recsys.tracking import runs
+        from recsys.tracking.server import ensure_experiment, ensure_tracking
+
         uri = ensure_tracking(get_settings())
         ensure_experiment(uri, cfg.tracking.experiment)
         run_id = runs.start_run(uri, cfg.tracking.experiment, cfg.name,

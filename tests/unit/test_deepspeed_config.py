@@ -81,10 +81,11 @@ def test_offload_without_zero_is_refused_naming_the_keys() -> None:
         ds_dict(0, offload_optimizer=True)
 
 
-def test_cpu_uses_torch_adam_and_a_gpu_the_fused_op() -> None:
-    """On CPU the fused Adam would be JIT-compiled (slow, needs a compiler): torch's is used."""
+def test_torch_adam_unless_the_optimizer_is_offloaded() -> None:
+    """DeepSpeed's fused Adam would be JIT-compiled on first use (gcc on CPU, nvcc on a GPU
+    node): torch's AdamW is used on both; DeepSpeedCPUAdam only with offload."""
     assert ds_dict(2)["optimizer"]["params"]["torch_adam"] is True
-    assert ds_dict(2, on_gpu=True, bf16_gpu=True)["optimizer"]["params"]["torch_adam"] is False
+    assert ds_dict(2, on_gpu=True, bf16_gpu=True)["optimizer"]["params"]["torch_adam"] is True
     # Communication overlap only pays (and only works) with a GPU stream.
     assert ds_dict(2)["zero_optimization"]["overlap_comm"] is False
     assert ds_dict(2, on_gpu=True)["zero_optimization"]["overlap_comm"] is True

@@ -286,3 +286,51 @@ def test_shrink_and_perturb_are_bounded() -> None:
     for bad in ("transfer.shrink=0", "transfer.shrink=1.5", "transfer.perturb=-0.1"):
         with pytest.raises(ValueError, match="transfer"):
             load_config(TrainJobConfig, None, ["mode=transfer", "transfer.init_from=x", bad])
+
+
+# -- learning rates ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy,encoder_lr", [("full", 5e-5), ("lora", 5e-4)])
+def test_the_encoder_trains_at_its_own_rate(fake_encoder: list[str], strategy: str,
+                                            encoder_lr: float) -> None:
+    """A pretrained BERT fine-tuned at the towers' rate is wrecked; LoRA's fresh adapters take
+    their own (larger) step. Every trainable parameter is in exactly one group."""
+    from recsys.training.engine import param_groups
+
+    _, init = pretrained()
+    cfg = config("transfer", strategy)
+    model = build_model(cfg, item_inputs(["shop_a", "shop_b"]), init, ["shop_a", "shop_b"])
+    groups = param_groups(model, cfg)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    encoder = {id(p) for n, p in model.named_parameters()
+               if n.startswith("text_encoder.") and p.requires_grad}
+    assert set(by_lr) == {cfg.optim.lr, encoder_lr}
+    assert by_lr[encoder_lr] == encoder and encoder
+    assert by_lr[cfg.optim.lr] | encoder == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not by_lr[cfg.optim.lr] & encoder
+
+
+def test_without_an_encoder_in_the_step_there_is_one_group() -> None:
+    from recsys.training.engine import param_groups
+
+    cfg = config("pretrain")
+    model = build_model(cfg, item_inputs(["shop_a"]), None, ["shop_a"])
+    (group,) = param_groups(model, cfg)
+    assert group["lr"] == cfg.optim.lr
+    assert len(group["params"]) == len(list(model.parameters()))
+
+
+def test_lr_decay_scales_every_group_from_its_own_rate(fake_encoder: list[str]) -> None:
+    from recsys.training.engine import Engine, param_groups
+
+    _, init = pretrained()
+    cfg = config("transfer", "full")
+    model = build_model(cfg, item_inputs(["shop_a", "shop_b"]), init, ["shop_a", "shop_b"])
+    engine = Engine()
+    engine.optimizer = torch.optim.AdamW(param_groups(model, cfg))
+    engine.base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
+    engine.scale_lr(0.5)
+    engine.scale_lr(0.25)  # from the configured rates, not compounded on the last call
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [cfg.optim.lr * 0.25,
+                                                                 cfg.encoder.lr * 0.25]
