@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.config import apply_overrides
 from recsys.model.export import load_export
 from recsys.training.config import TrainJobConfig
 from recsys.training.run import TrainOutcome, run_training
@@ -45,13 +46,8 @@ def _cfg(examples: Any, tmp: Path, name: str, **over: Any) -> TrainJobConfig:
         "output_dir": str(tmp / "runs"),
         "resume": False,
     }
-    for key, value in over.items():
-        node = base
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return TrainJobConfig.model_validate(base)
+    return TrainJobConfig.model_validate(
+        apply_overrides(base, [f"{key}={value}" for key, value in over.items()]))
 
 
 def _check_trained(out: TrainOutcome, epochs: int) -> dict[str, Any]:
