@@ -125,6 +125,8 @@ def render(res: dict[str, Any]) -> str:
         lines += ["", "Ratios in this run:", *ratios]
     if res.get("skipped"):
         lines += ["", f"Not run (time budget): {', '.join(res['skipped'])}."]
+    for note in res.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -136,10 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=1e9,
                    help="start no further run once this many seconds have passed")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--render", action="store_true",
+                   help="only re-write gpu.md from gpu.json (e.g. after adding notes to it)")
     p.add_argument("--cpu", action="store_true",
                    help="smoke-test this script on CPU workers (its figures then mean nothing)")
     a = p.parse_args(argv)
     os.chdir(REPO)
+    if a.render:
+        (a.out / "gpu.md").write_text(render(json.loads((a.out / "gpu.json").read_text())))
+        print((a.out / "gpu.md").read_text())
+        return 0
     names = a.runs.split(",")
     unknown = sorted(set(names) - set(RUNS))
     if unknown:

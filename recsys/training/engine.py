@@ -44,6 +44,10 @@ class Engine:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * scale
 
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far (non-finite gradients); DDP never skips one."""
+        return 0
+
     def train(self) -> None:
         self.module.train()
 
@@ -109,6 +113,14 @@ class DeepSpeedEngine(Engine):
         self.ds_config = ds_cfg
         self.optimizer = self.ds.optimizer  # ZeRO's wrapper exposes the param_groups
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        if on_gpu:
+            # ZeRO keeps the 16-bit weights as views into one flat buffer, not all 16-byte
+            # aligned; the fused TransformerEncoderLayer inference path hands them to cuBLASLt,
+            # which failed on an H200 with "misaligned address". The regular path is unaffected.
+            torch.backends.mha.set_fastpath_enabled(False)
+
+    def skipped_steps(self) -> int:
+        return int(self.ds.skipped_steps)
 
     def step(self, history: torch.Tensor, target: torch.Tensor,
              platform: torch.Tensor) -> dict[str, float]:

@@ -57,8 +57,26 @@ def lr_scale_after(scale: float, bad_epochs: int, optim: OptimConfig) -> float:
     return scale
 
 
+def check_epoch(epoch: int, losses: list[float], skipped_steps: int) -> None:
+    """Fail loudly on an epoch that trained nothing: a non-finite loss, or every optimizer step
+    skipped (DeepSpeed skips a step whose gradients are not finite, and says nothing)."""
+    if losses and not np.isfinite(losses).all():
+        raise FloatingPointError(f"epoch {epoch}: non-finite training loss "
+                                 f"({sum(not np.isfinite(x) for x in losses)} of {len(losses)} "
+                                 "steps)")
+    if losses and skipped_steps >= len(losses):
+        raise FloatingPointError(f"epoch {epoch}: all {len(losses)} optimizer steps were skipped "
+                                 "(non-finite gradients); nothing trained")
+
+
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks. NCCL reduces CUDA tensors only: there the sums make
+    the round trip through this rank's GPU."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            on_gpu = values.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(on_gpu)
+            return on_gpu.cpu()
         torch.distributed.all_reduce(values)
     return values
 
@@ -153,7 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs):
         t0 = time.perf_counter()
         engine.train()
-        losses, seen = [], 0
+        losses, seen, skipped_before = [], 0, engine.skipped_steps()
         for batch in iter_batches(train_shard, cfg.optim.micro_batch_size,
                                   cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
                                   seed=cfg.optim.seed + epoch * 1000 + rank,
@@ -163,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             losses.append(stats["loss"])
             seen += len(batch["target"])
         train_seconds = time.perf_counter() - t0
+        skipped = engine.skipped_steps() - skipped_before
+        check_epoch(epoch, losses, skipped)
         engine.eval()
         metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device,
                                  part=None if "valid" in SPLIT_DATASETS else (rank, world))
@@ -170,7 +190,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
                        train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds,
                        epoch_seconds=time.perf_counter() - t0,  # train + validation
-                       setup_seconds=setup_seconds, epoch_end_time=time.time())
+                       setup_seconds=setup_seconds, epoch_end_time=time.time(),
+                       skipped_steps=skipped)
         if device.type == "cuda":  # this process's peak so far (weights, optimizer, activations)
             metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         improved = metrics.get(METRIC, 0.0) > state["best"]
@@ -183,7 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["lr_scale"] = scale
             engine.scale_lr(scale)
         state["curve"].append({k: metrics[k] for k in ("epoch", "train_loss", METRIC,
-                                                       "train_seconds", "sequences_per_s")
+                                                       "train_seconds", "sequences_per_s",
+                                                       "gpu_max_memory_gib", "skipped_steps")
                                if k in metrics})
         metrics["best_" + METRIC] = state["best"]
         if rank == 0:

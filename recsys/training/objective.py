@@ -68,9 +68,17 @@ def item_vectors(model: Recommender, p: PlatformTensors, ids: torch.Tensor | Non
     """
     all_ids = torch.arange(p.num_items + 1, device=p.brand_ids.device) if ids is None else ids
     if model.text_encoder is not None and p.token_ids is not None:
-        toks = [p.token_ids[i] for i in all_ids.tolist()]
-        input_ids, mask = token_batch(toks)
-        text = model.encode_items_text(input_ids.to(all_ids.device), mask.to(all_ids.device))
+        # The padding row (id 0) has no tokens and never goes through the encoder: an all-masked
+        # row is NaN in CUDA's fused attention, and its NaN gradients, though the row is zeroed
+        # below, made ZeRO skip every optimizer step (seen on an H200 in bf16).
+        real = (all_ids > 0).nonzero().squeeze(1)                       # (R,) rows with text
+        text = torch.zeros(len(all_ids), model.config["text_dim"], device=all_ids.device,
+                           dtype=model.item_tower.adapter.weight.dtype)
+        if len(real):
+            input_ids, mask = token_batch([p.token_ids[i] for i in all_ids[real].tolist()])
+            encoded = model.encode_items_text(input_ids.to(all_ids.device),
+                                              mask.to(all_ids.device))   # (R, H)
+            text = text.index_copy(0, real, encoded.to(text.dtype))
     else:
         if p.text_vecs is None:
             raise ValueError("no cached text vectors for the item tower, and "

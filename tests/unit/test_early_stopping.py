@@ -39,3 +39,18 @@ def test_lr_decays_after_each_patience_run_of_bad_epochs_and_keeps_its_level() -
 
 def test_constant_lr_by_default() -> None:
     assert run_scales([1, 2, 3, 4, 5, 6], OptimConfig()) == [1.0] * 6
+
+
+def test_an_epoch_that_trained_nothing_fails_loudly() -> None:
+    """DeepSpeed skips steps with non-finite gradients without a word: an epoch whose every
+    step was skipped (or whose loss went non-finite) must stop the run, not report a score."""
+    import pytest
+
+    from recsys.training.loop import check_epoch
+
+    check_epoch(0, [8.4, 8.3], skipped_steps=1)  # one skipped step is DeepSpeed doing its job
+    check_epoch(0, [], skipped_steps=0)  # an empty shard trains nothing and is no error
+    with pytest.raises(FloatingPointError, match="all 2 optimizer steps were skipped"):
+        check_epoch(3, [8.4, 8.4], skipped_steps=2)
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        check_epoch(3, [8.4, float("nan")], skipped_steps=0)
