@@ -199,8 +199,8 @@ def bias_off(results: dict[str, Any]) -> dict[str, Any]:
     es = load_example_set(BASE["data"]["examples"])
     out: dict[str, Any] = {}
     for run, plat in (("scientific_scratch", TARGET), ("online_retail_scratch", "online_retail")):
-        if run not in results["runs"]:
-            continue
+        if run not in results["runs"] or repeat_bias(results["runs"][run]) != "on":
+            continue  # not run, or recorded before the model had a repeat bias
         exported = load_export(Path(BASE["output_dir"]) / run / "export")
         bias = exported.model.repeat
         weights = None if bias is None else bias.weight.detach()[:, 0]
