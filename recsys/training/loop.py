@@ -57,16 +57,18 @@ def lr_scale_after(scale: float, bad_epochs: int, optim: OptimConfig) -> float:
     return scale
 
 
-def check_epoch(epoch: int, losses: list[float], skipped_steps: int) -> None:
+def check_epoch(epoch: int, losses: list[float], skipped_steps: int,
+                optimizer_steps: int) -> None:
     """Fail loudly on an epoch that trained nothing: a non-finite loss, or every optimizer step
-    skipped (DeepSpeed skips a step whose gradients are not finite, and says nothing)."""
+    skipped (DeepSpeed skips a step whose gradients are not finite, and says nothing).
+    ``losses``: one per micro-batch; ``optimizer_steps``: the updates they made up."""
     if losses and not np.isfinite(losses).all():
         raise FloatingPointError(f"epoch {epoch}: non-finite training loss "
                                  f"({sum(not np.isfinite(x) for x in losses)} of {len(losses)} "
                                  "steps)")
-    if losses and skipped_steps >= len(losses):
-        raise FloatingPointError(f"epoch {epoch}: all {len(losses)} optimizer steps were skipped "
-                                 "(non-finite gradients); nothing trained")
+    if optimizer_steps and skipped_steps >= optimizer_steps:
+        raise FloatingPointError(f"epoch {epoch}: all {optimizer_steps} optimizer steps were "
+                                 "skipped (non-finite gradients); nothing trained")
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -182,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seen += len(batch["target"])
         train_seconds = time.perf_counter() - t0
         skipped = engine.skipped_steps() - skipped_before
-        check_epoch(epoch, losses, skipped)
+        check_epoch(epoch, losses, skipped, len(losses) // cfg.optim.grad_accum)
         engine.eval()
         metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device,
                                  part=None if "valid" in SPLIT_DATASETS else (rank, world))

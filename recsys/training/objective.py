@@ -69,8 +69,9 @@ def item_vectors(model: Recommender, p: PlatformTensors, ids: torch.Tensor | Non
     all_ids = torch.arange(p.num_items + 1, device=p.brand_ids.device) if ids is None else ids
     if model.text_encoder is not None and p.token_ids is not None:
         # The padding row (id 0) has no tokens and never goes through the encoder: an all-masked
-        # row is NaN in CUDA's fused attention, and its NaN gradients, though the row is zeroed
-        # below, made ZeRO skip every optimizer step (seen on an H200 in bf16).
+        # row can come out NaN from CUDA's fused attention, and NaN gradients (zeroing the row
+        # afterwards does not stop them) make ZeRO skip every optimizer step: the most likely
+        # cause of full/lora transfers that trained nothing on an H200 in bf16.
         real = (all_ids > 0).nonzero().squeeze(1)                       # (R,) rows with text
         text = torch.zeros(len(all_ids), model.config["text_dim"], device=all_ids.device,
                            dtype=model.item_tower.adapter.weight.dtype)

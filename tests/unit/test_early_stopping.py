@@ -48,9 +48,12 @@ def test_an_epoch_that_trained_nothing_fails_loudly() -> None:
 
     from recsys.training.loop import check_epoch
 
-    check_epoch(0, [8.4, 8.3], skipped_steps=1)  # one skipped step is DeepSpeed doing its job
-    check_epoch(0, [], skipped_steps=0)  # an empty shard trains nothing and is no error
+    check_epoch(0, [8.4, 8.3], skipped_steps=1, optimizer_steps=2)  # DeepSpeed doing its job
+    check_epoch(0, [], skipped_steps=0, optimizer_steps=0)  # an empty shard is no error
     with pytest.raises(FloatingPointError, match="all 2 optimizer steps were skipped"):
-        check_epoch(3, [8.4, 8.4], skipped_steps=2)
+        check_epoch(3, [8.4, 8.4], skipped_steps=2, optimizer_steps=2)
+    # With gradient accumulation, 4 micro-batches make 2 updates: both skipped is all of them.
+    with pytest.raises(FloatingPointError, match="all 2 optimizer steps were skipped"):
+        check_epoch(3, [8.4] * 4, skipped_steps=2, optimizer_steps=2)
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
-        check_epoch(3, [8.4, float("nan")], skipped_steps=0)
+        check_epoch(3, [8.4, float("nan")], skipped_steps=0, optimizer_steps=2)
