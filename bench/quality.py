@@ -10,13 +10,18 @@ sequence-model speed; DDP with 2 workers on CPU):
 * ``scientific_scratch_ids``, ``online_retail_scratch_ids``: with a learned id vector per item
   (``model.item_ids``; Online Retail also with ``optim.lr_decay``);
 * ``pretrain_sources``: one model on Online Retail + Office + MovieLens pooled;
+  ``pretrain_sources_long``: the same carried on (from a copy of its checkpoints) with a smaller
+  step each time validation stops rising;
 * ``scientific_transfer_<strategy>``: that model transferred to Scientific; ``*_shrunk``: the
   same from shrunk and perturbed pretrained weights (``transfer.shrink`` / ``perturb``);
-* ``scientific10_*``: the same with only 10% of Scientific's users for training (seeded).
+  ``*_long``: from ``pretrain_sources_long``;
+* ``scientific10_*``: the same with only 10% of Scientific's users for training (seeded);
+* ``*_seed<n>``: scratch and the shrunk transfer at 100% again with ``optim.seed`` n.
 
 Results merge into ``bench/results/quality.json`` by run name, so a long benchmark can be run
 in parts (``--runs``); ``quality.md`` is rendered from everything recorded so far.
 
+``--resume`` continues recorded runs from their last checkpoints under the plan's (larger) cap.
 ``--paired`` then re-evaluates the recorded exports: paired bootstrap intervals of transfer vs
 scratch (and of the repeat bias), and each scratch run with its repeat bias removed at test.
 
@@ -62,11 +67,19 @@ BASE: dict[str, Any] = {
 # (shrink 0.5/0.7 with perturb 0.5/0.3, 0.3 with 0/0.1/0.3, 0.2 with 0.1 were tried).
 SHRINK_PERTURB = {"shrink": 0.3, "perturb": 0.1}
 
+# Scientific at 100% of its users: scratch used all of a 40-epoch cap (valid NDCG@10 still
+# rising), so every 100% run of the transfer comparison gets 60 (runs recorded at 40 were
+# resumed to 60 with ``--resume``). Extra seeds of the two arms that matter (scratch and the
+# shrunk transfer) separate a real gain from one seed's luck.
+CAP_100 = {"optim": {"epochs": 60}}
+SEEDS = [1, 2]
+SEEDED = ("scientific_scratch", "scientific_transfer_freeze_encoder_shrunk")
+
 
 def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
     """Run name -> config overrides (on top of BASE)."""
     runs: dict[str, dict[str, Any]] = {
-        "scientific_scratch": {"mode": "scratch", "train_platforms": [TARGET]},
+        "scientific_scratch": {"mode": "scratch", "train_platforms": [TARGET], **CAP_100},
         "scientific_scratch_no_repeat": {"mode": "scratch", "train_platforms": [TARGET],
                                          "model": {"repeat_bias": False}},
         # Text + a learned vector per item (UniSRec's text+ID): more capacity on items with
@@ -90,20 +103,40 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
         # A pretraining budget, not convergence: 12 passes over 670k events (~15 min on 2 cores).
         "pretrain_sources": {"mode": "pretrain", "train_platforms": SOURCES,
                              "optim": {"epochs": 12}},
+        # The same pretraining carried on from its 12th epoch, with a smaller step each time
+        # validation stops rising, until it stops (its valid NDCG@10 was still near its best).
+        "pretrain_sources_long": {"mode": "pretrain", "train_platforms": SOURCES,
+                                  "continue_from": "pretrain_sources",
+                                  "optim": {"epochs": 30, "lr_decay": 0.5}},
         "scientific10_scratch": {"mode": "scratch", "train_platforms": [TARGET],
                                  "user_fraction": 0.1},
     }
     init = f"{BASE['output_dir']}/pretrain_sources/export"
+    long = {"mode": "transfer", "train_platforms": [TARGET],
+            "transfer": {"init_from": f"{BASE['output_dir']}/pretrain_sources_long/export",
+                         "strategy": "freeze_encoder", **SHRINK_PERTURB}}
+    runs["scientific_transfer_freeze_encoder_shrunk_long"] = {**long, **CAP_100}
+    runs["scientific10_transfer_freeze_encoder_shrunk_long"] = {**long, "user_fraction": 0.1}
     for s in strategies:
         transfer = {"mode": "transfer", "train_platforms": [TARGET],
                     "transfer": {"init_from": init, "strategy": s}}
-        runs[f"scientific_transfer_{s}"] = transfer
+        runs[f"scientific_transfer_{s}"] = {**transfer, **CAP_100}
         runs[f"scientific10_transfer_{s}"] = {**transfer, "user_fraction": 0.1}
         if s != "adapter_only":  # shrinking weights that stay frozen only loses them
             shrunk = {**transfer, "transfer": {**transfer["transfer"], **SHRINK_PERTURB}}
-            runs[f"scientific_transfer_{s}_shrunk"] = shrunk
+            runs[f"scientific_transfer_{s}_shrunk"] = {**shrunk, **CAP_100}
             runs[f"scientific10_transfer_{s}_shrunk"] = {**shrunk, "user_fraction": 0.1}
+    for name in SEEDED:
+        if name in runs:
+            for seed in SEEDS:
+                runs[f"{name}_seed{seed}"] = merge(runs[name], {"optim": {"seed": seed}})
     return runs
+
+
+def seed_of(run: str) -> int:
+    """0 for the plan's base runs, n for their ``*_seed<n>`` twins."""
+    head, _, tail = run.rpartition("_seed")
+    return int(tail) if head and tail.isdigit() else 0
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -124,18 +157,31 @@ def ensure_examples() -> None:
                              ["stages=[ingest,examples]"]))
 
 
-def run_one(name: str, overrides: dict[str, Any], max_epochs: int | None) -> dict[str, Any]:
+def run_one(name: str, overrides: dict[str, Any], max_epochs: int | None,
+            previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one run from scratch, or (``previous``: its recorded result) continue it from its
+    latest checkpoint under the plan's cap (Ray Train resumes a run of the same name)."""
     from recsys.training.config import TrainJobConfig
     from recsys.training.run import run_training
 
+    overrides = dict(overrides)
+    source = overrides.pop("continue_from", None)
     cfg_dict = merge(BASE, {"name": name, **overrides})
     if max_epochs:
         cfg_dict["optim"]["epochs"] = max_epochs
+    cfg_dict["resume"] = previous is not None or source is not None
+    if source is not None:  # start from a copy of another run's checkpoints (Ray Train resumes)
+        continue_from(Path(BASE["output_dir"]) / source, Path(BASE["output_dir"]) / name)
     cfg = TrainJobConfig.model_validate(cfg_dict)
     out = run_training(cfg)
+    extra = {} if previous is None else {
+        "resumed": {"epochs_before": previous["epochs_run"],
+                    "cap_before": previous["config"]["optim"]["epochs"],
+                    "run_before": previous.get("continued_from", name)}}
     return {
         "config": cfg.model_dump(mode="json"),
-        "seconds": round(out.seconds, 1),
+        **extra,
+        "seconds": round(out.seconds + (previous["seconds"] if previous else 0.0), 1),
         "epochs_run": len(out.curve),
         "best_valid_ndcg@10": out.best_metric,
         "curve": out.curve,
@@ -144,6 +190,19 @@ def run_one(name: str, overrides: dict[str, Any], max_epochs: int | None) -> dic
                  for p, r in out.report.platforms.items()},
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def continue_from(src: Path, dst: Path) -> None:
+    """A fresh copy of ``src``'s Ray Train state (checkpoints and their manifest, which names
+    them by relative path) under ``dst``, so the run ``dst`` carries on where ``src`` stopped
+    and ``src`` stays as recorded."""
+    import shutil
+
+    if not (src / "checkpoint_manager_snapshot.json").exists():
+        raise SystemExit(f"{src} has no checkpoints to continue from; run it first")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("export", "report"))
 
 
 def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
@@ -170,18 +229,36 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
             cache[run] = per_user(ranks[TARGET], "ndcg@10")
         return cache[run]
 
-    pairs = [(run, f"{prefix}_scratch") for prefix in ("scientific", "scientific10")
+    def scratch_of(run: str) -> str:  # the scratch run of the same users and seed
+        prefix = run.split("_transfer_")[0]
+        return f"{prefix}_scratch" + (f"_seed{seed_of(run)}" if seed_of(run) else "")
+
+    pairs = [(run, scratch_of(run)) for prefix in ("scientific", "scientific10")
              for run in sorted(r for r in results["runs"] if r.startswith(f"{prefix}_transfer_"))]
     pairs.append(("scientific_scratch", "scientific_scratch_no_repeat"))  # the repeat bias
     out: dict[str, Any] = {}
+
+    def record(key: str, base: str, diff: Any, **extra: Any) -> None:
+        low, high = bootstrap_ci(diff, n=n_boot, seed=0)
+        out[key] = {"baseline": base, "gain": float(diff.mean()), "ci95": [low, high],
+                    "users": int(diff.size), "better_users": int((diff > 0).sum()),
+                    "worse_users": int((diff < 0).sum()), **extra}
+
     for run, base in pairs:
         if run in results["runs"] and base in results["runs"]:
-            diff = ndcg(run) - ndcg(base)
-            low, high = bootstrap_ci(diff, n=n_boot, seed=0)
             key = run if run.split("_")[1] == "transfer" else f"{run} vs {base}"
-            out[key] = {"baseline": base, "gain": float(diff.mean()), "ci95": [low, high],
-                        "users": int(diff.size), "better_users": int((diff > 0).sum()),
-                        "worse_users": int((diff < 0).sum())}
+            record(key, base, ndcg(run) - ndcg(base))
+    # Every seed of both arms: per-user NDCG@10 averaged over the seeds, then the same paired
+    # bootstrap. Seed-to-seed noise averages out of both arms; the interval is still over users.
+    transfer, scratch = SEEDED[1], SEEDED[0]
+    seeds = [n for n in [0, *SEEDS] if all(
+        (r if n == 0 else f"{r}_seed{n}") in results["runs"] for r in SEEDED)]
+    if len(seeds) > 1:
+        name = lambda r, n: r if n == 0 else f"{r}_seed{n}"  # noqa: E731
+        t = sum(ndcg(name(transfer, n)) for n in seeds) / len(seeds)
+        b = sum(ndcg(name(scratch, n)) for n in seeds) / len(seeds)
+        record(f"{transfer} (seeds {','.join(map(str, seeds))})", scratch, t - b,
+               seeds=seeds, transfer_ndcg=float(t.mean()), scratch_ndcg=float(b.mean()))
     return out
 
 
@@ -228,7 +305,7 @@ def render(results: dict[str, Any]) -> str:
              "2 CPU workers. Regenerate: `python bench/quality.py`.", "",
              "Not run here: the `full` and `lora` transfer strategies, which put the text encoder "
              "in every training step (MiniLM forward + backward over each step's distinct item "
-             "texts: ~26 CPU-seconds per step by `bench/train_speed.py`, against ~0.6 s for a "
+             "texts: ~14 CPU-seconds per step by `bench/train_speed.py`, against ~0.2 s for a "
              "frozen-cache step). That is what a GPU adds: fine-tuning the encoder itself "
              "(`bench/gpu.py`, figures in `gpu.md` beside this file).", ""]
     lines += ["## Against published numbers", "",
@@ -290,7 +367,8 @@ def render(results: dict[str, Any]) -> str:
     paired = results.get("paired", {})
     for prefix, label in (("scientific", "100%"), ("scientific10", "10%")):
         base = runs.get(f"{prefix}_scratch")
-        transfers = sorted(k for k in runs if k.startswith(f"{prefix}_transfer_"))
+        transfers = sorted(k for k in runs if k.startswith(f"{prefix}_transfer_")
+                           and not seed_of(k))
         names = [f"{prefix}_scratch", *transfers]
         for name in names:
             if name not in runs:
@@ -309,15 +387,64 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "95% CI: percentile bootstrap (2000 resamples, seeded) of the mean over test "
                   "users of (transfer - scratch) NDCG@10, users resampled together; an interval "
                   "that excludes 0 is a difference beyond the test set's sampling noise."]
+    short, long_ = runs.get("pretrain_sources"), runs.get("pretrain_sources_long")
+    if short and long_:
+        lines += ["", f"`*_long`: transferred from `pretrain_sources_long`, the source model "
+                  f"trained on to {long_['epochs_run']} epochs (best valid NDCG@10 on the "
+                  f"sources {long_['best_valid_ndcg@10']:.4f}) instead of "
+                  f"{short['epochs_run']} ({short['best_valid_ndcg@10']:.4f}); every other "
+                  "setting as the run without the suffix."]
+    lines += seed_lines(runs, paired)
     lines += ["", "## Runs", "",
               "Epochs run of the run's cap; a run that used its whole cap had not early-stopped "
-              "(early stopping: patience 5 epochs on valid NDCG@10, not before epoch 10).", "",
+              "(early stopping: patience 5 epochs on valid NDCG@10, not before epoch 10). "
+              "'resumed': recorded under a smaller cap, then continued from its last checkpoint "
+              "(`--resume`); seconds are both parts together. A run that stopped early under "
+              "a smaller cap than the plan's is kept as recorded: it stops at the same epoch "
+              "under any larger cap.", "",
               "| run | epochs (of cap) | best valid NDCG@10 | seconds |", "|---|---|---|---|"]
     for name, r in sorted(runs.items()):
         cap = r["config"]["optim"]["epochs"]
-        lines.append(f"| {name} | {r['epochs_run']} of {cap} | {r['best_valid_ndcg@10']:.4f} | "
-                     f"{r['seconds']:.0f} |")
+        res = r.get("resumed")
+        before = res and res.get("run_before", name)
+        note = "" if not res else (
+            f" (resumed after {res['epochs_before']} of {res['cap_before']})" if before == name
+            else f" (continues {before} after its {res['epochs_before']})")
+        lines.append(f"| {name} | {r['epochs_run']} of {cap}{note} | "
+                     f"{r['best_valid_ndcg@10']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def seed_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
+    """The two arms of the 100% comparison under every recorded seed, and all seeds pooled."""
+    scratch, transfer = SEEDED
+    seeds = [n for n in [0, *SEEDS] if all(
+        (r if n == 0 else f"{r}_seed{n}") in runs for r in SEEDED)]
+    if len(seeds) < 2:
+        return []
+    lines = ["", f"### Seeds (100% of users): `{transfer}` vs `{scratch}`", "",
+             "The same two configs trained again with other `optim.seed`s (initialisation, "
+             "fresh weights mixed into the shrunk ones, batch order); the test users are the "
+             "same.", "",
+             "| seed | scratch NDCG@10 | transfer NDCG@10 | gain | 95% CI of the gain (paired) |",
+             "|---|---|---|---|---|"]
+    for n in seeds:
+        t, b = (r if n == 0 else f"{r}_seed{n}" for r in (transfer, scratch))
+        tm, bm = (runs[r]["test"][TARGET]["metrics"]["ndcg@10"] for r in (t, b))
+        ci = paired.get(t, {}).get("ci95")
+        ci_s = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+        lines.append(f"| {n} | {bm:.4f} | {tm:.4f} | {tm - bm:+.4f} ({(tm / bm - 1) * 100:+.1f}%)"
+                     f" | {ci_s} |")
+    pooled = paired.get(f"{transfer} (seeds {','.join(map(str, seeds))})")
+    if pooled:
+        g, (lo, hi) = pooled["gain"], pooled["ci95"]
+        lines.append(f"| mean of {len(seeds)} | {pooled['scratch_ndcg']:.4f} | "
+                     f"{pooled['transfer_ndcg']:.4f} | {g:+.4f} "
+                     f"({(pooled['transfer_ndcg'] / pooled['scratch_ndcg'] - 1) * 100:+.1f}%) | "
+                     f"[{lo:+.4f}, {hi:+.4f}] |")
+        lines += ["", "Mean of the seeds: each test user's NDCG@10 averaged over the seeds of "
+                  "each arm, then the paired bootstrap over users as above."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                         "GPU territory)")
     p.add_argument("--max-epochs", type=int, help="cap epochs (smoke runs)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the named runs from their latest checkpoints under the plan's "
+                        "cap (for runs recorded under a smaller one)")
     p.add_argument("--paired", action="store_true",
                    help="only (re)compute the paired transfer-vs-scratch intervals from the "
                         "recorded runs' exports, and re-render")
@@ -361,7 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t = time.perf_counter()
         print(f"[quality] {name} ...", file=sys.stderr, flush=True)
-        results["runs"][name] = run_one(name, runs[name], a.max_epochs)
+        previous = results["runs"].get(name) if a.resume else None
+        if a.resume and previous is None:
+            raise SystemExit(f"--resume: {name} has no recorded run to continue")
+        source = runs[name].get("continue_from")
+        if source is not None:  # its first part is another recorded run
+            if source not in results["runs"]:
+                raise SystemExit(f"{name} continues {source}, which has no recorded run")
+            previous = {**results["runs"][source], "continued_from": source}
+        results["runs"][name] = run_one(name, runs[name], a.max_epochs, previous)
         print(f"[quality] {name} done in {time.perf_counter() - t:.0f}s", file=sys.stderr)
         a.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")

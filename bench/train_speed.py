@@ -722,6 +722,13 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
+def noise_sentence(other_pct: float) -> str:
+    """How far to trust the ratios, from how much of the machine other processes took."""
+    if other_pct >= 10:
+        return "On a machine this busy every ratio carries noise well beyond a few %"
+    return "A quiet machine, but still one run per figure: read differences of a few % as noise"
+
+
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
     c, tok, sps = res["comparisons"], res["encoder_tokens"], res["comparisons"]["sps"]
     cn = c["cpu_normalised"]
@@ -751,8 +758,8 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         f"Load average (1 min) {res['loadavg_start'][0]} at the start and "
         f"{res['loadavg_end'][0]} at the end; at the start of each run: {loads}. Other "
         f"processes used {res['other_cpu_share_pct']:.0f}% of the machine's CPU time during "
-        "the timed runs, so every ratio carries noise well beyond a few % (compare plain_a "
-        f"with plain_b, the same run twice: {c['plain_b_over_plain_a']:.2f}).",
+        f"the timed runs. {noise_sentence(res['other_cpu_share_pct'])} (compare plain_a with "
+        f"plain_b, the same run twice: {c['plain_b_over_plain_a']:.2f}).",
         "",
         "| comparison | value | target |",
         "|---|---|---|",
@@ -812,8 +819,7 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         f"that depends less on the other load. Workers: {res['args']['cpus_per_worker']} CPU "
         "each, "
         f"{res['worker_threads_summary']}; the plain loop ran with the same thread count and "
-        "niceness. Order: plain_a, Ray 1 worker, plain_b, plain at nice 0, DDP 2 workers, "
-        "DeepSpeed 2 workers.",
+        "niceness. Order: " + ", ".join(k for k in res["meters"] if k != "prepare_encode") + ".",
     ]
     lines += ["", "Per run (median of the counted epochs; 'other CPU' = share of the machine's CPU "
               "time used by processes outside this benchmark during the run):", "",
