@@ -16,7 +16,10 @@ sequence-model speed; DDP with 2 workers on CPU):
   same from shrunk and perturbed pretrained weights (``transfer.shrink`` / ``perturb``);
   ``*_long``: from ``pretrain_sources_long``;
 * ``scientific10_*``: the same with only 10% of Scientific's users for training (seeded);
-* ``*_seed<n>``: scratch and the shrunk transfer at 100% again with ``optim.seed`` n.
+* ``*_seed<n>``: scratch and the shrunk transfer at 100% again with ``optim.seed`` n;
+* ``pretrain_pooled``: the sources and Scientific's training users pooled (the product's
+  recipe for a platform that already has logs), then ``*_pooled_seed3``: fine-tuned on
+  Scientific, against ``scientific_scratch_seed3``.
 
 Results merge into ``bench/results/quality.json`` by run name, so a long benchmark can be run
 in parts (``--runs``); ``quality.md`` is rendered from everything recorded so far.
@@ -74,6 +77,7 @@ SHRINK_PERTURB = {"shrink": 0.3, "perturb": 0.1}
 CAP_100 = {"optim": {"epochs": 60}}
 SEEDS = [1, 2]
 SEEDED = ("scientific_scratch", "scientific_transfer_freeze_encoder_shrunk")
+POOLED_SEED = 3
 
 
 def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
@@ -110,6 +114,10 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
                                   "optim": {"epochs": 30, "lr_decay": 0.5}},
         "scientific10_scratch": {"mode": "scratch", "train_platforms": [TARGET],
                                  "user_fraction": 0.1},
+        # The product's own recipe: pretrain on every platform's pooled logs, the target's
+        # training users included (its valid/test events stay held out), then fine-tune.
+        "pretrain_pooled": {"mode": "pretrain", "train_platforms": [*SOURCES, TARGET],
+                            "optim": {"epochs": 12}},
     }
     init = f"{BASE['output_dir']}/pretrain_sources/export"
     long = {"mode": "transfer", "train_platforms": [TARGET],
@@ -130,6 +138,15 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
         if name in runs:
             for seed in SEEDS:
                 runs[f"{name}_seed{seed}"] = merge(runs[name], {"optim": {"seed": seed}})
+    # Fine-tuned from the pooled model as it is (it has seen the target already), against a
+    # scratch run of its own seed (the earlier runs' exports were not kept for pairing).
+    pooled = {"mode": "transfer", "train_platforms": [TARGET],
+              "transfer": {"init_from": f"{BASE['output_dir']}/pretrain_pooled/export",
+                           "strategy": "freeze_encoder"}}
+    runs[f"scientific_transfer_freeze_encoder_pooled_seed{POOLED_SEED}"] = merge(
+        {**pooled, **CAP_100}, {"optim": {"seed": POOLED_SEED}})
+    runs[f"scientific_scratch_seed{POOLED_SEED}"] = merge(runs["scientific_scratch"],
+                                                          {"optim": {"seed": POOLED_SEED}})
     return runs
 
 
@@ -205,12 +222,24 @@ def continue_from(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("export", "report"))
 
 
+def has_export(results: dict[str, Any], run: str) -> bool:
+    """The run's export is on disk and is the one recorded (same best validation score): not
+    so in a fresh checkout, or after the run was trained again under another name's files."""
+    meta = Path(BASE["output_dir"]) / run / "export" / "export.json"
+    if run not in results["runs"] or not meta.exists():
+        return False
+    best = json.loads(meta.read_text())["metrics"].get("best_valid_ndcg@10")
+    return best is not None and abs(best - results["runs"][run]["best_valid_ndcg@10"]) < 1e-9
+
+
 def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     """Transfer - scratch NDCG@10 per test user, and a paired bootstrap interval of its mean.
 
     Both models rank the same test users, so the difference is resampled user by user: much
     narrower than two separate intervals, since the models agree on most users. Re-evaluates
-    the runs' exports (the same function as the runs' own test reports).
+    the runs' exports (the same function as the runs' own test reports). A pair whose exports
+    are not both on disk as recorded (another checkout, or a run trained again since) keeps
+    the interval recorded before, so runs can be added without re-training the old ones.
     """
     from recsys.data.pipeline import load_example_set
     from recsys.evaluation.metrics import bootstrap_ci, per_user
@@ -220,6 +249,7 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     es = load_example_set(BASE["data"]["examples"])
     out_dir = Path(BASE["output_dir"])
     cache: dict[str, Any] = {}
+    previous = results.get("paired", {})
 
     def ndcg(run: str) -> Any:
         if run not in cache:
@@ -236,6 +266,7 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     pairs = [(run, scratch_of(run)) for prefix in ("scientific", "scientific10")
              for run in sorted(r for r in results["runs"] if r.startswith(f"{prefix}_transfer_"))]
     pairs.append(("scientific_scratch", "scientific_scratch_no_repeat"))  # the repeat bias
+    pairs.append(("pretrain_pooled", f"scientific_scratch_seed{POOLED_SEED}"))  # no fine-tune
     out: dict[str, Any] = {}
 
     def record(key: str, base: str, diff: Any, **extra: Any) -> None:
@@ -244,20 +275,33 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
                     "users": int(diff.size), "better_users": int((diff > 0).sum()),
                     "worse_users": int((diff < 0).sum()), **extra}
 
+    def keep(key: str) -> None:
+        if key in previous:
+            out[key] = previous[key]
+            print(f"[quality] paired: {key}: exports not on disk, the recorded interval kept",
+                  file=sys.stderr)
+
     for run, base in pairs:
         if run in results["runs"] and base in results["runs"]:
             key = run if run.split("_")[1] == "transfer" else f"{run} vs {base}"
-            record(key, base, ndcg(run) - ndcg(base))
+            if has_export(results, run) and has_export(results, base):
+                record(key, base, ndcg(run) - ndcg(base))
+            else:
+                keep(key)
     # Every seed of both arms: per-user NDCG@10 averaged over the seeds, then the same paired
     # bootstrap. Seed-to-seed noise averages out of both arms; the interval is still over users.
     transfer, scratch = SEEDED[1], SEEDED[0]
     seeds = [n for n in [0, *SEEDS] if all(
         (r if n == 0 else f"{r}_seed{n}") in results["runs"] for r in SEEDED)]
-    if len(seeds) > 1:
-        name = lambda r, n: r if n == 0 else f"{r}_seed{n}"  # noqa: E731
+    name = lambda r, n: r if n == 0 else f"{r}_seed{n}"  # noqa: E731
+    key = f"{transfer} (seeds {','.join(map(str, seeds))})"
+    if len(seeds) > 1 and not all(has_export(results, name(r, n))
+                                  for r in SEEDED for n in seeds):
+        keep(key)
+    elif len(seeds) > 1:
         t = sum(ndcg(name(transfer, n)) for n in seeds) / len(seeds)
         b = sum(ndcg(name(scratch, n)) for n in seeds) / len(seeds)
-        record(f"{transfer} (seeds {','.join(map(str, seeds))})", scratch, t - b,
+        record(key, scratch, t - b,
                seeds=seeds, transfer_ndcg=float(t.mean()), scratch_ndcg=float(b.mean()))
     return out
 
@@ -278,6 +322,12 @@ def bias_off(results: dict[str, Any]) -> dict[str, Any]:
     for run, plat in (("scientific_scratch", TARGET), ("online_retail_scratch", "online_retail")):
         if run not in results["runs"] or repeat_bias(results["runs"][run]) != "on":
             continue  # not run, or recorded before the model had a repeat bias
+        if not has_export(results, run):
+            if run in results.get("bias_off", {}):
+                out[run] = results["bias_off"][run]
+                print(f"[quality] bias_off: {run}: export not on disk, the recorded figures "
+                      "kept", file=sys.stderr)
+            continue
         exported = load_export(Path(BASE["output_dir"]) / run / "export")
         bias = exported.model.repeat
         weights = None if bias is None else bias.weight.detach()[:, 0]
@@ -321,6 +371,7 @@ def render(results: dict[str, Any]) -> str:
                       ("scientific", "scientific_scratch_decay"),
                       ("online_retail", "online_retail_scratch"),
                       ("online_retail", "online_retail_scratch_no_repeat"),
+                      ("online_retail", "online_retail_scratch_before_repeat_bias"),
                       ("online_retail", "online_retail_scratch_ids")):
         if run not in runs:
             if run in ("scientific_scratch", "online_retail_scratch"):  # ablations: only if run
@@ -395,6 +446,7 @@ def render(results: dict[str, Any]) -> str:
                   f"{short['epochs_run']} ({short['best_valid_ndcg@10']:.4f}); every other "
                   "setting as the run without the suffix."]
     lines += seed_lines(runs, paired)
+    lines += pooled_lines(runs, paired)
     lines += ["", "## Runs", "",
               "Epochs run of the run's cap; a run that used its whole cap had not early-stopped "
               "(early stopping: patience 5 epochs on valid NDCG@10, not before epoch 10). "
@@ -444,6 +496,40 @@ def seed_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
                      f"[{lo:+.4f}, {hi:+.4f}] |")
         lines += ["", "Mean of the seeds: each test user's NDCG@10 averaged over the seeds of "
                   "each arm, then the paired bootstrap over users as above."]
+    return lines
+
+
+def pooled_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
+    """The pooled model (sources + the target's training users) on the target as it is, and
+    fine-tuned there, against scratch of the same seed."""
+    pre = runs.get("pretrain_pooled")
+    if pre is None:
+        return []
+    tuned = f"scientific_transfer_freeze_encoder_pooled_seed{POOLED_SEED}"
+    scratch = f"scientific_scratch_seed{POOLED_SEED}"
+    lines = ["", "### Pretraining that includes the target", "",
+             f"`pretrain_pooled`: one model on {' + '.join(SOURCES)} + {TARGET} pooled (the "
+             f"target's training events only; each user's valid and test events stay held "
+             f"out), "
+             f"{pre['epochs_run']} epochs; then `{tuned}`: that model fine-tuned on {TARGET} "
+             "(`freeze_encoder`, from its weights as they are), against scratch with the same "
+             f"`optim.seed` {POOLED_SEED}. Not the transfer above (that one never sees the "
+             "target before fine-tuning): the recipe for a platform that already has logs.", "",
+             "| run | NDCG@10 | Recall@10 | gain vs scratch (NDCG@10) | 95% CI of the gain "
+             "(paired) |", "|---|---|---|---|---|"]
+    base = runs.get(scratch, {}).get("test", {}).get(TARGET, {}).get("metrics")
+    for name in (scratch, "pretrain_pooled", tuned):
+        if name not in runs:
+            lines.append(f"| {name} | not run yet | | | |")
+            continue
+        m = runs[name]["test"][TARGET]["metrics"]
+        gain = "" if name == scratch or base is None else (
+            f"{m['ndcg@10'] - base['ndcg@10']:+.4f} "
+            f"({(m['ndcg@10'] / base['ndcg@10'] - 1) * 100:+.1f}%)")
+        ci = (paired.get(name) or paired.get(f"{name} vs {scratch}") or {}).get("ci95")
+        ci_s = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['recall@10']:.4f} | {gain} | "
+                     f"{ci_s} |")
     return lines
 
 
