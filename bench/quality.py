@@ -17,7 +17,7 @@ sequence-model speed; DDP with 2 workers on CPU):
   ``*_long``: from ``pretrain_sources_long``;
 * ``scientific10_*``: the same with only 10% of Scientific's users for training (seeded);
 * ``*_seed<n>``: scratch and the shrunk transfer at 100% again with ``optim.seed`` n;
-* ``pretrain_pooled``: the sources and Scientific's training users pooled (the product's
+* ``pretrain_pooled``: the sources and Scientific's training events pooled (the product's
   recipe for a platform that already has logs), then ``*_pooled_seed3``: fine-tuned on
   Scientific, against ``scientific_scratch_seed3``.
 
@@ -137,16 +137,16 @@ def plan(strategies: list[str]) -> dict[str, dict[str, Any]]:
     for name in SEEDED:
         if name in runs:
             for seed in SEEDS:
-                runs[f"{name}_seed{seed}"] = merge(runs[name], {"optim": {"seed": seed}})
+                runs[seeded(name, seed)] = merge(runs[name], {"optim": {"seed": seed}})
     # Fine-tuned from the pooled model as it is (it has seen the target already), against a
     # scratch run of its own seed (the earlier runs' exports were not kept for pairing).
     pooled = {"mode": "transfer", "train_platforms": [TARGET],
               "transfer": {"init_from": f"{BASE['output_dir']}/pretrain_pooled/export",
                            "strategy": "freeze_encoder"}}
-    runs[f"scientific_transfer_freeze_encoder_pooled_seed{POOLED_SEED}"] = merge(
+    runs[seeded("scientific_transfer_freeze_encoder_pooled", POOLED_SEED)] = merge(
         {**pooled, **CAP_100}, {"optim": {"seed": POOLED_SEED}})
-    runs[f"scientific_scratch_seed{POOLED_SEED}"] = merge(runs["scientific_scratch"],
-                                                          {"optim": {"seed": POOLED_SEED}})
+    runs[seeded("scientific_scratch", POOLED_SEED)] = merge(runs["scientific_scratch"],
+                                                            {"optim": {"seed": POOLED_SEED}})
     return runs
 
 
@@ -154,6 +154,16 @@ def seed_of(run: str) -> int:
     """0 for the plan's base runs, n for their ``*_seed<n>`` twins."""
     head, _, tail = run.rpartition("_seed")
     return int(tail) if head and tail.isdigit() else 0
+
+
+def seeded(run: str, seed: int) -> str:
+    """The name of ``run`` trained with ``optim.seed`` ``seed`` (0: the run itself)."""
+    return run if seed == 0 else f"{run}_seed{seed}"
+
+
+def recorded_seeds(runs: dict[str, Any]) -> list[int]:
+    """Seeds under which both arms of the 100% comparison (``SEEDED``) are recorded."""
+    return [n for n in [0, *SEEDS] if all(seeded(r, n) in runs for r in SEEDED)]
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -260,13 +270,12 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
         return cache[run]
 
     def scratch_of(run: str) -> str:  # the scratch run of the same users and seed
-        prefix = run.split("_transfer_")[0]
-        return f"{prefix}_scratch" + (f"_seed{seed_of(run)}" if seed_of(run) else "")
+        return seeded(f"{run.split('_transfer_')[0]}_scratch", seed_of(run))
 
     pairs = [(run, scratch_of(run)) for prefix in ("scientific", "scientific10")
              for run in sorted(r for r in results["runs"] if r.startswith(f"{prefix}_transfer_"))]
     pairs.append(("scientific_scratch", "scientific_scratch_no_repeat"))  # the repeat bias
-    pairs.append(("pretrain_pooled", f"scientific_scratch_seed{POOLED_SEED}"))  # no fine-tune
+    pairs.append(("pretrain_pooled", seeded("scientific_scratch", POOLED_SEED)))  # as it is
     out: dict[str, Any] = {}
 
     def record(key: str, base: str, diff: Any, **extra: Any) -> None:
@@ -278,8 +287,8 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     def keep(key: str) -> None:
         if key in previous:
             out[key] = previous[key]
-            print(f"[quality] paired: {key}: exports not on disk, the recorded interval kept",
-                  file=sys.stderr)
+            print(f"[quality] paired: {key}: exports not on disk as recorded, the recorded "
+                  "interval kept", file=sys.stderr)
 
     for run, base in pairs:
         if run in results["runs"] and base in results["runs"]:
@@ -290,17 +299,15 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
                 keep(key)
     # Every seed of both arms: per-user NDCG@10 averaged over the seeds, then the same paired
     # bootstrap. Seed-to-seed noise averages out of both arms; the interval is still over users.
-    transfer, scratch = SEEDED[1], SEEDED[0]
-    seeds = [n for n in [0, *SEEDS] if all(
-        (r if n == 0 else f"{r}_seed{n}") in results["runs"] for r in SEEDED)]
-    name = lambda r, n: r if n == 0 else f"{r}_seed{n}"  # noqa: E731
+    scratch, transfer = SEEDED
+    seeds = recorded_seeds(results["runs"])
     key = f"{transfer} (seeds {','.join(map(str, seeds))})"
-    if len(seeds) > 1 and not all(has_export(results, name(r, n))
+    if len(seeds) > 1 and not all(has_export(results, seeded(r, n))
                                   for r in SEEDED for n in seeds):
         keep(key)
     elif len(seeds) > 1:
-        t = sum(ndcg(name(transfer, n)) for n in seeds) / len(seeds)
-        b = sum(ndcg(name(scratch, n)) for n in seeds) / len(seeds)
+        t = sum(ndcg(seeded(transfer, n)) for n in seeds) / len(seeds)
+        b = sum(ndcg(seeded(scratch, n)) for n in seeds) / len(seeds)
         record(key, scratch, t - b,
                seeds=seeds, transfer_ndcg=float(t.mean()), scratch_ndcg=float(b.mean()))
     return out
@@ -470,8 +477,7 @@ def render(results: dict[str, Any]) -> str:
 def seed_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
     """The two arms of the 100% comparison under every recorded seed, and all seeds pooled."""
     scratch, transfer = SEEDED
-    seeds = [n for n in [0, *SEEDS] if all(
-        (r if n == 0 else f"{r}_seed{n}") in runs for r in SEEDED)]
+    seeds = recorded_seeds(runs)
     if len(seeds) < 2:
         return []
     lines = ["", f"### Seeds (100% of users): `{transfer}` vs `{scratch}`", "",
@@ -481,7 +487,7 @@ def seed_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
              "| seed | scratch NDCG@10 | transfer NDCG@10 | gain | 95% CI of the gain (paired) |",
              "|---|---|---|---|---|"]
     for n in seeds:
-        t, b = (r if n == 0 else f"{r}_seed{n}" for r in (transfer, scratch))
+        t, b = seeded(transfer, n), seeded(scratch, n)
         tm, bm = (runs[r]["test"][TARGET]["metrics"]["ndcg@10"] for r in (t, b))
         ci = paired.get(t, {}).get("ci95")
         ci_s = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
@@ -500,18 +506,17 @@ def seed_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
 
 
 def pooled_lines(runs: dict[str, Any], paired: dict[str, Any]) -> list[str]:
-    """The pooled model (sources + the target's training users) on the target as it is, and
+    """The pooled model (sources + the target's training events) on the target as it is, and
     fine-tuned there, against scratch of the same seed."""
     pre = runs.get("pretrain_pooled")
     if pre is None:
         return []
-    tuned = f"scientific_transfer_freeze_encoder_pooled_seed{POOLED_SEED}"
-    scratch = f"scientific_scratch_seed{POOLED_SEED}"
+    tuned = seeded("scientific_transfer_freeze_encoder_pooled", POOLED_SEED)
+    scratch = seeded("scientific_scratch", POOLED_SEED)
     lines = ["", "### Pretraining that includes the target", "",
              f"`pretrain_pooled`: one model on {' + '.join(SOURCES)} + {TARGET} pooled (the "
-             f"target's training events only; each user's valid and test events stay held "
-             f"out), "
-             f"{pre['epochs_run']} epochs; then `{tuned}`: that model fine-tuned on {TARGET} "
+             "target's training events only; each user's valid and test events stay held "
+             f"out), {pre['epochs_run']} epochs; then `{tuned}`: that model fine-tuned on {TARGET} "
              "(`freeze_encoder`, from its weights as they are), against scratch with the same "
              f"`optim.seed` {POOLED_SEED}. Not the transfer above (that one never sees the "
              "target before fine-tuning): the recipe for a platform that already has logs.", "",
