@@ -6,7 +6,7 @@ and the synthetic world at several scales) three stages are timed:
 
 1. ``ingest``    -- ``recsys.data.ingest.runner.ingest``: source -> canonical lake (for synthetic
    this includes generating the world; generation alone is timed too, as ``generate``);
-2. ``ray_seq``   -- ``recsys.data.pipeline.build_example_set`` on a private local Ray started
+2. ``ray_seq``   -- ``recsys.data.examples.build_example_set`` on a private local Ray started
    with ``init_ray(num_cpus=2)``: one Ray Data task per (platform, bucket file), materialise,
    one ``write_parquet`` per split, catalogs and manifest;
 3. ``base_seq``  -- the same work in one process with pyarrow/numpy only: read every event file
@@ -247,13 +247,13 @@ def run_generate(spec: dict[str, Any]) -> int:
 
 
 def data_config(lake: Path, examples: Path, seq: dict[str, Any]) -> Any:
-    from recsys.data.pipeline import DataConfig
+    from recsys.data.examples import DataConfig
 
     return DataConfig(lake=str(lake), examples=str(examples), sequences=seq, tokenize=False)
 
 
 def run_ray_seq(lake: Path, examples: Path, seq: dict[str, Any]) -> dict[str, Any]:
-    from recsys.data.pipeline import build_example_set
+    from recsys.data.examples import build_example_set
 
     return build_example_set(data_config(lake, examples, seq)).manifest
 
@@ -287,7 +287,7 @@ def run_base_seq(lake: Path, examples: Path, seq: dict[str, Any]) -> dict[str, A
     """Single-process baseline: the pipeline's work with pyarrow + numpy, no Ray."""
     from recsys.data.catalog import build_catalog, unique_texts
     from recsys.data.lake import list_platforms, read_events, read_items, read_report
-    from recsys.data.pipeline import input_fingerprint
+    from recsys.data.examples import input_fingerprint
     from recsys.data.sequences import SPLITS, build_examples, item_index
 
     cfg = data_config(lake, examples, seq)

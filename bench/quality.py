@@ -251,10 +251,10 @@ def paired_gains(results: dict[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     are not both on disk as recorded (another checkout, or a run trained again since) keeps
     the interval recorded before, so runs can be added without re-training the old ones.
     """
-    from recsys.data.pipeline import load_example_set
+    from recsys.data.examples import load_example_set
     from recsys.evaluation.metrics import bootstrap_ci, per_user
     from recsys.model.export import load_export
-    from recsys.training.evaluate import evaluate_export
+    from recsys.evaluation.offline import evaluate_export
 
     es = load_example_set(BASE["data"]["examples"])
     out_dir = Path(BASE["output_dir"])
@@ -320,9 +320,9 @@ def bias_off(results: dict[str, Any]) -> dict[str, Any]:
     different question: how much of the run's score the bias itself carries. Scientific has
     both, which shows how far the two answers are apart.
     """
-    from recsys.data.pipeline import load_example_set
+    from recsys.data.examples import load_example_set
     from recsys.model.export import load_export
-    from recsys.training.evaluate import evaluate_export
+    from recsys.evaluation.offline import evaluate_export
 
     es = load_example_set(BASE["data"]["examples"])
     out: dict[str, Any] = {}

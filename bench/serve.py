@@ -256,7 +256,7 @@ def deploy(args_dict: dict[str, Any], model_opts: dict[str, Any],
            gateway_opts: dict[str, Any], port: int) -> None:
     from ray import serve
 
-    from serve.app import AppArgs, compose
+    from recsys.serving.app import AppArgs, compose
 
     serve.run(compose(AppArgs(**args_dict), model_opts, gateway_opts), name=APP,
               route_prefix="/")

@@ -230,7 +230,7 @@ def save_tiny_encoder(out: Path) -> str:
 
 def build_examples(tmp: Path, scale: float, encoder: str) -> Any:
     from recsys.data.ingest.runner import IngestOptions, ingest
-    from recsys.data.pipeline import DataConfig, build_example_set
+    from recsys.data.examples import DataConfig, build_example_set
     from recsys.data.pseudonym import Pseudonymizer
 
     ingest(IngestOptions(source="synthetic", out=tmp / "lake", scale=scale, seed=SEED,
@@ -324,7 +324,7 @@ def train_arrays(es: Any, platforms: list[str]) -> dict[str, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from recsys.data.pipeline import read_split
+    from recsys.data.examples import read_split
 
     table = read_split(es, "train")
     table = table.filter(pc.is_in(table["platform"], pa.array(platforms, pa.string())))

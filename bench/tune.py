@@ -97,7 +97,7 @@ def save_tiny_encoder(out: Path) -> str:
 
 def build_examples(tmp: Path, scale: float, encoder: str) -> Any:
     from recsys.data.ingest.runner import IngestOptions, ingest
-    from recsys.data.pipeline import DataConfig, build_example_set
+    from recsys.data.examples import DataConfig, build_example_set
     from recsys.data.pseudonym import Pseudonymizer
 
     ingest(IngestOptions(source="synthetic", out=tmp / "lake", scale=scale, seed=SEED,

@@ -10,7 +10,7 @@ import sys
 
 from recsys.config import ConfigError, load_config, log_config, parse_job_args
 from recsys.logs import setup_logging
-from recsys.training.evaluate import EvaluateConfig, run_evaluation
+from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 
 
 def main(argv: list[str] | None = None) -> int:

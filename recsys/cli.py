@@ -95,7 +95,7 @@ def format_ingest_summary(reports: list[dict], lake: Path | str) -> str:
 def examples_main(argv: list[str]) -> int:
     from recsys.cluster import init_ray
     from recsys.config import load_config, log_config
-    from recsys.data.pipeline import DataConfig, build_example_set
+    from recsys.data.examples import DataConfig, build_example_set
 
     p = argparse.ArgumentParser(prog="recsys examples",
                                 description="Build leave-one-out examples from a lake (Ray Data).")

@@ -30,11 +30,11 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from recsys.data.pipeline import DataConfig
+from recsys.data.examples import DataConfig
 from recsys.pipeline import PipelineConfig
 from recsys.settings import Settings
 from recsys.training.config import TrainJobConfig
-from recsys.training.evaluate import EvaluateConfig
+from recsys.evaluation.offline import EvaluateConfig
 from recsys.tuning.config import SweepConfig
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configs.md"

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from recsys.config import StrictModel, load_config
 from recsys.data.ingest.runner import IngestOptions
-from recsys.data.pipeline import DataConfig
+from recsys.data.examples import DataConfig
 from recsys.fingerprint import PipelineState, hash_json, hash_tree, lake_platform_fingerprint
 from recsys.training.config import Strategy, TrainJobConfig
 
@@ -95,7 +95,7 @@ class DeployStage(StrictModel):
     port: int | None = Field(None, ge=1, le=65535)
     """HTTP port (default: the config's ``http_options.port``)."""
     args: dict[str, Any] = Field(default_factory=dict)
-    """Extra application args (see ``serve/app.py``: AppArgs)."""
+    """Extra application args (see ``recsys/serving/app.py``: AppArgs)."""
 
 
 class SmokeStage(StrictModel):
@@ -240,7 +240,7 @@ def stage_examples(ctx: Context) -> None:
     from recsys.cli import format_examples_summary
     from recsys.cluster import init_ray
     from recsys.data.lake import list_platforms
-    from recsys.data.pipeline import build_example_set, load_example_set
+    from recsys.data.examples import build_example_set, load_example_set
 
     data = ctx.cfg.data
     platforms = data.platforms or list_platforms(data.lake)
@@ -348,7 +348,7 @@ def _transfer_output(ctx: Context) -> dict[str, dict[str, Any]]:
 
 def stage_evaluate(ctx: Context) -> None:
     """Scratch vs each transfer strategy, per target: JSON + Markdown + PNG per target."""
-    from recsys.training.evaluate import EvaluateConfig, run_evaluation
+    from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 
     out: dict[str, Any] = {}
     for target, runs in _transfer_output(ctx).items():
@@ -441,7 +441,7 @@ def stage_sweep(ctx: Context) -> None:
 def stage_register(ctx: Context) -> None:
     """Register each target's best run (scratch or transfer, by validation NDCG@10) and promote
     it to ``@champion`` only if it beats the champion re-evaluated on the same validation data."""
-    from recsys.data.pipeline import load_example_set
+    from recsys.data.examples import load_example_set
     from recsys.tracking import registry, runs
 
     uri = _tracking_uri()
@@ -494,7 +494,7 @@ def stage_deploy(ctx: Context) -> None:
 
     from recsys.cluster import LOOPBACK, init_ray
     from recsys.tracking import registry
-    from serve.app import AppArgs, compose
+    from recsys.serving.app import AppArgs, compose
 
     t, d = ctx.cfg.transfer, ctx.cfg.deploy
     assert t is not None
@@ -555,7 +555,7 @@ def stage_smoke(ctx: Context) -> None:
     import pyarrow.parquet as pq
     import requests
 
-    from recsys.data.pipeline import load_example_set
+    from recsys.data.examples import load_example_set
 
     deployed = ctx.results.get("deploy")
     if deployed is None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from recsys.data.pipeline import ExampleSet
+from recsys.data.examples import ExampleSet
 
 SPLIT_DATASETS = ("train",)
 """Datasets Ray Train splits across workers (``DataConfig(datasets_to_split=...)``)."""

@@ -2,7 +2,7 @@
 
 At load time every platform's catalog goes through the item tower once and is held as one matrix
 (N+1, D); a recommendation runs only the user tower on the user's history and one top-k over that
-matrix, and a search only the text encoder on the query. The Serve app (``serve/app.py``) wraps
+matrix, and a search only the text encoder on the query. The Serve app (``recsys/serving/app.py``) wraps
 this class; tests and the benchmark call it directly.
 
 Cross-platform transfer at serving time: the item tower maps every platform's items into one

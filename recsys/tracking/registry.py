@@ -269,9 +269,9 @@ def _tag_challenger(c: MlflowClient, name: str, version: str, metric: str, mine:
 def valid_scorer(example_set: Any, platform: str, metric: str = "ndcg@10",
                  split: str = "valid") -> Scorer:
     """A scorer for ``promote_if_better``: ``metric`` of an export on ``split`` of
-    ``example_set`` for ``platform`` (full ranking, ``recsys.training.evaluate``)."""
+    ``example_set`` for ``platform`` (full ranking, ``recsys.evaluation.offline``)."""
     from recsys.model.export import load_export
-    from recsys.training.evaluate import evaluate_export
+    from recsys.evaluation.offline import evaluate_export
 
     def score(export_dir: Path) -> float:
         exported = load_export(export_dir)

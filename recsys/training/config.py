@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from recsys.config import StrictModel
-from recsys.data.pipeline import DataConfig
+from recsys.data.examples import DataConfig
 
 Strategy = Literal["full", "freeze_encoder", "lora", "adapter_only"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.pipeline import ExampleSet, read_split
+from recsys.data.examples import ExampleSet, read_split
 from recsys.model.encoder_cache import TextVectorCache, encode_device
 from recsys.model.features import FeatureVocab, ItemFeatures, load_item_features, load_token_ids
 

@@ -90,7 +90,7 @@ def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors]
     """Full-ranking validation metrics over all workers' shards (sums all-reduced); ``part`` =
     (rank, world) when every worker reads the split whole (``feed.SPLIT_DATASETS``)."""
     from recsys.data.feed import iter_batches
-    from recsys.training.ranking import rank_batches
+    from recsys.evaluation.ranking import rank_batches
 
     batches = iter_batches(shard, 512, cfg.data.sequences.max_seq_len,
                            platform_ids=platform_ids, device=device, part=part,

@@ -25,7 +25,7 @@ from recsys.model.recommender import Recommender, merge_lora
 from recsys.settings import get_settings
 from recsys.training.config import TrainJobConfig
 from recsys.training.engine import STATE_FILE, consolidated_state_dict
-from recsys.training.evaluate import evaluate_export
+from recsys.evaluation.offline import evaluate_export
 from recsys.training.loop import METRIC
 from recsys.training.model_setup import build_model
 from recsys.training.trainer import TrainSetup, build_trainer, prepare

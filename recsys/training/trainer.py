@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.data.pipeline import ExampleSet, load_example_set
+from recsys.data.examples import ExampleSet, load_example_set
 from recsys.training.config import TrainJobConfig
 from recsys.training.items import ItemInputs, prepare_item_inputs
 

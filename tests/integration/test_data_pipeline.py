@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.data.ingest.runner import IngestOptions, ingest
-from recsys.data.pipeline import DataConfig, build_example_set, read_split
+from recsys.data.examples import DataConfig, build_example_set, read_split
 from recsys.data.pseudonym import Pseudonymizer
 from recsys.data.sequences import SPLITS
 from recsys.model.features import load_token_ids

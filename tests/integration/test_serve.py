@@ -67,7 +67,7 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     from ray import serve
 
     from recsys.tracking import runs
-    from serve.app import AppArgs, compose
+    from recsys.serving.app import AppArgs, compose
 
     root = tmp_path_factory.mktemp("serve")
     pseudo = Pseudonymizer(bytes.fromhex(KEY_HEX))

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from recsys.config import ConfigError, load_config
 from recsys.model.export import load_export
 from recsys.training.config import TrainJobConfig
-from recsys.training.evaluate import EvaluateConfig, run_evaluation
+from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 from recsys.training.run import run_training
 
 SOURCES = ["shop_a", "shop_b"]

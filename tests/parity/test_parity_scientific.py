@@ -10,7 +10,7 @@ import pytest
 
 from recsys.data.ingest.runner import IngestOptions, ingest
 from recsys.data.lake import read_report
-from recsys.data.pipeline import DataConfig, build_example_set, read_split
+from recsys.data.examples import DataConfig, build_example_set, read_split
 from recsys.data.pseudonym import Pseudonymizer
 
 KEY = Pseudonymizer(bytes(range(32)))

@@ -1,4 +1,4 @@
-"""The endpoint's body-size guard (``serve.app.BodySizeLimit``, a plain ASGI middleware) on a
+"""The endpoint's body-size guard (``recsys.serving.app.BodySizeLimit``, a plain ASGI middleware) on a
 tiny echo app, without Ray: 413 on a declared or streamed body over the limit, the body intact
 for the app otherwise."""
 
@@ -17,14 +17,14 @@ def client():  # noqa: ANN201 - a starlette TestClient
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from serve.app import BodySizeLimit
+    from recsys.serving.app import BodySizeLimit
 
     async def echo(request: Request) -> JSONResponse:
         body = await request.body()
         return JSONResponse({"bytes": len(body), "head": body[:8].decode()})
 
     app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
-    app.add_middleware(BodySizeLimit)  # as serve/app.py adds it to the endpoint's app
+    app.add_middleware(BodySizeLimit)  # as recsys/serving/app.py adds it to the endpoint's app
     app.state.max_body_bytes = 2048
     with TestClient(app) as c:
         yield c

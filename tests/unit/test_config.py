@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from recsys.config import ConfigError, apply_overrides, load_config, parse_override
-from recsys.data.pipeline import DataConfig
+from recsys.data.examples import DataConfig
 from recsys.pipeline import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_shipped_data_configs_validate(path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "eval").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_eval_configs_validate(path: Path) -> None:
-    from recsys.training.evaluate import EvaluateConfig
+    from recsys.evaluation.offline import EvaluateConfig
 
     cfg = load_config(EvaluateConfig, path)
     assert cfg.exports

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys.data.pipeline import ExampleSet, load_example_set
+from recsys.data.examples import ExampleSet, load_example_set
 from recsys.data.sequences import EXAMPLES_SCHEMA
 from recsys.evaluation.metrics import COLD_START
 from recsys.model.export import Exported, ExportedItems, load_export, save_export
 from recsys.model.recommender import Recommender
-from recsys.training.evaluate import evaluate_export
+from recsys.evaluation.offline import evaluate_export
 
 H = D = 16
 MAX_LEN = 8

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys.data.pipeline import ExampleSet, load_example_set
+from recsys.data.examples import ExampleSet, load_example_set
 from recsys.data.sequences import EXAMPLES_SCHEMA
 from recsys.model.export import ExportedItems, save_export
 from recsys.model.pyfunc import RecommenderPyfunc

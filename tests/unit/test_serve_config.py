@@ -15,7 +15,7 @@ CONFIG = REPO / "serve" / "config.yaml"
 def test_shipped_serve_config_is_valid() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs, build_app
+    from recsys.serving.app import AppArgs, build_app
 
     raw = yaml.safe_load(CONFIG.read_text())
     config = ServeDeploySchema.model_validate(raw) if hasattr(
@@ -44,7 +44,7 @@ def test_shipped_serve_config_is_valid() -> None:
 def test_app_args_refuse_unknown_keys_and_bad_values() -> None:
     from pydantic import ValidationError
 
-    from serve.app import AppArgs
+    from recsys.serving.app import AppArgs
 
     with pytest.raises(ValidationError, match="model_url"):
         AppArgs.model_validate({"model_url": "x"})
@@ -55,7 +55,7 @@ def test_app_args_refuse_unknown_keys_and_bad_values() -> None:
 
 def test_registry_is_the_apps_the_environments_or_the_local_server(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from serve.app import AppArgs, tracking_uri
+    from recsys.serving.app import AppArgs, tracking_uri
 
     monkeypatch.delenv("RECSYS_MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("RECSYS_WORK_DIR", str(tmp_path))  # no runs/mlflow/server.json there

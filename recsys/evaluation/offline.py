@@ -15,13 +15,13 @@ from pydantic import Field
 
 from recsys.config import StrictModel
 from recsys.data.feed import collate
-from recsys.data.pipeline import ExampleSet, read_split
+from recsys.data.examples import ExampleSet, read_split
 from recsys.evaluation.metrics import COLD_START, RankingAccumulator, auc, cold_start_mask
 from recsys.evaluation.report import EvalReport, build_report
 from recsys.model.export import Exported
 from recsys.training.items import PlatformItems, training_popularity
 from recsys.training.objective import PlatformTensors, item_vectors
-from recsys.training.ranking import rank_batches
+from recsys.evaluation.ranking import rank_batches
 
 
 def platform_tensors(exported: Exported, popularity: Mapping[str, np.ndarray],
@@ -115,7 +115,7 @@ class EvaluateConfig(StrictModel):
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, Path]:
     """Evaluate each export, write its report, and the transfer report when there is a baseline."""
-    from recsys.data.pipeline import load_example_set
+    from recsys.data.examples import load_example_set
     from recsys.evaluation.report import write_report, write_transfer_report
     from recsys.model.export import load_export
 
