@@ -1,8 +1,8 @@
 """GPU benchmark: the Scientific transfer of ``bench/quality.py`` on one GPU, per engine, strategy.
 
 Each run is a real training job (``run_training``: Ray Train, one GPU worker, NCCL) with the
-quality benchmark's settings (``quality.BASE``), transferred from its ``pretrain_sources`` export
-to Amazon Scientific:
+quality benchmark's settings (``quality_plan.BASE``), transferred from its ``pretrain_sources``
+export to Amazon Scientific:
 
 * ``freeze_ddp_fp32``: frozen-encoder vectors (cache), DDP in fp32 -- what the CPU runs do;
 * ``freeze_ds2_bf16``: the same under DeepSpeed ZeRO-2 in bf16;
@@ -32,11 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS, package_versions, stderr_log, write_json
+from quality import run_one
+from quality_plan import BASE, PSEUDONYM_KEY, TARGET
 
-import quality  # noqa: E402  (bench/quality.py: BASE settings, run_one)
+sys.path.insert(0, str(REPO))
+log = stderr_log("gpu")
 
 RUNS: dict[str, dict[str, Any]] = {
     "freeze_ddp_fp32": {"scaling": {"engine": "ddp"},
@@ -51,7 +52,7 @@ RUNS: dict[str, dict[str, Any]] = {
 def overrides(name: str, init: str, epochs: int, gpu: bool = True) -> dict[str, Any]:
     run = RUNS[name]
     return {
-        "mode": "transfer", "train_platforms": [quality.TARGET],
+        "mode": "transfer", "train_platforms": [TARGET],
         "transfer": {"init_from": init, **run["transfer"]},
         "optim": {"epochs": epochs, "min_epochs": epochs},
         "deepspeed": {"zero_stage": 2, "bf16": "auto"},
@@ -61,6 +62,7 @@ def overrides(name: str, init: str, epochs: int, gpu: bool = True) -> dict[str, 
 
 
 def machine() -> dict[str, Any]:
+    """CPUs, Python, torch and CUDA, the GPU if there is one, the training stack's versions."""
     import torch
 
     info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -69,18 +71,15 @@ def machine() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                     bf16=torch.cuda.is_bf16_supported())
-    for mod in ("ray", "deepspeed", "transformers", "peft"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
+    info.update(package_versions(("ray", "deepspeed", "transformers", "peft")))
     return info
 
 
 def summarise(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    """One row of the table from a run's record (``quality.run_one``'s)."""
     curve = r["curve"]
     later = curve[1:] or curve  # the first epoch includes CUDA/NCCL warm-up
-    test = r["test"][quality.TARGET]["metrics"]
+    test = r["test"][TARGET]["metrics"]
     return {"run": name, "strategy": r["config"]["transfer"]["strategy"],
             "engine": r["config"]["scaling"]["engine"], "epochs": r["epochs_run"],
             "train_s_per_epoch": statistics.median(p["train_seconds"] for p in later),
@@ -92,6 +91,7 @@ def summarise(name: str, r: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(res: dict[str, Any]) -> str:
+    """``gpu.md`` from ``gpu.json`` (``--render`` re-writes it after notes were added)."""
     m = res["machine"]
     lines = ["# GPU benchmark (`bench/gpu.py`): Scientific transfer on one GPU", "",
              f"{res['finished_at']}; {m.get('gpu', 'no GPU')} ({m.get('gpu_memory_gib')} GiB), "
@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {list(RUNS)}")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--init", default=f"{quality.BASE['output_dir']}/pretrain_sources/export")
+    p.add_argument("--init", default=f"{BASE['output_dir']}/pretrain_sources/export")
     p.add_argument("--budget-s", type=float, default=1e9,
                    help="start no further run once this many seconds have passed")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--render", action="store_true",
                    help="only re-write gpu.md from gpu.json (e.g. after adding notes to it)")
     p.add_argument("--cpu", action="store_true",
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(a.init).is_dir():
         raise SystemExit(f"{a.init}: no pretrain export (run bench/quality.py --runs "
                          "pretrain_sources first)")
-    os.environ.setdefault("RECSYS_PSEUDONYM_KEY", "62656e63682d6b65792d6e6f742d736563726574")
+    os.environ.setdefault("RECSYS_PSEUDONYM_KEY", PSEUDONYM_KEY)
     from recsys.cluster import init_ray
     from recsys.logs import setup_logging
 
@@ -169,17 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - started > a.budget_s:
             res["skipped"].append(name)
             continue
-        print(f"[gpu] {name} ...", file=sys.stderr, flush=True)
-        r = quality.run_one(f"gpu_{name}", overrides(name, a.init, a.epochs, not a.cpu),
+        log(f"{name} ...")
+        r = run_one(f"gpu_{name}", overrides(name, a.init, a.epochs, not a.cpu),
                             None)
         res["runs"][name] = r
         res["summary"].append(summarise(name, r))
-        print(f"[gpu] {name}: {res['summary'][-1]}", file=sys.stderr, flush=True)
+        log(f"{name}: {res['summary'][-1]}")
         res["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        (a.out / "gpu.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        write_json(a.out / "gpu.json", res)
         (a.out / "gpu.md").write_text(render(res))
     res["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    (a.out / "gpu.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_json(a.out / "gpu.json", res)
     (a.out / "gpu.md").write_text(render(res))
     print((a.out / "gpu.md").read_text())
     return 0

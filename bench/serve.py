@@ -26,154 +26,43 @@ The load generator runs on the same 2 cores as Serve, so every figure includes i
 
     flock /tmp/recsys-ray.lock .venv/bin/python bench/serve.py            # ~8 minutes
     flock /tmp/recsys-ray.lock .venv/bin/python bench/serve.py --quick    # smoke run
+
+The request mix and the load generator are in ``serve_load.py``, the Markdown in
+``serve_report.py``; this script deploys, measures and writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import platform as pyplatform
-import random
-import socket
 import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import yaml
+from common import REPO, RESULTS
+from serve_load import free_port, in_process, load, make_requests
+from serve_report import render
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from recsys.serving.deploy import (  # noqa: E402  (the repo on the path first)
+    deployment_options,
+    load_serve_config,
+    with_env_vars,
+)
+
+if TYPE_CHECKING:
+    from ray.serve.schema import ServeApplicationSchema
+
 APP = "recsys-bench"
 DEMO_EXPORT = REPO / "runs/demo/train/transfer-freeze_encoder-shop_c/export"
 DEMO_LAKE = REPO / "runs/demo/lake"
-log = logging.getLogger("bench.serve")
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def summary(lat_ms: list[float], errors: int, seconds: float) -> dict[str, float]:
-    return {"requests": len(lat_ms), "errors": errors, "seconds": round(seconds, 2),
-            "rps": round(len(lat_ms) / seconds, 1), "p50_ms": round(pct(lat_ms, 50), 2),
-            "p95_ms": round(pct(lat_ms, 95), 2), "p99_ms": round(pct(lat_ms, 99), 2)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- requests -------------------------------------------------------------------------------------
-
-
-def make_requests(predictor: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """A fixed mix: 60% known users by raw id (stored history, some only on another platform),
-    30% session-only (recent_items), 10% anonymous (popular fallback)."""
-    from recsys.data.pseudonym import Pseudonymizer
-
-    rng = random.Random(seed)
-    platforms = predictor.platforms
-    known = []
-    if isinstance(predictor.pseudonymizer, Pseudonymizer):
-        for u in range(5000):  # the synthetic source's raw ids are u000000, u000001, ...
-            raw = f"u{u:06d}"
-            if predictor.history.lookup(predictor.pseudonymizer.one(raw)):
-                known.append(raw)
-    out = []
-    for _ in range(n):
-        platform = rng.choice(platforms)
-        r = rng.random()
-        if r < 0.6 and known:
-            out.append({"platform": platform, "user_id": rng.choice(known), "k": 10})
-        elif r < 0.9:
-            ids = predictor.catalogs[platform].item_ids
-            out.append({"platform": platform, "k": 10,
-                        "recent_items": rng.sample(ids, rng.randint(3, min(30, len(ids))))})
-        else:
-            out.append({"platform": platform, "k": 10})
-    return out
-
-
-def in_process(predictor: Any, bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
-    from recsys.serving.schemas import RecommendRequest
-
-    torch.set_num_threads(1)
-    reqs = [RecommendRequest(**b) for b in bodies]
-    for r in reqs[:50]:
-        predictor.recommend(r)
-    lat = []
-    sources: dict[str, int] = {}
-    for r in reqs:
-        t = time.perf_counter()
-        out = predictor.recommend(r)
-        lat.append((time.perf_counter() - t) * 1000)
-        sources[out.source] = sources.get(out.source, 0) + 1
-    batch = [predictor.prepare(r) for r in reqs[:16]]
-    t = time.perf_counter()
-    for _ in range(20):
-        predictor.recommend_many(batch)
-    per_req_batched = (time.perf_counter() - t) * 1000 / (20 * 16)
-    return {"single": summary(lat, 0, sum(lat) / 1000), "sources": sources,
-            "batched16_ms_per_request": round(per_req_batched, 3)}
-
-
-# -- load generation ------------------------------------------------------------------------------
-
-
-async def _closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float,
-                       headers: dict[str, str]) -> tuple[list[float], int, float, dict[str, int]]:
-    import aiohttp
-
-    lat: list[float] = []
-    errors = 0
-    codes: dict[str, int] = {}
-    stop_at = time.perf_counter() + seconds
-    conn = aiohttp.TCPConnector(limit=concurrency + 4)
-    timeout = aiohttp.ClientTimeout(total=60)
-
-    async def client(i: int, session: aiohttp.ClientSession) -> None:
-        nonlocal errors
-        j = i
-        while time.perf_counter() < stop_at:
-            body = bodies[j % len(bodies)]
-            j += concurrency
-            t = time.perf_counter()
-            try:
-                async with session.post(url, json=body, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-                    key = str(resp.status)
-            except (TimeoutError, aiohttp.ClientError) as e:
-                ok, key = False, type(e).__name__
-            if ok:
-                lat.append((time.perf_counter() - t) * 1000)
-            else:
-                errors += 1
-                codes[key] = codes.get(key, 0) + 1
-
-    started = time.perf_counter()
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
-    return lat, errors, time.perf_counter() - started, codes
-
-
-def load(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float,
-         headers: dict[str, str] | None = None) -> dict[str, Any]:
-    lat, errors, took, codes = asyncio.run(
-        _closed_loop(url, bodies, concurrency, seconds, headers or {}))
-    return {"concurrency": concurrency, **summary(lat, errors, took), "error_codes": codes}
 
 
 # -- Serve ----------------------------------------------------------------------------------------
@@ -345,6 +234,33 @@ def kill_test(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds:
             "replicas_after": running_replicas()}
 
 
+def model_under_test(opts: argparse.Namespace) -> tuple[Path, Path, str]:
+    """The export and lake to serve, and the model's name for the report: ``--export`` and
+    ``--lake`` (the demo's by default), or the untrained toy world under a temporary folder."""
+    if opts.toy or not (opts.export / "export.json").is_file():
+        from recsys.data.pseudonym import Pseudonymizer
+        from recsys.serving.toy import build_toy_world
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        os.environ["RECSYS_PSEUDONYM_KEY"] = "00112233445566778899aabbccddeeff"
+        world = build_toy_world(tmp / "toy", "bundled:all-MiniLM-L6-v2",
+                                Pseudonymizer(bytes.fromhex(os.environ["RECSYS_PSEUDONYM_KEY"])))
+        return world.export, world.lake, "toy (untrained)"
+    export = opts.export.resolve()
+    return export, opts.lake.resolve(), f"{export.parent.name} ({shown_path(export)})"
+
+
+def shipped_options(app: ServeApplicationSchema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and gateway deployments' options as serve/config.yaml ships them, read with
+    Ray's schema (``recsys.serving.deploy``); the model's without its autoscaling (each phase sets
+    replicas itself) and with the pseudonym key, which the lake needs."""
+    model = deployment_options(app, "Recommender")
+    model.pop("autoscaling_config", None)
+    model = with_env_vars(model, {k: v for k, v in os.environ.items()
+                                  if k.startswith("RECSYS_PSEUDONYM")})
+    return model, deployment_options(app, "Gateway")
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -354,7 +270,7 @@ def main() -> None:
     ap.add_argument("--toy", action="store_true", help="toy world instead of the demo model")
     ap.add_argument("--export", type=Path, default=DEMO_EXPORT, help="model export to serve")
     ap.add_argument("--lake", type=Path, default=DEMO_LAKE, help="lake with the users' events")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RECSYS_PSEUDONYM_KEY_FILE", str(REPO / ".recsys" / "pseudonym.key"))
@@ -363,18 +279,7 @@ def main() -> None:
 
     from recsys.serving.predictor import Predictor
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    if opts.toy or not (opts.export / "export.json").is_file():
-        from recsys.data.pseudonym import Pseudonymizer
-        from recsys.serving.toy import build_toy_world
-
-        os.environ["RECSYS_PSEUDONYM_KEY"] = "00112233445566778899aabbccddeeff"
-        world = build_toy_world(tmp / "toy", "bundled:all-MiniLM-L6-v2",
-                                Pseudonymizer(bytes.fromhex(os.environ["RECSYS_PSEUDONYM_KEY"])))
-        export, lake, model_name = world.export, world.lake, "toy (untrained)"
-    else:
-        export, lake = opts.export.resolve(), opts.lake.resolve()
-        model_name = f"{export.parent.name} ({shown_path(export)})"
+    export, lake, model_name = model_under_test(opts)
     t = time.perf_counter()
     predictor = Predictor.from_export(export, lake, search=False)
     load_s = time.perf_counter() - t
@@ -392,19 +297,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/recommend"
     base_args = {"model_uri": str(export), "lake": str(lake), "search": False,
                  "poll_interval_s": 0, "torch_threads": 1}
-    # The shipped deployment options (serve/config.yaml), plus the pseudonym key for the lake.
-    cfg = yaml.safe_load((REPO / "serve/config.yaml").read_text())["applications"][0]
-    deps = {d["name"]: d for d in cfg["deployments"]}
-    dep = deps["Recommender"]
-    actor = dict(dep["ray_actor_options"])
-    runtime_env = dict(actor.get("runtime_env", {}))
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{
-        k: v for k, v in os.environ.items() if k.startswith("RECSYS_PSEUDONYM")}}
-    actor["runtime_env"] = runtime_env
-    shipped = {"ray_actor_options": actor, "max_ongoing_requests": dep["max_ongoing_requests"]}
-    gw = deps["Gateway"]
-    gateway = {k: gw[k] for k in ("ray_actor_options", "max_ongoing_requests", "num_replicas")
-               if k in gw}
+    cfg = load_serve_config(REPO / "serve/config.yaml").applications[0]
+    shipped, gateway = shipped_options(cfg)
     results: dict[str, Any] = {"latency": {}, "in_process": inproc,
                                "predictor_load_s": round(load_s, 2),
                                "deployment": redacted(shipped), "gateway": gateway}
@@ -425,8 +319,8 @@ def main() -> None:
         print(mode, json.dumps(results["latency"][mode]))
         serve.delete(APP)
 
-    autoscaling = dict(dep["autoscaling_config"])
-    deploy({**base_args, **{k: v for k, v in cfg["args"].items()
+    autoscaling = dict(deployment_options(cfg, "Recommender")["autoscaling_config"])
+    deploy({**base_args, **{k: v for k, v in cfg.args.items()
                             if k in ("max_batch_size", "batch_wait_timeout_s")}},
            {"autoscaling_config": autoscaling, **shipped}, gateway, port)
     results["autoscaling"] = {"config": autoscaling, **autoscale_step(
@@ -456,107 +350,12 @@ def main() -> None:
 
 
 def write(r: dict[str, Any], out: Path) -> None:
+    """``serve.json`` and ``serve.md`` under ``out``; the report also goes to stdout."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(r, indent=2) + "\n")
-    ip = r["in_process"]["single"]
-    m = r["meta"]
-    lines = [
-        "# Serving benchmark (bench/serve.py)", "",
-        f"**One run on a shared {m['cpus']}-core CPU machine, loopback HTTP; the load generator "
-        f"shares the cores with Serve.** Model: {m['model']}, catalogs {m['catalog_items']}, "
-        f"{m['users_in_store']} users in the history store; {m['requests_in_mix']} requests "
-        "(60% known users, 30% session items, 10% anonymous), k=10. "
-        f"{m['phase_seconds']:.0f} s per load level; 1 replica with serve/config.yaml's options "
-        f"({r['deployment']['ray_actor_options'].get('num_cpus')} CPU, max_ongoing_requests "
-        f"{r['deployment']['max_ongoing_requests']}), 1 torch thread. "
-        f"Date {m['date']}; 1-min load at the end {m['loadavg_end'][0]:.1f}.", "",
-        "## In-process Predictor (the floor)", "",
-        f"p50 {ip['p50_ms']} ms, p95 {ip['p95_ms']} ms, p99 {ip['p99_ms']} ms per request "
-        f"({ip['rps']} req/s on one thread); in a batch of 16: "
-        f"{r['in_process']['batched16_ms_per_request']} ms per request. "
-        f"Paths: {r['in_process']['sources']}.", "",
-        "## HTTP through Serve, one replica", "",
-        "| batching | clients | req/s | p50 ms | p95 ms | p99 ms | errors | p50 overhead ms "
-        "| p99 overhead ms | Little's law ms |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, rows in r["latency"].items():
-        for row in rows:
-            little = row["concurrency"] / row["rps"] * 1000 if row["rps"] else float("nan")
-            lines.append(
-                f"| {mode} | {row['concurrency']} | {row['rps']} | {row['p50_ms']} | "
-                f"{row['p95_ms']} | {row['p99_ms']} | {row['errors']} | "
-                f"{row['p50_ms'] - ip['p50_ms']:.2f} | {row['p99_ms'] - ip['p99_ms']:.2f} | "
-                f"{little:.1f} |")
-    b = {row["concurrency"]: row for row in r["latency"]["batched"]}
-    u = {row["concurrency"]: row for row in r["latency"]["unbatched"]}
-    ratios = ", ".join(f"{c} clients {b[c]['rps'] / u[c]['rps']:.2f}x" for c in b if u[c]["rps"])
-    o1 = b[1]["p50_ms"] - ip["p50_ms"]
-    o1_99 = b[1]["p99_ms"] - ip["p99_ms"]
-    o32 = b[32]["p50_ms"] - ip["p50_ms"]
-    o32_99 = b[32]["p99_ms"] - ip["p99_ms"]
-    lines += [
-        "", f"Batching gain (req/s batched / unbatched): {ratios}.", "",
-        "Overhead = HTTP percentile - in-process percentile. At 1 client it is the cost of "
-        f"the HTTP proxy, routing and the replica's asyncio path: p50 **{o1:.2f} ms**, p99 "
-        f"**{o1_99:.2f} ms**. At 32 clients: p50 **{o32:.2f} ms** (target <= 2 ms: "
-        f"{'met' if o32 <= 2 else 'NOT met'}), p99 **{o32_99:.2f} ms** (target <= 10 ms: "
-        f"{'met' if o32_99 <= 10 else 'NOT met'}); at that concurrency the latency is mostly "
-        "queueing behind one replica on a shared core (compare the Little's-law column, "
-        "clients / throughput).", ""]
-    if "floor" in r:
-        f1, f32 = r["floor"]
-        lines += [
-            "**Serve's floor on this machine**: the same load against a no-op FastAPI deployment "
-            f"(same options, answers a constant): 1 client p50 **{f1['p50_ms']} ms** / p99 "
-            f"{f1['p99_ms']} ms ({f1['rps']} req/s); 32 clients {f32['rps']} req/s, p50 "
-            f"**{f32['p50_ms']} ms** / p99 {f32['p99_ms']} ms. The recommender's latency above "
-            f"that floor: p50 +{b[1]['p50_ms'] - f1['p50_ms']:.2f} ms at 1 client, "
-            f"+{b[32]['p50_ms'] - f32['p50_ms']:.2f} ms at 32 (its own {ip['p50_ms']} ms of "
-            "model time plus FastAPI validation, history lookup and serialisation)."
-            + (" The 2 ms / 10 ms overhead targets at 32 clients are below what an empty "
-               "endpoint reaches on these shared cores." if f32["p50_ms"] > 2 else ""), ""]
-    if "floor_two_tier" in r:
-        t1, t32 = r["floor_two_tier"]
-        lines += [
-            "The shipped layout is two tiers (a FastAPI gateway awaiting a handle call to the "
-            "model deployment, so that a request whose model replica dies is sent again). Its "
-            f"no-op floor: 1 client p50 **{t1['p50_ms']} ms** / p99 {t1['p99_ms']} ms "
-            f"({t1['rps']} req/s); 32 clients {t32['rps']} req/s, p50 **{t32['p50_ms']} ms** / "
-            f"p99 {t32['p99_ms']} ms: the extra hop costs p50 "
-            f"+{t1['p50_ms'] - r['floor'][0]['p50_ms']:.2f} ms at 1 client.", ""]
-    a = r["autoscaling"]
-    tl = " ".join(f"{p['t']:.0f}s:{p['replicas']}" for p in a["timeline"][::3])
-    lines += [
-        "## Autoscaling (serve/config.yaml's autoscaling_config)", "",
-        f"Config {a['config']}. Load step: idle 3 s, 32 clients for {a['high']['seconds']} s "
-        f"({a['high']['rps']} req/s, p99 {a['high']['p99_ms']} ms, {a['high']['errors']} "
-        f"errors), then 1 client for {a['low']['seconds']} s. Peak replicas "
-        f"**{a['peak_replicas']}**, first upscale at {a['first_upscale_s']} s, load dropped at "
-        f"{a['load_drop_s']} s, first downscale at {a['first_downscale_s']} s, replicas at the "
-        f"end {a['final_replicas']}.", "", f"Replicas over time (every 3 s): {tl}", ""]
-    lines += ["## A model replica killed mid-load", "",
-              "2 model replicas behind the gateway, 16 clients, `ray.kill` of one model replica "
-              "mid-load; the same run with the gateway's own retries off (only Serve's router "
-              "re-routing the gateway's handle calls) and on. The previous single-tier layout "
-              "(the proxy streaming HTTP straight into the model replica) failed 7 of 1807 "
-              "requests (0.387%) in this test: the proxy answers 500 for what was in flight on "
-              "the killed replica.", "",
-              "| gateway retries | seconds | killed at s | failed / requests | failed % | target "
-              "< 0.1% | errors by kind | req/s | p99 ms | replicas after |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for key in ("replica_kill_no_retry", "replica_kill"):
-        k = r.get(key)
-        if not k:
-            continue
-        lines.append(
-            f"| {k.get('retries', 0)} | {k['seconds']} | {k['killed'].get('at_s')} | "
-            f"{k['errors']} / {k['requests'] + k['errors']} | "
-            f"{100 * k['failed_fraction']:.3f}% | "
-            f"{'met' if k['failed_fraction'] < 0.001 else 'NOT met'} | {k['error_codes']} | "
-            f"{k['rps']} | {k['p99_ms']} | {k['replicas_after']} |")
-    lines.append("")
-    (out / "serve.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    report = render(r)
+    (out / "serve.md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, RESULTS, no_progress_bars, stderr_log, write_json
+
 sys.path.insert(0, str(REPO))
+log = stderr_log("train-start")
 
 
 def _train_fn(config: dict[str, Any]) -> None:
@@ -117,7 +119,7 @@ def measure(setup: str, fits: int, workdir: Path) -> dict[str, Any]:
     else:
         init_ray(num_cpus=2)
     controller_env()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    no_progress_bars()
     datasets = {"train": ray.data.range(4000).materialize(),
                 "valid": ray.data.range(1000).materialize()}
     watch = ProcessWatch().start()
@@ -139,9 +141,8 @@ def measure(setup: str, fits: int, workdir: Path) -> dict[str, Any]:
                      "shards_s": round(m["shards_done"] - m["entered"], 2),
                      "report_to_return_s": round(t1 - m["shards_done"], 2),
                      "processes": watch.since(t0)})
-        print(f"[train-start] {setup} fit {i}: {rows[-1]['fit_s']} s (to train fn "
-              f"{rows[-1]['to_train_fn_s']}, shards {rows[-1]['shards_s']}, end "
-              f"{rows[-1]['report_to_return_s']})", file=sys.stderr, flush=True)
+        log(f"{setup} fit {i}: {rows[-1]['fit_s']} s (to train fn {rows[-1]['to_train_fn_s']}, "
+            f"shards {rows[-1]['shards_s']}, end {rows[-1]['report_to_return_s']})")
         time.sleep(2)
     watch.stop()
     ray.shutdown()
@@ -156,6 +157,7 @@ def summary(res: dict[str, Any]) -> dict[str, float]:
 
 
 def render(results: dict[str, Any]) -> str:
+    """``train_start.md`` from what ``train_start.json`` records."""
     lines = ["# Fixed cost of one Ray Train run (`bench/train_start.py`)", "",
              f"{results['created_at']}; {results['machine']}. An empty `TorchTrainer.fit`: 2 "
              "workers x 0.5 CPU (gloo), a train and a valid dataset, one report. Means over "
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fits", type=int, default=3)
     p.add_argument("--setups", default="own,wrong")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             res["summary"] = summary(res)
             results["setups"][setup] = res
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "train_start.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(a.out / "train_start.json", results)
     (a.out / "train_start.md").write_text(render(results))
     print(render(results))
     return 0

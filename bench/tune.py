@@ -40,71 +40,46 @@ import contextlib
 import json
 import logging
 import os
-import platform as pyplatform
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from common import (
+    REPO,
+    RESULTS,
+    SYNTHETIC_PSEUDONYM_KEY,
+    build_synthetic_examples,
+    drop_ray_address,
+    loadavg,
+    no_progress_bars,
+    package_versions,
+    save_tiny_encoder,
+    stderr_log,
+    write_json,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from recsys.data.examples import ExampleSet
+    from recsys.tuning.results import SweepOutcome
+
 sys.path.insert(0, str(REPO))
-SEED = 7
 TARGET = "shop_c"
 OVERHEAD_TARGET = 0.15
-PSEUDONYM_KEY = bytes(range(32))  # fixed, public: no key file is read or written
+log = stderr_log("tune-bench")
 
 
-def log(msg: str) -> None:
-    print(f"[tune-bench] {msg}", file=sys.stderr, flush=True)
+def machine() -> dict[str, Any]:
+    """What ``tune.json`` records of the machine (the renderer reads these keys)."""
+    import platform
 
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_info() -> dict[str, Any]:
-    from importlib import metadata
-
-    info = {"cpus": os.cpu_count(), "python": pyplatform.python_version(),
-            "machine": pyplatform.machine()}
-    for pkg in ("ray", "torch", "mlflow", "optuna"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = "not installed"
-    return info
-
-
-def save_tiny_encoder(out: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from recsys.data.catalog import BUNDLED_ENCODER, resolve_encoder_path
-
-    torch.manual_seed(SEED)
-    tok = AutoTokenizer.from_pretrained(resolve_encoder_path(BUNDLED_ENCODER))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=384, num_hidden_layers=1,
-                     num_attention_heads=6, intermediate_size=512, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
-def build_examples(tmp: Path, scale: float, encoder: str) -> Any:
-    from recsys.data.ingest.runner import IngestOptions, ingest
-    from recsys.data.examples import DataConfig, build_example_set
-    from recsys.data.pseudonym import Pseudonymizer
-
-    ingest(IngestOptions(source="synthetic", out=tmp / "lake", scale=scale, seed=SEED,
-                         num_platforms=3), Pseudonymizer(PSEUDONYM_KEY))
-    return build_example_set(DataConfig(
-        lake=str(tmp / "lake"), examples=str(tmp / "examples"),
-        sequences={"max_seq_len": 50}, text={"encoder": encoder, "max_tokens": 64}))
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "machine": platform.machine(),
+            **package_versions(("ray", "torch", "mlflow", "optuna"), missing="not installed")}
 
 
 LAYOUTS = {
@@ -115,12 +90,13 @@ LAYOUTS = {
 GLOBAL_BATCH = 512
 
 
-def sweep_files(tmp: Path, es: Any, epochs: int, layout: str) -> Path:
+def sweep_files(tmp: Path, es: ExampleSet, epochs: int, layout: str) -> Path:
+    """The layout's base training config and sweep file under ``tmp``; the sweep's path."""
     concurrent, workers, cpus = LAYOUTS[layout]
     base = {
         "mode": "pretrain",  # all three shops: epochs long enough to measure against
         "data": {"examples": str(es.path), "sequences": {"max_seq_len": 50},
-                 "text": dict(es.manifest["config"]["text"])},
+                 "text": es.manifest.config.text.model_dump(mode="json")},
         "model": {"dim": 64, "num_layers": 2, "num_heads": 2, "num_experts": 8},
         "optim": {"epochs": epochs, "micro_batch_size": GLOBAL_BATCH // workers,
                   "early_stopping_patience": 100},
@@ -191,7 +167,7 @@ def phase_breakdown(sweep_dir: Path, slot_seconds: float) -> dict[str, float]:
     return {k: round(v, 1) for k, v in phases.items()}
 
 
-def measure(out: Any, concurrent: int, wall: float) -> dict[str, Any]:
+def measure(out: SweepOutcome, concurrent: int, wall: float) -> dict[str, Any]:
     """The figures of one finished sweep (``run_sweep``'s outcome, ``wall``: the whole call)."""
     fit = out.fit_seconds
     loop = sum(r.loop_seconds for r in out.rows)
@@ -218,7 +194,8 @@ def measure(out: Any, concurrent: int, wall: float) -> dict[str, Any]:
     }
 
 
-def run_layout(tmp: Path, es: Any, epochs: int, layout: str) -> dict[str, Any]:
+def run_layout(tmp: Path, es: ExampleSet, epochs: int, layout: str) -> dict[str, Any]:
+    """The micro-sweep in one layout, measured."""
     from recsys.config import load_config
     from recsys.tuning.config import SweepConfig
     from recsys.tuning.sweep import run_sweep
@@ -242,17 +219,14 @@ def private_stack(tmp: Path) -> Iterator[float]:
     from recsys.cluster import init_ray
     from recsys.tracking.server import LocalMlflowServer
 
-    for var in ("RAY_ADDRESS", "RECSYS_RAY_ADDRESS"):
-        os.environ.pop(var, None)  # a private local cluster, never another one on the machine
-    os.environ.setdefault("RECSYS_PSEUDONYM_KEY", PSEUDONYM_KEY.hex())
+    drop_ray_address(log)  # a private local cluster, never another one on the machine
+    os.environ.setdefault("RECSYS_PSEUDONYM_KEY", SYNTHETIC_PSEUDONYM_KEY.hex())
     server = LocalMlflowServer(tmp / "mlflow").start()
     os.environ["RECSYS_MLFLOW_TRACKING_URI"] = server.uri
     try:
         t0 = time.perf_counter()
         init_ray(num_cpus=2)
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        no_progress_bars()
         yield time.perf_counter() - t0
     finally:
         import ray
@@ -279,7 +253,7 @@ def run_shipped(path: Path, overrides: list[str]) -> dict[str, Any]:
         res = measure(out, cfg.max_concurrent_trials, time.perf_counter() - t0)
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(), "sweep_file": str(path.relative_to(REPO)),
+        "machine": machine(), "sweep_file": str(path.relative_to(REPO)),
         "overrides": overrides, "base_config": base, "ray_start_seconds": round(ray_s, 1),
         "target_overhead_share": OVERHEAD_TARGET,
         "layouts": {cfg.name: {"layout": cfg.name, "loadavg_start": load0,
@@ -290,20 +264,22 @@ def run_shipped(path: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def run(scale: float, epochs: int, layouts: list[str]) -> dict[str, Any]:
+    """The micro-sweep on the synthetic world (``scale``) in each of ``layouts``."""
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as d, private_stack(Path(d)) as ray_s:
         tmp = Path(d)
-        es = build_examples(tmp, scale, save_tiny_encoder(tmp / "encoder"))
-        counts = {p: c.get("train_rows", 0) for p, c in es.manifest["platforms"].items()}
+        es = build_synthetic_examples(tmp, scale, save_tiny_encoder(tmp / "encoder"))
+        counts = {p: c.train_rows for p, c in es.manifest.platforms.items()}
         results = {name: run_layout(tmp, es, epochs, name) for name in layouts}
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(), "scale": scale, "epochs_per_trial": epochs,
+        "machine": machine(), "scale": scale, "epochs_per_trial": epochs,
         "train_rows": counts, "ray_start_seconds": round(ray_s, 1),
         "target_overhead_share": OVERHEAD_TARGET, "layouts": results,
     }
 
 
 def render(res: dict[str, Any]) -> str:
+    """``tune*.md`` from what ``tune*.json`` records."""
     m = res["machine"]
     layouts = res["layouts"]
     if "sweep_file" in res:
@@ -376,7 +352,7 @@ def main() -> int:
     p.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
     p.add_argument("--sweep", type=Path, help="run this sweep file instead of the micro-sweep")
     p.add_argument("overrides", nargs="*", help="dotted overrides of --sweep's file")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if a.sweep:
@@ -387,7 +363,7 @@ def main() -> int:
         res = run(scale, epochs, list(LAYOUTS) if a.layout == "both" else [a.layout])
         name = "tune_quick" if a.quick else "tune"
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_json(a.out / f"{name}.json", res)
     (a.out / f"{name}.md").write_text(render(res))
     for layout, r in res["layouts"].items():
         log(f"{layout}: trials/h {r['trials_per_hour']}, epochs/h {r['epochs_per_hour']}, "

@@ -6,25 +6,21 @@ and, given a ``scratch`` baseline among them, write the transfer report.
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
-from recsys.config import ConfigError, load_config, log_config, parse_job_args
-from recsys.logs import setup_logging
 from recsys.evaluation.offline import EvaluateConfig, run_evaluation
+from recsys.job import run_job
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_job_args(__doc__, argv)
-    setup_logging()
-    try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    log_config(cfg, f"evaluate {cfg.name}")
+def evaluate(cfg: EvaluateConfig, config: Path) -> int:
     for label, path in run_evaluation(cfg).items():
         print(f"{label}: {path.with_suffix('.md')}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(EvaluateConfig, evaluate, description=__doc__, argv=argv,
+                   label=lambda cfg: f"evaluate {cfg.name}")
 
 
 if __name__ == "__main__":

@@ -5,24 +5,20 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
-from recsys.config import ConfigError, load_config, log_config, parse_job_args
-from recsys.logs import setup_logging
+from recsys.job import run_job
 from recsys.pipeline import PipelineConfig, run_pipeline
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_job_args(__doc__, argv)
-    setup_logging()
-    try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    log_config(cfg, f"pipeline {cfg.name}")
+def pipeline(cfg: PipelineConfig, config: Path) -> int:
     run_pipeline(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(PipelineConfig, pipeline, description=__doc__, argv=argv,
+                   label=lambda cfg: f"pipeline {cfg.name}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ keep running: unlike ``ray stop``, only the head's own processes are stopped.
 
 from __future__ import annotations
 
+import argparse
+
 from recsys.cluster import HEAD_PORT, stop_local_head
 from recsys.settings import get_settings
 from recsys.tracking.server import default_root, stop_detached
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     stopped = stop_local_head(HEAD_PORT)
     print(f"local Ray head on port {HEAD_PORT}: " + (
         f"stopped ({stopped} processes, Serve included)" if stopped else "not running"))

@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-from recsys.training.job import run_job
+from recsys.training.job import run_training_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("transfer", __doc__, argv)
+    return run_training_job("transfer", __doc__, argv)
 
 
 if __name__ == "__main__":

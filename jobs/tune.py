@@ -7,27 +7,23 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
-from recsys.config import ConfigError, load_config, log_config, parse_job_args
-from recsys.logs import setup_logging
+from recsys.job import run_job
 from recsys.tuning.config import SweepConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    from recsys.tuning.sweep import format_outcome, run_sweep
+def tune(cfg: SweepConfig, config: Path) -> int:
+    from recsys.tuning.results import format_outcome
+    from recsys.tuning.sweep import run_sweep
 
-    args = parse_job_args(__doc__, argv)
-    setup_logging()
-    try:
-        cfg = load_config(SweepConfig, args.config, args.overrides)
-        log_config(cfg, f"sweep {cfg.name}")
-        out = run_sweep(cfg, source=str(args.config))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    print(format_outcome(out))
+    print(format_outcome(run_sweep(cfg, source=str(config))))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(SweepConfig, tune, description=__doc__, argv=argv,
+                   label=lambda cfg: f"sweep {cfg.name}")
 
 
 if __name__ == "__main__":

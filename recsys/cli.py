@@ -1,14 +1,25 @@
 """`recsys` command line: a dict from subcommand to function (as litgpt does).
 
-    recsys ingest --source KIND --path P --platform NAME --out LAKE [...]
-    recsys examples --config configs/data/X.yaml [key=value ...]
+Config-driven jobs take ``--config FILE`` then dotted ``key=value`` overrides, and run exactly
+what ``python -m jobs.X`` runs (the same function; see docs/jobs.md):
+
+    recsys pipeline --config configs/pipeline/demo.yaml [key=value ...]
+    recsys pretrain|transfer|scratch --config configs/train/X.yaml [key=value ...]
+    recsys evaluate --config configs/eval/demo.yaml [key=value ...]
     recsys tune --config tune/sweeps/X.yaml [key=value ...]
+    recsys examples --config configs/data/X.yaml [key=value ...]
+    recsys ingest --source KIND --path P --platform NAME --out LAKE [...]
     recsys registry list|show|promote|rollback --platform P [--version V]
+    recsys stop                    # the demo's Ray head and MLflow server
+    recsys docs [--check]          # regenerate docs/configs.md
+
+`recsys X --help` describes X. A bad config key exits 2 with the key named.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +38,12 @@ def _kv(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def ingest_main(argv: list[str]) -> int:
-    from recsys.data.ingest.runner import IngestOptions, ingest
+    from recsys.data.ingest.base import IngestOptions
+    from recsys.data.ingest.runner import adapter_names, format_ingest_summary, ingest
 
     p = argparse.ArgumentParser(prog="recsys ingest", description="Ingest a source into the "
                                 "canonical Parquet lake (one partition per platform).")
-    p.add_argument("--source", required=True, choices=["unisrec", "uci-online-retail",
-                   "amazon-json", "recbole", "generic", "synthetic"])
+    p.add_argument("--source", required=True, choices=adapter_names())
     p.add_argument("--path", type=Path, help="source file or directory")
     p.add_argument("--platform", help="platform name (synthetic: optional comma-separated list)")
     p.add_argument("--out", type=Path, required=True, help="lake directory")
@@ -74,24 +85,6 @@ def ingest_main(argv: list[str]) -> int:
     return 0
 
 
-def format_ingest_summary(reports: list[dict], lake: Path | str) -> str:
-    head = f"{'platform':<16}{'rows in':>10}{'out':>10}{'quarant.':>10}{'filtered':>10}" \
-           f"{'users':>9}{'items':>8}"
-    lines = [head, "-" * len(head)]
-    for r in reports:
-        e = r["events"]
-        lines.append(f"{r['platform']:<16}{e['rows_in']:>10,}{e['rows_out']:>10,}"
-                     f"{e['rows_quarantined']:>10,}{e['rows_filtered']:>10,}{r['users']:>9,}"
-                     f"{r['catalog_items']:>8,}")
-    lines.append(f"lake: {lake}  (reports: {lake}/platform=*/report.json, rejected rows: "
-                 f"{lake}/platform=*/quarantine/)")
-    if reports:
-        r = reports[0]
-        lines.append(f"user ids pseudonymised with the key from {r['pseudonym_key_source']} "
-                     f"(fingerprint {r['pseudonym_key_fingerprint']})")
-    return "\n".join(lines)
-
-
 def examples_main(argv: list[str]) -> int:
     from recsys.cluster import init_ray
     from recsys.config import load_config, log_config
@@ -106,30 +99,26 @@ def examples_main(argv: list[str]) -> int:
     log_config(cfg, "data config")
     init_ray()
     es = build_example_set(cfg)
-    print(format_examples_summary(es.manifest))
+    print(es.manifest.summary())
     return 0
 
 
-def format_examples_summary(manifest: dict) -> str:
-    head = f"{'platform':<16}{'items':>8}{'users':>9}{'too short':>10}{'train':>9}{'valid':>9}" \
-           f"{'test':>9}{'mean hist':>10}"
-    lines = [head, "-" * len(head)]
-    for name, c in manifest["platforms"].items():
-        lines.append(f"{name:<16}{c['catalog_items']:>8,}{c.get('users', 0):>9,}"
-                     f"{c.get('users_too_short', 0):>10,}"
-                     f"{c.get('train_rows', 0):>9,}{c.get('valid_rows', 0):>9,}"
-                     f"{c.get('test_rows', 0):>9,}{c.get('mean_history', 0):>10}")
-    t = manifest["text"]
-    lines.append(f"item texts: {t['catalog_rows']:,} catalog rows -> {t['distinct_texts']:,} "
-                 f"distinct texts tokenised once" + (f" ({t['tokens_total']:,} tokens)"
-                                                    if "tokens_total" in t else ""))
-    return "\n".join(lines)
+def job(module: str) -> Callable[[list[str]], int]:
+    """``recsys X`` -> ``jobs.X.main``: the same function as ``python -m jobs.X``, imported when
+    the subcommand runs (so ``recsys --help`` does not import Ray, torch and MLflow)."""
+
+    def run(argv: list[str]) -> int:
+        main: Callable[[list[str]], int] = importlib.import_module(f"jobs.{module}").main
+        return main(argv)
+
+    run.__name__ = run.__qualname__ = f"{module}_main"
+    return run
 
 
-def tune_main(argv: list[str]) -> int:
-    from jobs.tune import main as tune_job
+def docs_main(argv: list[str]) -> int:
+    from recsys.docs import main as docs
 
-    return tune_job(argv)
+    return docs(argv)
 
 
 def registry_main(argv: list[str]) -> int:
@@ -188,10 +177,17 @@ def format_registry(info: dict, full: bool = False) -> str:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "pipeline": job("pipeline"),
     "ingest": ingest_main,
     "examples": examples_main,
-    "tune": tune_main,
+    "pretrain": job("pretrain"),
+    "transfer": job("transfer"),
+    "scratch": job("scratch"),
+    "evaluate": job("evaluate"),
+    "tune": job("tune"),
     "registry": registry_main,
+    "stop": job("stop"),
+    "docs": docs_main,
 }
 
 
@@ -200,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         print("\ncommands: " + ", ".join(COMMANDS))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"recsys: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     setup_logging()
     from pydantic import ValidationError

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from recsys.settings import get_settings
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -26,7 +28,9 @@ def loopback_env() -> dict[str, str]:
 
 def init_ray(num_cpus: int | None = None, address: str | None = None,
              dashboard: bool = True) -> None:
-    """Idempotent ``ray.init``: join ``address``/``RAY_ADDRESS`` if given, else start locally."""
+    """Idempotent ``ray.init``: join ``address``, else ``RAY_ADDRESS``, else the settings'
+    ``RECSYS_RAY_ADDRESS``; otherwise start locally with ``num_cpus`` (default: the settings'
+    ``RECSYS_RAY_NUM_CPUS``, else the machine's count)."""
     for key, value in loopback_env().items():
         os.environ.setdefault(key, value)
     import ray
@@ -34,9 +38,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
     quiet_ray_data()
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or os.environ.get("RECSYS_RAY_ADDRESS")
+    settings = get_settings()
+    address = address or os.environ.get("RAY_ADDRESS") or settings.ray_address
+    if num_cpus is None:
+        num_cpus = settings.ray_num_cpus
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        _route_logs()
         log.info("joined Ray cluster at %s", address)
         return
     if dashboard and _dashboard_missing():
@@ -56,8 +64,18 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
             _node_ip_address=LOOPBACK,
             logging_level=logging.WARNING,
         )
+    _route_logs()
     log.info("started local Ray (%s CPUs), dashboard %s", num_cpus or os.cpu_count(),
              f"http://{ctx.dashboard_url}" if ctx.dashboard_url else "off")
+
+
+def _route_logs() -> None:
+    """With a job log file (``recsys.logs.log_to_file``): Ray's loggers and its workers' output
+    go to the files, the console keeps our lines and the workers' epoch lines."""
+    from recsys.logs import route_library_loggers, route_worker_output
+
+    route_library_loggers()
+    route_worker_output()
 
 
 def _dashboard_missing() -> bool:
@@ -126,13 +144,16 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
     Serve app keeps answering after the job ends); joins the one already there if any.
 
     Returns its address, also exported as ``RAY_ADDRESS`` so :func:`init_ray` joins it. Stop it
-    with ``make stop`` (:func:`stop_local_head`).
+    with ``make stop`` (:func:`stop_local_head`). ``num_cpus`` defaults to the settings'
+    ``RECSYS_RAY_NUM_CPUS`` (only a head started here gets it).
     """
     import shutil
     import subprocess
     import sys
 
     address = f"{LOOPBACK}:{HEAD_PORT}"
+    if num_cpus is None:
+        num_cpus = get_settings().ray_num_cpus
     # One explicit auth mode for the head and this driver. Ray's default ("token" when
     # ~/.ray/auth_token exists) is applied by `ray start` but not by a joining ray.init.
     os.environ.setdefault("RAY_AUTH_MODE", "token" if (Path.home() / ".ray" / "auth_token")

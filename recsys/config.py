@@ -1,4 +1,4 @@
-"""Typed job configs: YAML file + dotted ``key=value`` overrides -> a validated pydantic model.
+"""Typed job configs: YAML file + dotted overrides -> a validated pydantic model.
 
 Every job has one config class (``extra="forbid"`` all the way down), so a misspelt key fails at
 start with a message naming it, instead of silently becoming a default.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,15 +24,16 @@ T = TypeVar("T", bound=BaseModel)
 class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              use_attribute_docstrings=True)
 
 
 class ConfigError(ValueError):
     pass
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``train.lr=3e-4`` -> (["train", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` -> ("train.lr", 0.0003). Values are parsed as YAML scalars/lists."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key.path=value")
     key, raw = item.split("=", 1)
@@ -43,7 +45,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
     if isinstance(value, str):  # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4)
         value = _number_or_text(value)
-    return key.split("."), value
+    return key, value
 
 
 def _number_or_text(text: str) -> float | str:
@@ -53,19 +55,37 @@ def _number_or_text(text: str) -> float | str:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set nested keys; creating a missing section is allowed, the schema decides if it exists."""
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"``; returns ``data`` (changed in place).
+
+    The project's one way to apply an override: command-line strings are parsed first
+    (:func:`parse_override`), typed values (pipeline stage overrides, sampled sweep values) are
+    set as they are. A missing or null section is created (the schema decides if it exists);
+    a key under a plain value is an error naming both.
+    """
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override key {key!r} has an empty key segment")
+    node = data
+    *path, last = key.split(".")
+    for part in path:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[last] = value
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str] = (),
+                    values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Apply ``key=value`` strings, then already-typed ``values`` (dotted key -> value), in
+    order: a later key wins, and a whole section set after a dotted key replaces it."""
     for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, *parse_override(item))
+    for key, value in (values or {}).items():
+        set_dotted(data, key, value)
     return data
 
 
@@ -80,8 +100,13 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Load YAML (if given), apply overrides, validate; all problems are reported at once."""
+def load_config(cls: type[T], path: str | Path | None, overrides: Iterable[str] | None = None,
+                values: Mapping[str, Any] | None = None) -> T:
+    """Load YAML (if given), apply overrides, validate; all problems are reported at once.
+
+    ``overrides`` are command-line strings (``optim.lr=3e-4``); ``values`` maps dotted keys to
+    values that are already typed (``{"optim.epochs": 5}``), applied after the strings.
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -95,7 +120,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(data, overrides or (), values)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
@@ -113,4 +138,13 @@ def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.
 
 
 def log_config(cfg: BaseModel, title: str = "config") -> None:
-    log.info("%s:\n%s", title, json.dumps(cfg.model_dump(mode="json"), indent=2))
+    """The whole validated config in the log; with a job log file, one line on the console."""
+    from recsys.logs import FILE_ONLY_RECORD, log_files
+
+    text = json.dumps(cfg.model_dump(mode="json"), indent=2)
+    files = log_files()
+    if not files:
+        log.info("%s:\n%s", title, text)
+        return
+    log.info("%s:\n%s", title, text, extra=FILE_ONLY_RECORD)
+    log.info("%s: config validated (in full in %s)", title, files["driver"])

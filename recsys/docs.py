@@ -5,18 +5,18 @@
 
 Every job config is listed in :data:`REGISTRY`; a new job config is documented by adding one
 :class:`DocEntry` there. Each model's fields are walked recursively into one table per section,
-keyed by the dotted path that YAML files and ``key=value`` overrides use. Descriptions come from
-``Field(description=...)`` or from the attribute docstring under the field (the project's style).
+keyed by the dotted path that YAML files and ``key=value`` overrides use. Descriptions are
+pydantic's ``FieldInfo.description``: ``Field(description=...)``, or the attribute docstring under
+the field (the project's style), which ``use_attribute_docstrings=True`` on ``StrictModel`` and
+``Settings`` puts there.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import json
 import sys
-import textwrap
 import types
 import typing
 from collections.abc import Iterator
@@ -31,10 +31,10 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from recsys.data.examples import DataConfig
-from recsys.pipeline import PipelineConfig
+from recsys.evaluation.offline import EvaluateConfig
+from recsys.pipeline.config import PipelineConfig
 from recsys.settings import Settings
 from recsys.training.config import TrainJobConfig
-from recsys.evaluation.offline import EvaluateConfig
 from recsys.tuning.config import SweepConfig
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configs.md"
@@ -72,26 +72,6 @@ class Row:
     type: str
     default: str
     description: str
-
-
-def attribute_docstrings(model: type[BaseModel]) -> dict[str, str]:
-    """``x: int = 1`` followed by a ``\"\"\"text\"\"\"`` line -> {"x": "text"}, over the MRO."""
-    docs: dict[str, str] = {}
-    for cls in reversed(model.__mro__):
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(cls))
-        except (OSError, TypeError):
-            continue
-        body = ast.parse(source).body[0]
-        assert isinstance(body, ast.ClassDef)
-        for stmt, nxt in zip(body.body, body.body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -166,7 +146,6 @@ def _cell(text: str) -> str:
 def walk(model: type[BaseModel], title: str, prefix: str = ""
          ) -> Iterator[tuple[str, type[BaseModel], list[Row]]]:
     """(section path, model, rows) for the model, then for each nested config section."""
-    docs = attribute_docstrings(model)
     rows: list[Row] = []
     nested: list[tuple[str, type[BaseModel]]] = []
     for name, field in model.model_fields.items():
@@ -174,7 +153,7 @@ def walk(model: type[BaseModel], title: str, prefix: str = ""
         sub = _model_in(field.annotation)
         kind = type_name(field.annotation)
         bounds = constraints(field)
-        description = field.description or docs.get(name, "")
+        description = field.description or ""
         if sub is not None:
             section = key + {list: "[]", dict: ".<name>"}.get(typing.get_origin(field.annotation),
                                                                "")

@@ -1,7 +1,8 @@
 """Environment settings (``RECSYS_*``): where things live, not how to train.
 
 Hyperparameters go in job configs; addresses and storage paths go here, so the same job config
-runs on a laptop and on a cluster with shared storage.
+runs on a laptop and on a cluster with shared storage. Every field is read by some job:
+``tests/unit/test_settings.py`` shows each one's effect.
 """
 
 from __future__ import annotations
@@ -10,16 +11,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+    """Read from the environment each time `get_settings()` is called (no cache: a variable a
+    test or a job sets is seen)."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore",
+                                      use_attribute_docstrings=True)
 
     work_dir: str = "runs"
-    """Local root for lakes, examples, checkpoints when a config gives relative paths."""
+    """Local root of project state outside job configs: the detached MLflow server's database,
+    artifacts and logs live under ``<work_dir>/mlflow``."""
     ray_address: str | None = None
-    """Ray cluster address; None starts (or joins, under `ray job submit`) a local cluster."""
+    """Ray cluster for ``init_ray`` to join when ``RAY_ADDRESS`` is unset (``ray job submit`` sets
+    that one, and it wins); None: start a private local cluster."""
     ray_num_cpus: int | None = None
-    """Logical CPUs of a local cluster (None: the machine's count)."""
+    """Logical CPUs of a locally started Ray cluster (``init_ray``, the demo's ``ray start``
+    head) when the job does not set them (e.g. the pipeline's ``ray.num_cpus``); None: the
+    machine's count."""
     storage_path: str | None = None
-    """Ray Train/Tune storage (local dir or s3://, gs://)."""
+    """Where sweeps keep their Ray Tune experiment (local dir or ``s3://``, ``gs://``):
+    ``<storage_path>/<sweep name>/tune``. None: under the sweep's ``output_dir/name``."""
     mlflow_tracking_uri: str | None = None
     """MLflow server; None: the project starts a local one (SQLite)."""
 

@@ -77,8 +77,8 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def synthetic_examples(ray_cluster, tiny_encoder: str, tmp_path_factory: pytest.TempPathFactory):
     """Three synthetic shops -> lake -> example set (tokenised with the tiny encoder)."""
-    from recsys.data.ingest.runner import IngestOptions, ingest
     from recsys.data.examples import DataConfig, build_example_set
+    from recsys.data.ingest.runner import IngestOptions, ingest
     from recsys.data.pseudonym import Pseudonymizer
 
     root = tmp_path_factory.mktemp("synthetic")

@@ -7,6 +7,7 @@ Writes, into a staging directory swapped in at the end::
     OUT/catalog/<platform>.parquet    item_idx, item_id, title, ..., text, text_hash
     OUT/tokens.parquet                text_hash -> token_ids, one row per distinct item text
     OUT/manifest.json                 config, counts per platform, input fingerprint
+                                      (:class:`ExampleManifest`, read and written only here)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from recsys.config import StrictModel
 from recsys.data.catalog import TextConfig, build_catalog, tokenize_batch, unique_texts
@@ -53,10 +55,95 @@ class DataConfig(StrictModel):
     """Tokenise item text once per distinct text (needs the encoder's tokenizer)."""
 
 
+MANIFEST = "manifest.json"
+
+
+class PlatformCounts(StrictModel):
+    """One platform of an example set: its catalog, its users and the rows of each split.
+
+    The split counts are 0 for a platform whose users are all too short for an example.
+    """
+
+    catalog_items: int
+    lake_users: int
+    """Users of the platform in the lake."""
+    users_too_short: int
+    """Lake users with fewer than ``sequences.min_seq_len`` interactions (no example)."""
+    train_rows: int = 0
+    valid_rows: int = 0
+    test_rows: int = 0
+    users: int = 0
+    """Users with examples (one test row each)."""
+    mean_history: float = 0.0
+    """Mean history length of the test rows."""
+
+
+class TextCounts(StrictModel):
+    """Item texts of all catalogs, tokenised once per distinct text."""
+
+    distinct_texts: int
+    catalog_rows: int
+    encoder: str | None = None
+    """Set when the texts were tokenised (``tokenize: true``), as are the token counts."""
+    tokens_total: int | None = None
+    tokens_mean: float | None = None
+
+
+class ExampleManifest(StrictModel):
+    """``manifest.json`` of an example set: what was built, from what, and how much."""
+
+    created_at: datetime
+    seconds: float
+    input_fingerprint: str
+    """:func:`input_fingerprint` of the lake reports and the config."""
+    config: DataConfig
+    platforms: dict[str, PlatformCounts]
+    text: TextCounts
+
+    def as_json_dict(self) -> dict[str, Any]:
+        """The manifest as ``manifest.json`` holds it: token counts are absent, not null, when
+        the texts were not tokenised."""
+        data = self.model_dump(mode="json")
+        data["text"] = self.text.model_dump(mode="json", exclude_none=True)
+        return data
+
+    def summary(self) -> str:
+        """A table per platform and the text counts, as ``recsys examples`` prints them."""
+        head = f"{'platform':<16}{'items':>8}{'users':>9}{'too short':>10}{'train':>9}" \
+               f"{'valid':>9}{'test':>9}{'mean hist':>10}"
+        lines = [head, "-" * len(head)]
+        for name, c in self.platforms.items():
+            lines.append(f"{name:<16}{c.catalog_items:>8,}{c.users:>9,}{c.users_too_short:>10,}"
+                         f"{c.train_rows:>9,}{c.valid_rows:>9,}{c.test_rows:>9,}"
+                         f"{c.mean_history:>10}")
+        t = self.text
+        tokens = f" ({t.tokens_total:,} tokens)" if t.tokens_total is not None else ""
+        lines.append(f"item texts: {t.catalog_rows:,} catalog rows -> {t.distinct_texts:,} "
+                     f"distinct texts tokenised once{tokens}")
+        return "\n".join(lines)
+
+    def write(self, directory: Path) -> None:
+        (directory / MANIFEST).write_text(json.dumps(self.as_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> ExampleManifest:
+        path = directory / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{directory} is not an example set (no {MANIFEST}): build "
+                                    "it with the data stage first")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            raise ValueError(f"{path} does not match this version's example-set manifest "
+                             f"(rebuild the example set): {exc}") from exc
+
+
 @dataclass(frozen=True)
 class ExampleSet:
+    """An example set on disk (``path``) and its manifest, read once."""
+
     path: Path
-    manifest: dict[str, Any]
+    manifest: ExampleManifest
 
     def split_path(self, split: str) -> Path:
         return self.path / split
@@ -134,8 +221,8 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
         for p, cat in catalogs.items():
             pq.write_table(cat, staging / "catalog" / f"{p}.parquet")
         texts = unique_texts(list(catalogs.values()))
-        token_stats: dict[str, Any] = {"distinct_texts": texts.num_rows,
-                                       "catalog_rows": sum(c.num_rows for c in catalogs.values())}
+        text = TextCounts(distinct_texts=texts.num_rows,
+                          catalog_rows=sum(c.num_rows for c in catalogs.values()))
         if cfg.tokenize:
             tok_ds = ray.data.from_arrow(texts).map_batches(
                 tokenize_batch, batch_format="pyarrow", batch_size=1024,
@@ -143,8 +230,9 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
             tokens = pa.concat_tables(ray.get(tok_ds.to_arrow_refs()))
             pq.write_table(tokens, staging / "tokens.parquet")
             lengths = pc.list_value_length(tokens["token_ids"]).to_numpy(zero_copy_only=False)
-            token_stats.update(encoder=cfg.text.encoder, tokens_total=int(lengths.sum()),
-                               tokens_mean=round(float(lengths.mean()), 2) if len(lengths) else 0)
+            text = text.model_copy(update={
+                "encoder": cfg.text.encoder, "tokens_total": int(lengths.sum()),
+                "tokens_mean": round(float(lengths.mean()), 2) if len(lengths) else 0.0})
 
         # 2. Examples: one Ray Data task per (platform, bucket) that also writes its three
         #    split files, in a single execution (no materialize, no per-split re-scan).
@@ -160,23 +248,23 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
         counts = _count_rows(pa.concat_tables([COUNTS_SCHEMA.empty_table()]
                                               + ray.get(ds.to_arrow_refs())))
 
-        manifest = {
-            "created_at": datetime.now(UTC).isoformat(),
-            "seconds": round(time.perf_counter() - started, 2),
-            "input_fingerprint": input_fingerprint(cfg.lake, platforms, cfg),
-            "config": cfg.model_dump(mode="json"),
-            "platforms": {p: _platform_summary(cfg.lake, p, catalogs[p], counts.get(p, {}))
-                          for p in platforms},
-            "text": token_stats,
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = ExampleManifest(
+            created_at=datetime.now(UTC),
+            seconds=round(time.perf_counter() - started, 2),
+            input_fingerprint=input_fingerprint(cfg.lake, platforms, cfg),
+            config=cfg,
+            platforms={p: _platform_counts(cfg.lake, p, catalogs[p], counts.get(p, {}))
+                       for p in platforms},
+            text=text,
+        )
+        manifest.write(staging)
     return ExampleSet(out, manifest)
 
 
-def _count_rows(per_task: pa.Table) -> dict[str, dict[str, int]]:
+def _count_rows(per_task: pa.Table) -> dict[str, dict[str, float]]:
     """Rows per platform and split, users with examples, mean history length, from the
     per-task counts (only these few rows come back to the driver)."""
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[str, float]] = {}
     for r in per_task.to_pylist():
         if not r["rows"]:
             continue
@@ -191,20 +279,17 @@ def _count_rows(per_task: pa.Table) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _platform_summary(lake: str, platform: str, catalog: pa.Table,
-                      counts: dict[str, Any]) -> dict[str, Any]:
+def _platform_counts(lake: str, platform: str, catalog: pa.Table,
+                     counts: dict[str, float]) -> PlatformCounts:
     lake_users = read_report(lake, platform)["users"]
-    return {"catalog_items": catalog.num_rows, "lake_users": lake_users,
-            "users_too_short": lake_users - counts.get("users", 0), **counts}
+    return PlatformCounts.model_validate(
+        {"catalog_items": catalog.num_rows, "lake_users": lake_users,
+         "users_too_short": lake_users - counts.get("users", 0), **counts})
 
 
 def load_example_set(path: str | Path) -> ExampleSet:
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{path} is not an example set (no manifest.json): build it with "
-                                "the data stage first")
-    return ExampleSet(path, json.loads(manifest_path.read_text()))
+    return ExampleSet(path, ExampleManifest.read(path))
 
 
 def read_split(example_set: ExampleSet, split: str) -> pa.Table:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -122,3 +122,17 @@ def read_events(lake: str | Path, platform: str) -> pa.Table:
 
 def read_report(lake: str | Path, platform: str) -> dict[str, Any]:
     return json.loads((platform_dir(lake, platform) / "report.json").read_text())
+
+
+class PlatformTables(NamedTuple):
+    """One platform of the lake read whole: its ingest report, events and catalog."""
+
+    report: dict[str, Any]
+    events: pa.Table
+    items: pa.Table
+
+
+def read_platform(lake: str | Path, platform: str) -> PlatformTables:
+    """Report, all events and the catalog of a platform (small data: tests, tools)."""
+    return PlatformTables(read_report(lake, platform), read_events(lake, platform),
+                          read_items(lake, platform))

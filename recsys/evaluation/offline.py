@@ -14,19 +14,21 @@ import torch
 from pydantic import Field
 
 from recsys.config import StrictModel
-from recsys.data.feed import collate
 from recsys.data.examples import ExampleSet, read_split
+from recsys.data.feed import collate
 from recsys.evaluation.metrics import COLD_START, RankingAccumulator, auc, cold_start_mask
+from recsys.evaluation.ranking import rank_batches
 from recsys.evaluation.report import EvalReport, build_report
 from recsys.model.export import Exported
+from recsys.model.recommender import Recommender
 from recsys.training.items import PlatformItems, training_popularity
-from recsys.training.objective import PlatformTensors, item_vectors
-from recsys.evaluation.ranking import rank_batches
+from recsys.training.objective import PlatformTensors
 
 
 def platform_tensors(exported: Exported, popularity: Mapping[str, np.ndarray],
                      platforms: Sequence[str],
                      device: torch.device | None = None) -> dict[int, PlatformTensors]:
+    """The export's item inputs of ``platforms`` by platform id, as ``rank_batches`` reads them."""
     device = device or torch.device("cpu")
     out = {}
     for name in platforms:
@@ -50,7 +52,7 @@ def evaluate_export(exported: Exported, example_set: ExampleSet, *, split: str =
     model saw, so that the cold-start subset means 'unseen in *its* training data').
     ``ranks_out``, if given, receives each platform's per-user target ranks (split row order),
     for paired comparisons of two models on the same users."""
-    platforms = list(platforms or exported.meta["platforms_with_items"])
+    platforms = list(platforms or exported.meta.platforms_with_items)
     model = exported.model.eval()
     max_len = exported.model.config["max_len"]
     train = read_split(example_set, "train")
@@ -82,10 +84,10 @@ def evaluate_export(exported: Exported, example_set: ExampleSet, *, split: str =
                         curves=curves, seed=seed, meta=meta)
 
 
-def _ctr_auc(model: torch.nn.Module, pt: PlatformTensors, batches: list[dict[str, torch.Tensor]],
+def _ctr_auc(model: Recommender, pt: PlatformTensors, batches: list[dict[str, torch.Tensor]],
              gen: torch.Generator) -> float:
     """AUC of the CTR head: the held-out next item (1) vs a uniformly drawn catalog item (0)."""
-    table = item_vectors(model, pt, None)
+    table = pt.item_table(model)  # (N+1, D)
     labels, scores = [], []
     for b in batches:
         user = model.user_vector(b["history"], table, b["platform"])
@@ -124,15 +126,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Path]:
     reports: dict[str, EvalReport] = {}
     files: dict[str, Path] = {}
     exported = {label: load_export(path) for label, path in cfg.exports.items()}
-    common = set.intersection(*(set(e.meta["platforms_with_items"]) for e in exported.values()))
+    common = set.intersection(*(set(e.meta.platforms_with_items) for e in exported.values()))
     platforms = cfg.platforms or sorted(common)
     missing = sorted(set(platforms) - common)
     if missing:
         raise ValueError(f"platform(s) {missing} are not in every export: {sorted(common)}")
     for label, exp in exported.items():
-        fraction = exp.meta.get("train_config", {}).get("user_fraction", 1.0)
         reports[label] = evaluate_export(exp, es, split=cfg.split, platforms=platforms,
-                                         run=label, seed=cfg.seed, user_fraction=fraction)
+                                         run=label, seed=cfg.seed,
+                                         user_fraction=exp.meta.user_fraction)
         files[label] = write_report(reports[label], out / label)["json"]
     if len(reports) > 1 and cfg.baseline in reports:
         files["transfer"] = write_transfer_report(reports, out, baseline=cfg.baseline)["json"]

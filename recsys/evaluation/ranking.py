@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from recsys.evaluation.metrics import rank_of_target
-from recsys.model.recommender import Recommender, seen_items
-from recsys.training.objective import PlatformTensors, item_vectors
+from recsys.model.recommender import Recommender
+from recsys.training.objective import PlatformTensors
 
 
 @torch.inference_mode()
@@ -31,11 +31,8 @@ def rank_batches(model: Recommender, platforms: dict[int, PlatformTensors],
         for pid in platform.unique().tolist():
             rows = platform == pid
             if pid not in tables:
-                tables[pid] = item_vectors(model, platforms[pid], None)
-            table = tables[pid]
-            user = model.user_vector(history[rows], table, platform[rows])  # (b, D)
-            seen = seen_items(history[rows], table.shape[0])  # (b, N+1)
-            scores = model.score_all(user, table, seen, platform[rows])  # (b, N+1)
+                tables[pid] = platforms[pid].item_table(model)  # (N+1, D)
+            scores = model.score(history[rows], platform[rows], tables[pid])  # (b, N+1)
             acc = out.setdefault(pid, {"rank": [], "target": [], "rank_excl": []})
             acc["rank"].append(rank_of_target(scores, target[rows]).cpu().numpy())
             acc["target"].append(target[rows].cpu().numpy())

@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from recsys.data.catalog import load_tokenizer, resolve_encoder_path
+from recsys.model.encoder import TextEncoder, load_text_encoder
 from recsys.model.features import ItemFeatures, token_batch
-from recsys.model.recommender import TextEncoder, load_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ class TextVectorCache:
         order = np.argsort([len(t) for t in tokens], kind="stable")  # similar lengths together
         out = np.zeros((len(tokens), enc.hidden_size), np.float32)
         with torch.inference_mode(), tqdm(total=len(tokens), desc="encoding item texts",
-                                          unit="text", leave=False) as bar:
+                                          unit="text", leave=False,
+                                          disable=None) as bar:  # None: off when not a terminal
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 input_ids, mask = token_batch([tokens[i] for i in rows])

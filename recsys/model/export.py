@@ -8,24 +8,86 @@
     EXPORT/catalog/<platform>.parquet  item index -> id, title, brand, category, price
     EXPORT/encoder/                 fine-tuned text encoder (only when it was trained)
 
-``load_export`` rebuilds the ``Recommender`` from this alone (no training config classes).
+``load_export`` rebuilds the ``Recommender`` from this alone (no training config classes);
+``export.json`` is read and written only as :class:`ExportMeta`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from recsys.config import StrictModel
 from recsys.model.recommender import Recommender
 
 FORMAT_VERSION = 1
+META_FILE = "export.json"
+
+
+class ExportInfo(StrictModel):
+    """What the writer of an export says about it (``save_export`` adds the model's part)."""
+
+    # NaN/inf metrics (a diverged run) are written as JSON's NaN/Infinity, as ``json.dumps`` does.
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+
+    platforms: list[str]
+    """Every platform of the model, in platform-id order."""
+    platforms_with_items: list[str]
+    """Platforms whose catalogs are in ``items/`` (the model can score these)."""
+    vocab: dict[str, Any] | None = None
+    """``FeatureVocab.to_dict()`` of the brand/category ids (a transfer run extends it)."""
+    encoder: str | None = None
+    """Text encoder whose vectors were cached at training (search encodes queries with it)."""
+    max_tokens: int = 64
+    mode: str | None = None
+    strategy: str | None = None
+    train_config: dict[str, Any] | None = None
+    """The resolved ``TrainJobConfig`` as JSON: provenance, not read back as a config."""
+    metrics: dict[str, int | float] = Field(default_factory=dict)
+    """The last reported training metrics (validation scores, speed)."""
+    example_set: str | None = None
+    input_fingerprint: str | None = None
+    seed: int | None = None
+    """Seed of a synthetic (toy) model."""
+
+    @property
+    def user_fraction(self) -> float:
+        """Share of training users the model saw (the cold-start subset depends on it)."""
+        return float((self.train_config or {}).get("user_fraction", 1.0))
+
+
+class ExportMeta(ExportInfo):
+    """``export.json``: the writer's :class:`ExportInfo` plus how to rebuild the model."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    architecture: dict[str, Any] = Field(alias="model_config")
+    """``Recommender(**architecture)`` rebuilds the model (stored as ``model_config``)."""
+    has_encoder: bool = False
+    """A fine-tuned text encoder is saved in ``encoder/``."""
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2) + "\n"
+
+
+def read_meta(path: str | Path) -> ExportMeta:
+    """The metadata of the export directory ``path``, checked against this code's format."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a model export (no {META_FILE})")
+    raw = json.loads(meta_file.read_text())
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: export format {version} is not {FORMAT_VERSION}")
+    return ExportMeta.model_validate(raw)
 
 
 @dataclass
@@ -46,18 +108,29 @@ class ExportedItems:
 class Exported:
     path: Path
     model: Recommender
-    meta: dict[str, Any]
+    meta: ExportMeta
     items: dict[str, ExportedItems]
 
     @property
     def platforms(self) -> list[str]:
-        return list(self.meta["platforms"])
+        return list(self.meta.platforms)
+
+    def item_table(self, platform: str) -> torch.Tensor:
+        """Item vectors (N+1, D) of ``platform``'s catalog (``Recommender.item_table``)."""
+        it = self.items[platform]
+        return self.model.item_table(
+            None if it.text_vecs is None else torch.as_tensor(it.text_vecs),
+            torch.as_tensor(it.brand_ids), torch.as_tensor(it.category_ids), it.platform_id)
 
 
 def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torch.Tensor],
-                meta: dict[str, Any], items: dict[str, ExportedItems],
+                meta: ExportInfo | Mapping[str, Any], items: dict[str, ExportedItems],
                 catalogs: dict[str, Path]) -> Path:
-    """Write an export directory (replacing an existing one)."""
+    """Write an export directory (replacing an existing one). ``meta`` as a mapping is
+    validated as :class:`ExportInfo` (callers not yet moved to the typed form)."""
+    info = meta if isinstance(meta, ExportInfo) else ExportInfo.model_validate(dict(meta))
+    full = ExportMeta.model_validate({**info.model_dump(), "model_config": model.config,
+                                      "has_encoder": model.text_encoder is not None})
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,9 +141,7 @@ def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torc
     save_file(weights, str(tmp / "model.safetensors"))
     if model.text_encoder is not None:
         model.text_encoder.model.save_pretrained(str(tmp / "encoder"))
-    full_meta = {"format_version": FORMAT_VERSION, "model_config": model.config,
-                 "has_encoder": model.text_encoder is not None, **meta}
-    (tmp / "export.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+    (tmp / META_FILE).write_text(full.to_json())
     for name, it in items.items():
         np.savez(tmp / "items" / f"{name}.npz", item_ids=np.asarray(it.item_ids, dtype=object),
                  brand_ids=it.brand_ids, category_ids=it.category_ids,
@@ -84,22 +155,17 @@ def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torc
 
 
 def load_export(path: str | Path, map_location: str = "cpu") -> Exported:
+    """Rebuild an export: the model (eval mode, on ``map_location``), metadata and items."""
     path = Path(path)
-    meta_file = path / "export.json"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a model export (no export.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: export format {meta.get('format_version')} is not "
-                         f"{FORMAT_VERSION}")
+    meta = read_meta(path)
     encoder = None
-    if meta.get("has_encoder"):
+    if meta.has_encoder:
         from transformers import AutoModel
 
-        from recsys.model.recommender import TextEncoder
+        from recsys.model.encoder import TextEncoder
 
         encoder = TextEncoder(AutoModel.from_pretrained(str(path / "encoder")))
-    model = Recommender(**meta["model_config"], text_encoder=encoder)
+    model = Recommender(**meta.architecture, text_encoder=encoder)
     missing, unexpected = model.load_state_dict(
         load_file(str(path / "model.safetensors"), device=map_location), strict=False)
     missing = [k for k in missing if not k.startswith("text_encoder.")]
@@ -108,7 +174,7 @@ def load_export(path: str | Path, map_location: str = "cpu") -> Exported:
                          f"unexpected {unexpected[:5]}")
     model.eval()
     items = {}
-    for name in meta["platforms_with_items"]:
+    for name in meta.platforms_with_items:
         z = np.load(path / "items" / f"{name}.npz", allow_pickle=True)
         vecs = z["text_vecs"]
         items[name] = ExportedItems(

@@ -11,12 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 import torch
 
 from recsys.model.export import Exported, load_export
-from recsys.model.recommender import seen_items
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
@@ -26,25 +24,19 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
         self._load(context.artifacts["export"])
 
     def _load(self, path: str) -> None:
-        from recsys.training.items import PlatformItems
-        from recsys.training.objective import PlatformTensors, item_vectors
-
+        """Load the export and compute every platform's item table once."""
         self.exported: Exported = load_export(path)
         self.tables: dict[str, torch.Tensor] = {}
         self.index: dict[str, dict[str, int]] = {}
         with torch.inference_mode():
             for name, it in self.exported.items.items():
-                pi = PlatformItems(name=name, platform_id=it.platform_id,
-                                   brand_ids=it.brand_ids, category_ids=it.category_ids,
-                                   text_vecs=it.text_vecs, token_ids=None,
-                                   popularity=np.zeros(it.num_items + 1))
-                pt = PlatformTensors.from_items(pi, torch.device("cpu"))
-                self.tables[name] = item_vectors(self.exported.model, pt, None)  # (N+1, D)
+                self.tables[name] = self.exported.item_table(name)  # (N+1, D)
                 self.index[name] = {item: i + 1 for i, item in enumerate(it.item_ids)}
 
     @torch.inference_mode()
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Top-k item ids and scores per input row (see the module docstring)."""
         model = self.exported.model
         max_len = model.config["max_len"]
         out_items: list[list[str]] = [[] for _ in range(len(model_input))]
@@ -60,8 +52,7 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
                 if ids:
                     hist[r, max_len - len(ids):] = torch.as_tensor(ids)
             pid = torch.full((len(rows),), self.exported.items[name].platform_id)
-            scores = model.score_all(model.user_vector(hist, table, pid), table,
-                                     seen_items(hist, table.shape[0]), pid)  # (B, N+1)
+            scores = model.score(hist, pid, table)  # (B, N+1)
             ks = rows["k"].astype(int).tolist() if "k" in rows else [10] * len(rows)
             top = torch.topk(scores, k=min(max(ks), table.shape[0] - 1), dim=1)
             item_ids = self.exported.items[name].item_ids

@@ -4,11 +4,11 @@ Text-based and transferable (UniSRec-style): an item is its text (title, brand, 
 pretrained encoder, not a per-platform ID, so a model pretrained on many shops scores the items
 of a new shop without having seen them.
 
-    TextEncoder       token ids (N, T)          -> text vectors (N, H)   (frozen + cached, or LoRA)
+    TextEncoder       token ids (N, T)          -> text vectors (N, H)   (encoder.py; cached, LoRA)
     ItemTower         text (N, H) + brand + cat -> item vectors (N, D)   (PlatformAdapter inside)
                       [+ item id]                                        (optional, transductive)
     UserTower         history item vectors      -> user states (B, L, D) (causal, SASRec-style)
-    score_all         user (B, D) . items       -> (B, N+1) full-catalog scores (retrieval)
+    score             user (B, D) . items       -> (B, N+1) full-catalog scores (retrieval)
                       [+ repeat bias on seen]                            (optional, per platform)
     CTRHead           [user; item; user*item]   -> click logit (B,)      (ranking)
 
@@ -26,77 +26,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# -------------------------------------------------------------------------------------------------
-# Text encoder
-
-
-class TextEncoder(nn.Module):
-    """A Hugging Face encoder (``AutoModel``) with masked mean pooling.
-
-    Mean over the non-padding tokens, as sentence-transformers pools all-MiniLM-L6-v2 (its final
-    L2 normalisation is left out: the PlatformAdapter centres and projects the vectors anyway).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        # The pooler (dense on [CLS]) is unused by mean pooling; drop it so that every parameter
-        # gets a gradient when fine-tuning (DDP and ZeRO complain about unused parameters).
-        if getattr(model, "pooler", None) is not None:
-            model.pooler = None
-        self.model = model
-        self._hidden_size = int(model.config.hidden_size)
-
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden_size
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)              # (N, T, 1)
-        summed = (hidden * mask).sum(dim=1)                               # (N, H)
-        return summed / mask.sum(dim=1).clamp(min=1e-9)                   # (N, H)
-
-
-def load_text_encoder(path_or_name: str) -> TextEncoder:
-    """Load a pretrained encoder; ``bundled:all-MiniLM-L6-v2`` resolves to the packaged copy."""
-    from transformers import AutoModel
-
-    # Imported here, not at the top: keeps this file free of the config layer at import time.
-    from recsys.data.catalog import resolve_encoder_path
-
-    return TextEncoder(AutoModel.from_pretrained(resolve_encoder_path(path_or_name)))
-
-
-def apply_lora(
-    encoder: TextEncoder,
-    r: int,
-    alpha: int,
-    dropout: float,
-    target_modules: Sequence[str] = ("query", "value"),
-) -> TextEncoder:
-    """Wrap the encoder's attention projections with LoRA (peft); everything else is frozen.
-
-    Fine-tunes the text side with ~0.1% of its weights, so it fits beside the recommender in
-    memory and cannot drift far from the pretrained encoder. Modifies ``encoder`` in place.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules), bias="none")
-    encoder.model = get_peft_model(encoder.model, config)  # freezes the base weights
-    return encoder
-
-
-def merge_lora(encoder: TextEncoder) -> TextEncoder:
-    """Fold the LoRA weights into the base model, so that serving needs neither peft nor the
-    adapter's extra matmuls. Modifies ``encoder`` in place."""
-    encoder.model = encoder.model.merge_and_unload()
-    return encoder
-
+# The LoRA helpers and the loader are re-exported (``__all__``) for callers that import them here.
+from recsys.model.encoder import TextEncoder, apply_lora, load_text_encoder, merge_lora
+from recsys.model.features import token_batch
+from recsys.model.tables import ItemIdEmbedding, grow_embedding
 
 # -------------------------------------------------------------------------------------------------
 # Item side
@@ -134,59 +72,7 @@ class PlatformAdapter(nn.Module):
         return torch.einsum("nk,nkd->nd", g, experts)                         # (N, D)
 
     def add_platforms(self, n: int) -> None:
-        self.platform_gate = _grow_embedding(self.platform_gate, n)
-
-
-class ItemIdEmbedding(nn.Module):
-    """One learned vector per (platform, item): the transductive part of an item vector.
-
-    Text generalises to items never seen in training; an id vector memorises what text misses
-    about items that have history (UniSRec's text+ID fine-tuning). Rows start at zero, so an
-    item starts as its text vector and an unknown item (index beyond its platform's count, a
-    platform without ids, padding) stays text only.
-
-    Layout: row 0 is a shared zero row; item i (1..count_p) of platform p is row
-    ``offsets[p] + i`` with ``offsets[p] = sum(counts[:p])``.
-    """
-
-    def __init__(self, counts: Sequence[int], dim: int) -> None:
-        super().__init__()
-        if any(c < 0 for c in counts):
-            raise ValueError(f"item counts must be >= 0, got {list(counts)}")
-        self.counts_list = [int(c) for c in counts]
-        self.register_buffer("counts", torch.tensor(self.counts_list, dtype=torch.long),
-                             persistent=False)
-        offsets = [0]
-        for c in self.counts_list[:-1]:
-            offsets.append(offsets[-1] + c)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long),
-                             persistent=False)
-        self.embedding = nn.Embedding(1 + sum(self.counts_list), dim, padding_idx=0)
-        nn.init.zeros_(self.embedding.weight)
-
-    def forward(self, item_ids: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:
-        """(N, D) id vectors of per-platform item indices ``item_ids`` (N,)."""
-        known = (item_ids > 0) & (item_ids <= self.counts[platform_ids])
-        rows = torch.where(known, self.offsets[platform_ids] + item_ids,
-                           torch.zeros_like(item_ids))
-        return self.embedding(rows)                                           # (N, D)
-
-    def grown(self, counts: Sequence[int]) -> ItemIdEmbedding:
-        """A copy with room for ``counts`` (one per platform, each >= the current count, more
-        platforms allowed); every known row keeps its vector, new rows start at zero."""
-        old = self.counts_list
-        if len(counts) < len(old) or any(n < o for n, o in zip(counts, old, strict=False)):
-            raise ValueError(f"item id table cannot shrink: {old} -> {list(counts)}")
-        new = ItemIdEmbedding(counts, self.embedding.embedding_dim).to(
-            self.embedding.weight.device, self.embedding.weight.dtype)
-        with torch.no_grad():
-            for p, c in enumerate(old):
-                if c:
-                    src = int(self.offsets[p]) + 1
-                    dst = int(new.offsets[p]) + 1
-                    new.embedding.weight[dst:dst + c] = self.embedding.weight[src:src + c]
-        new.embedding.weight.requires_grad_(self.embedding.weight.requires_grad)
-        return new
+        self.platform_gate = grow_embedding(self.platform_gate, n)
 
 
 class ItemTower(nn.Module):
@@ -236,9 +122,9 @@ class ItemTower(nn.Module):
     def resize_features(self, num_brands: int, num_categories: int) -> None:
         """Grow the brand/category tables after ``FeatureVocab.extend``; new rows start at 0
         (same contribution as 'unknown') and are learnt during fine-tuning."""
-        self.brand = _grow_embedding(self.brand, num_brands - self.brand.num_embeddings,
+        self.brand = grow_embedding(self.brand, num_brands - self.brand.num_embeddings,
                                      init="zeros")
-        self.category = _grow_embedding(self.category,
+        self.category = grow_embedding(self.category,
                                         num_categories - self.category.num_embeddings,
                                         init="zeros")
 
@@ -295,7 +181,7 @@ class UserTower(nn.Module):
         return (~allowed).repeat_interleave(self.num_heads, dim=0)              # (B*heads, L, L)
 
     def add_platforms(self, n: int) -> None:
-        self.platform = _grow_embedding(self.platform, n)
+        self.platform = grow_embedding(self.platform, n)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -393,18 +279,40 @@ class Recommender(nn.Module):
                                "take text vectors from the encoder cache")
         return self.text_encoder(input_ids, attention_mask)
 
-    def item_table(self, text_vecs: torch.Tensor, brand_ids: torch.Tensor,
-                   category_ids: torch.Tensor, platform_id: int) -> torch.Tensor:
-        """Vectors of a whole catalog (N+1, D) for one platform; row 0 (padding) is zero.
+    def item_table(self, text_vecs: torch.Tensor | None, brand_ids: torch.Tensor,
+                   category_ids: torch.Tensor, platform_id: int, *,
+                   ids: torch.Tensor | None = None,
+                   token_ids: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        """Item vectors of one platform's catalog (N+1, D), row 0 (padding) zero; or of the
+        items ``ids`` (M,) only. The one way an item table is built: training, validation,
+        offline evaluation, the pyfunc and serving all call it.
 
-        Inputs are indexed by item index, row 0 included (its values are ignored).
+        Inputs are indexed by item index, row 0 included: ``brand_ids`` (N+1,), ``category_ids``
+        (N+1, C), cached text vectors ``text_vecs`` (N+1, H). With a text encoder and
+        ``token_ids`` (N+1 arrays) the text is encoded here instead, each requested item once.
         """
-        n = text_vecs.shape[0] - 1
-        platform_ids = torch.full((n,), platform_id, dtype=torch.long, device=text_vecs.device)
-        item_ids = torch.arange(1, n + 1, device=text_vecs.device)
-        items = self.item_tower(text_vecs[1:], brand_ids[1:], category_ids[1:],
-                                platform_ids, item_ids)                       # (N, D)
-        return torch.cat([items.new_zeros(1, items.shape[1]), items], dim=0)  # (N+1, D)
+        device = brand_ids.device
+        all_ids = torch.arange(len(brand_ids), device=device) if ids is None else ids
+        dtype = self.item_tower.adapter.weight.dtype
+        if self.text_encoder is not None and token_ids is not None:
+            # The padding row (id 0) has no tokens and never goes through the encoder: an
+            # all-masked row can come out NaN from CUDA's fused attention, and NaN gradients
+            # (zeroing the row afterwards does not stop them) make ZeRO skip every step.
+            real = (all_ids > 0).nonzero().squeeze(1)                       # (R,) rows with text
+            text = torch.zeros(len(all_ids), self.config["text_dim"], device=device, dtype=dtype)
+            if len(real):
+                input_ids, mask = token_batch([token_ids[i] for i in all_ids[real].tolist()])
+                encoded = self.encode_items_text(input_ids.to(device), mask.to(device))  # (R, H)
+                text = text.index_copy(0, real, encoded.to(dtype))
+        elif text_vecs is None:
+            raise ValueError("no cached text vectors for the item tower, and "
+                             + ("no token ids for the model's text encoder"
+                                if self.text_encoder is not None else "no text encoder"))
+        else:  # cached vectors are fp32; DeepSpeed's bf16 casts the parameters, not this cache
+            text = text_vecs[all_ids].to(dtype)                                 # (M, H)
+        pid = torch.full_like(all_ids, platform_id)
+        vecs = self.item_tower(text, brand_ids[all_ids], category_ids[all_ids], pid, all_ids)
+        return vecs.masked_fill((all_ids == 0).unsqueeze(-1), 0.0)  # (M, D) padding row zero
 
     # -- users ------------------------------------------------------------------------------------
 
@@ -421,34 +329,33 @@ class Recommender(nn.Module):
 
     # -- scores -----------------------------------------------------------------------------------
 
-    def score_candidates(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Scores (B, M) of users (B, D) against any item vectors (M, D): cosine when
-        ``normalize`` (UniSRec; the loss divides by a temperature), else the dot product."""
+    def score(self, history: torch.Tensor, platform_ids: torch.Tensor, item_table: torch.Tensor,
+              *, user: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B, N+1) of left-padded histories (B, L) against a whole catalog
+        ``item_table`` (N+1, D): similarity, plus the platform's repeat bias on the items of
+        each history; padding column 0 is -inf. The one scoring path of validation, offline
+        evaluation, the pyfunc and serving.
+
+        ``user`` (B, D): user vectors computed elsewhere (serving runs one user-tower batch over
+        histories from several platforms); ``history`` then only marks the items seen here.
+        """
+        if user is None:
+            user = self.user_vector(history, item_table, platform_ids)        # (B, D)
+        seen = seen_items(history, item_table.shape[0])                       # (B, N+1)
+        return mask_padding(self.score_items(user, item_table, seen, platform_ids))
+
+    def score_items(self, user: torch.Tensor, items: torch.Tensor, seen: torch.Tensor,
+                    platform_ids: torch.Tensor) -> torch.Tensor:
+        """Scores (B, M) of users (B, D) against item vectors (M, D): cosine when ``normalize``
+        (UniSRec; the loss divides by a temperature), else the dot product; plus the repeat
+        bias where ``seen`` (B, M) is True. The training loss's logits (any candidate set)."""
         if self.normalize:
             user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
-        return user @ items.T                                                 # (B, M)
-
-    def score_all(self, user: torch.Tensor, item_table: torch.Tensor,
-                  seen: torch.Tensor | None = None,
-                  platform_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores (B, N+1) against the whole catalog; padding column 0 is -inf. ``seen``
-        (B, N+1) bool, with ``platform_ids`` (B,): items already in each user's history
-        (:func:`seen_items`), which get the platform's repeat bias."""
-        scores = self.score_candidates(user, item_table)                      # (B, N+1)
-        if seen is not None and platform_ids is not None:
-            scores = scores + self.repeat_scores(seen, platform_ids)
-        pad = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
-        pad[0] = True
-        return scores.masked_fill(pad, float("-inf"))
-
-    def repeat_scores(self, seen: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:
-        """What the repeat bias adds to scores (B, M): the platform's bias where ``seen``
-        (B, M) is True, else 0 (also everywhere for a model without a repeat bias)."""
+        scores = user @ items.T                                               # (B, M)
         if self.repeat is None:
-            return torch.zeros(seen.shape, dtype=self.ctr_head.linear.weight.dtype,
-                               device=seen.device)
+            return scores
         bias = self.repeat(platform_ids)                                      # (B, 1)
-        return seen.to(bias.dtype) * bias                                     # (B, M)
+        return scores + seen.to(bias.dtype) * bias                            # (B, M)
 
     def enable_repeat_bias(self) -> None:
         """Add the per-platform repeat bias (zero: scores unchanged) to a model without one,
@@ -472,7 +379,7 @@ class Recommender(nn.Module):
         self.item_tower.adapter.add_platforms(n)
         self.user_tower.add_platforms(n)
         if self.repeat is not None:
-            self.repeat = _grow_embedding(self.repeat, n)
+            self.repeat = grow_embedding(self.repeat, n)
         self.config["num_platforms"] += n
         if self.item_tower.item_id is not None:  # new platforms: no id rows until set
             self.set_item_counts(self.item_tower.item_id.counts_list + [0] * n)
@@ -493,24 +400,11 @@ class Recommender(nn.Module):
         self.config["num_categories"] = self.item_tower.category.num_embeddings
 
 
-def _grow_embedding(emb: nn.Embedding, n: int, init: str = "mean") -> nn.Embedding:
-    """A copy of ``emb`` with ``n`` more rows: the mean of the old rows (a new platform starts as
-    the average platform) or zeros. Old rows are copied exactly."""
-    if n < 0:
-        raise ValueError(f"cannot shrink an embedding table (by {-n} rows)")
-    if n == 0:
-        return emb
-    old = emb.weight.data
-    new = nn.Embedding(emb.num_embeddings + n, emb.embedding_dim, padding_idx=emb.padding_idx,
-                       device=old.device, dtype=old.dtype)
-    with torch.no_grad():
-        new.weight[: emb.num_embeddings] = old
-        if init == "mean":
-            new.weight[emb.num_embeddings:] = old.mean(dim=0, keepdim=True)
-        else:
-            new.weight[emb.num_embeddings:] = 0.0
-    new.weight.requires_grad_(emb.weight.requires_grad)
-    return new
+def mask_padding(scores: torch.Tensor) -> torch.Tensor:
+    """Scores (B, N+1) over a catalog with the padding column 0 at -inf (never ranked)."""
+    pad = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+    pad[0] = True
+    return scores.masked_fill(pad, float("-inf"))
 
 
 def seen_items(history: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -522,11 +416,13 @@ def seen_items(history: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``module`` (only those that train, with ``trainable_only``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 __all__ = [
     "CTRHead", "ItemIdEmbedding", "ItemTower", "PlatformAdapter", "Recommender", "TextEncoder",
     "UserTower",
-    "apply_lora", "count_parameters", "load_text_encoder", "merge_lora", "seen_items",
+    "apply_lora", "count_parameters", "load_text_encoder", "mask_padding", "merge_lora",
+    "seen_items",
 ]

@@ -35,13 +35,12 @@ from ray.serve.metrics import Counter, Histogram
 
 from recsys.config import StrictModel
 from recsys.data.pseudonym import DEFAULT_KEY_FILE, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key
+from recsys.serving.model_source import is_registry_uri, parse_models_uri, registry_version
 from recsys.serving.predictor import (
-    MODELS_SCHEME,
     Predictor,
     Prepared,
     SearchUnavailable,
     UnknownPlatform,
-    parse_models_uri,
     set_torch_threads,
 )
 from recsys.serving.schemas import (
@@ -126,7 +125,7 @@ def load_predictor(args: AppArgs) -> Predictor:
         if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
             key_file = local_path(str(DEFAULT_KEY_FILE))
         pseudonymizer = Pseudonymizer(load_key(create_if_missing=False, key_file=key_file)[0])
-    if args.model_uri.startswith(MODELS_SCHEME):
+    if is_registry_uri(args.model_uri):
         return Predictor.from_model_uri(args.model_uri, lake, tracking_uri=tracking,
                                         download_dir=args.download_dir, search=args.search,
                                         pseudonymizer=pseudonymizer)
@@ -233,8 +232,8 @@ class Recommender:
                                  boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200],
                                  tag_keys=("endpoint",))
         self.swaps = 0
-        if args.poll_interval_s > 0 and args.model_uri.startswith(MODELS_SCHEME) \
-                and parse_models_uri(args.model_uri)[2] is not None:
+        if args.poll_interval_s > 0 and is_registry_uri(args.model_uri) \
+                and parse_models_uri(args.model_uri).alias is not None:
             threading.Thread(target=self._watch_alias, name="alias-watch", daemon=True).start()
 
     # -- champion changes -------------------------------------------------------------------------
@@ -242,13 +241,12 @@ class Recommender:
     def _watch_alias(self) -> None:
         """Poll the alias; on a new version load it beside the current predictor, then swap the
         reference: requests keep being answered by the old model until the new one is ready."""
-        from recsys.serving.predictor import alias_version
-
-        name, _, alias = parse_models_uri(self.args.model_uri)
+        ref = parse_models_uri(self.args.model_uri)
+        name, alias = ref.name, ref.alias
         tracking = tracking_uri(self.args)
         while not self._stop.wait(self.args.poll_interval_s):
             try:
-                version = alias_version(tracking, name, alias)
+                version = registry_version(ref, tracking)
                 if version != self.predictor.source.version:
                     started = time.perf_counter()
                     new = load_predictor(self.args)

@@ -2,8 +2,8 @@
 
 At load time every platform's catalog goes through the item tower once and is held as one matrix
 (N+1, D); a recommendation runs only the user tower on the user's history and one top-k over that
-matrix, and a search only the text encoder on the query. The Serve app (``recsys/serving/app.py``) wraps
-this class; tests and the benchmark call it directly.
+matrix, and a search only the text encoder on the query. The Serve app
+(``recsys/serving/app.py``) wraps this class; tests and the benchmark call it directly.
 
 Cross-platform transfer at serving time: the item tower maps every platform's items into one
 space, so a user new to platform P but known on Q is served from their Q items, each embedded
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-import yaml
 
 from recsys.data.pseudonym import Pseudonymizer, load_key
 from recsys.model.export import Exported, load_export
 from recsys.model.features import category_prefixes, normalise
 from recsys.serving.history import HistoryStore, UserHistory
+from recsys.serving.model_source import ModelSource, resolve_model
 from recsys.serving.schemas import (
     Item,
     ModelInfo,
@@ -40,8 +39,6 @@ from recsys.serving.schemas import (
 )
 
 log = logging.getLogger(__name__)
-
-MODELS_SCHEME = "models:/"
 
 
 class UnknownPlatform(KeyError):
@@ -62,96 +59,6 @@ class UnknownPlatform(KeyError):
 
 class SearchUnavailable(RuntimeError):
     """The export names no text encoder that could be loaded (HTTP 503)."""
-
-
-# -- where the model comes from ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved model: the export directory on local disk and what it was resolved from."""
-
-    uri: str
-    export_path: Path
-    name: str
-    version: str | None = None
-    alias: str | None = None
-
-
-def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
-    rest = uri[len(MODELS_SCHEME):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        if name and alias and "/" not in rest:
-            return name, None, alias
-    elif rest.count("/") == 1:
-        name, version = rest.split("/")
-        if name and version.isdigit():
-            return name, version, None
-    raise ValueError(f"model uri {uri!r}: expected models:/<name>@<alias> or "
-                     "models:/<name>/<version>")
-
-
-def alias_version(tracking_uri: str, name: str, alias: str) -> str:
-    """The registry version ``alias`` points at; an error naming both if there is none."""
-    from recsys.tracking.runs import get_alias_version
-
-    version = get_alias_version(tracking_uri, name, alias)
-    if version is None:
-        raise LookupError(f"models:/{name}@{alias} does not exist on {tracking_uri} (register "
-                          "a version and set the alias, or serve a local export path)")
-    return version
-
-
-def resolve_model(uri: str, tracking_uri: str | None = None,
-                  download_dir: str | Path | None = None) -> ModelSource:
-    """A local export directory, or a registry uri (``models:/name@alias`` / ``/version``)
-    downloaded from MLflow. The alias is resolved to a version first, so the files fetched are
-    those of one version even if the alias moves during the download."""
-    if not uri.startswith(MODELS_SCHEME):
-        path = Path(uri)
-        if not (path / "export.json").is_file():
-            raise FileNotFoundError(f"model {uri!r}: {path / 'export.json'} not found (expected "
-                                    "a training run's <output_dir>/<name>/export, or "
-                                    "models:/<name>@<alias>)")
-        return ModelSource(uri=uri, export_path=path.resolve(), name=path.resolve().parent.name)
-    import mlflow.artifacts
-
-    if tracking_uri is None:
-        raise ValueError(f"model {uri!r} is a registry uri but no MLflow tracking uri is set "
-                         "(RECSYS_MLFLOW_TRACKING_URI or the app's tracking_uri)")
-    name, version, alias = parse_models_uri(uri)
-    if alias is not None:
-        version = alias_version(tracking_uri, name, alias)
-    from recsys.tracking.runs import _process_tracking_uri, client
-
-    dst = Path(download_dir or tempfile.mkdtemp(prefix="recsys-serve-"))
-    dst = dst / f"{name}-v{version}"
-    dst.mkdir(parents=True, exist_ok=True)
-    # The version's own artifact location, asked of this server: a ``models:/`` artifact uri
-    # would be resolved against the process-wide registry (MLflow's default: ./mlflow.db).
-    # The process uri is still swapped for the call (under the runs module's lock), because
-    # MLflow 3 model sources (``models:/<model_id>``) resolve through it as well.
-    with _process_tracking_uri(tracking_uri):
-        source = client(tracking_uri).get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
-    return ModelSource(uri=uri, export_path=_export_inside(local), name=name, version=version,
-                       alias=alias)
-
-
-def _export_inside(model_dir: Path) -> Path:
-    """The export directory inside a downloaded pyfunc model (its ``export`` artifact)."""
-    mlmodel = model_dir / "MLmodel"
-    if not mlmodel.is_file():
-        raise FileNotFoundError(f"{model_dir} is not an MLflow model (no MLmodel file)")
-    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
-    rel = flavor.get("artifacts", {}).get("export", {}).get("path")
-    if rel is None:
-        raise ValueError(f"{mlmodel}: the pyfunc model has no 'export' artifact (log it with "
-                         "artifacts={'export': <export dir>})")
-    return model_dir / rel
 
 
 # -- per-platform catalogs ----------------------------------------------------------------------
@@ -290,7 +197,7 @@ class Predictor:
         from recsys.data.catalog import load_tokenizer
         from recsys.model.recommender import load_text_encoder
 
-        name = self.exported.meta.get("encoder")
+        name = self.exported.meta.encoder
         if name is None:
             self.search_error = "the export names no text encoder (export.json 'encoder')"
             return
@@ -408,14 +315,12 @@ class Predictor:
 
     @torch.inference_mode()
     def _top_k(self, p: Prepared, user: torch.Tensor) -> list[Item]:
+        """The model's catalog scores (``Recommender.score``: the repeat bias on this catalog's
+        items of the user's history, as in training), then the serving rules of ``_rank``."""
         cat = p.catalog
-        if self.normalize:
-            user = F.normalize(user, dim=-1)
-        scores = cat.scoring @ user                                              # (N+1,)
-        if p.seen and self.model.repeat is not None:  # the learned repeat bias, as in training
-            pid = torch.tensor([cat.platform_id])
-            scores = scores.clone()
-            scores[torch.as_tensor(sorted(set(p.seen)))] += self.model.repeat(pid)[0, 0]
+        seen = torch.as_tensor(p.seen, dtype=torch.long)[None]                  # (1, S)
+        scores = self.model.score(seen, torch.tensor([cat.platform_id]), cat.table,
+                                  user=user[None])[0]                           # (N+1,)
         return self._rank(cat, scores, p.request.k, p.excluded, p.allowed)
 
     def _rank(self, cat: Catalog, scores: torch.Tensor, k: int, excluded: list[int],
@@ -459,7 +364,7 @@ class Predictor:
         cat = self.catalog(platform)
         if self.encoder is None or self.tokenizer is None:
             raise SearchUnavailable(self.search_error or "search unavailable")
-        max_tokens = int(self.exported.meta.get("max_tokens", 64))
+        max_tokens = self.exported.meta.max_tokens
         tok = self.tokenizer([query], truncation=True, max_length=max_tokens,
                              return_tensors="pt")
         text = self.encoder(tok["input_ids"], tok["attention_mask"])             # (1, H)

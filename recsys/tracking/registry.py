@@ -6,7 +6,9 @@ same validation data, re-evaluated here (``promote_if_better``), never copied fr
 otherwise it stays a tagged challenger with both scores. Every move of ``@champion`` pushes the
 version it replaced onto the ``champion_history`` tag of the registered model (and points
 ``@previous_champion`` at it), so ``rollback`` is one call. Used by sweeps, the CLI
-(``recsys registry ...``) and the serving endpoint.
+(``recsys registry ...``) and the serving endpoint. This module holds the project's one alias
+lookup (``alias_version``) and its one download of a version's export (``download_export``);
+``recsys.serving.model_source`` resolves ``models:/`` uris through them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from recsys.tracking.runs import mlflow_key
+from recsys.tracking.runs import _process_tracking_uri, mlflow_key
+from recsys.tracking.runs import client as _client
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,6 @@ class RegistryError(RuntimeError):
 
 def default_model_name(platform: str) -> str:
     return f"recsys-{platform}"
-
-
-def _client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
 
 
 def _not_found(e: MlflowException) -> bool:
@@ -113,6 +113,11 @@ def champion_history(uri: str, name: str) -> list[str]:
 
 
 def alias_version(uri: str, name: str, alias: str) -> str | None:
+    """The version ``alias`` points at; None if the model or the alias does not exist.
+
+    Reads the registered model's alias map: asking for the alias directly answers a missing alias
+    with INVALID_PARAMETER_VALUE, the same code as a malformed request.
+    """
     try:
         model = _client(uri).get_registered_model(name)
     except MlflowException as e:
@@ -121,6 +126,12 @@ def alias_version(uri: str, name: str, alias: str) -> str | None:
         raise
     version = (model.aliases or {}).get(alias)
     return None if version is None else str(version)
+
+
+def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version`` as is: no history and no tags (moves of
+    ``@champion`` go through ``promote``, which keeps both)."""
+    _client(uri).set_registered_model_alias(name, alias, str(version))
 
 
 def describe(uri: str, name: str) -> dict[str, Any]:
@@ -188,19 +199,37 @@ def rollback(uri: str, name: str) -> str:
 
 
 def download_export(uri: str, name: str, version: str | int, dst: Path) -> Path:
-    """The export directory inside a registered pyfunc version (downloaded under ``dst``)."""
+    """Download a registered pyfunc version under ``dst``; return the export directory inside it
+    (the pyfunc's ``export`` artifact)."""
     import mlflow.artifacts
 
-    # Resolved through our client: a ``models:/`` URI would be resolved against the process-wide
-    # registry URI, which MLflow 3 defaults to a local ./mlflow.db, not the server.
-    source = _client(uri).get_model_version_download_uri(name, str(version))
     dst.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                     tracking_uri=uri))
-    found = [p.parent for p in local.rglob("export.json")]
-    if not found:
-        raise RegistryError(f"{name} v{version}: no export.json in its model artifacts ({local})")
-    return found[0]
+    # The version's own artifact location, asked of this server: a ``models:/`` artifact uri
+    # would be resolved against the process-wide registry (MLflow 3's default: ./mlflow.db).
+    # The process uri is still swapped for the call (under the runs module's lock), because
+    # MLflow 3 model sources (``models:/<model_id>``) resolve through it as well.
+    with _process_tracking_uri(uri):
+        source = _client(uri).get_model_version_download_uri(name, str(version))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                         tracking_uri=uri))
+    return _export_inside(local, f"{name} v{version}")
+
+
+def _export_inside(model_dir: Path, what: str) -> Path:
+    """The export directory inside a downloaded pyfunc model (its ``export`` artifact)."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise RegistryError(f"{what}: {model_dir} is not an MLflow model (no MLmodel file)")
+    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+    rel = flavor.get("artifacts", {}).get(EXPORT_ARTIFACT, {}).get("path")
+    if rel is None:
+        raise RegistryError(f"{what}: {mlmodel} has no {EXPORT_ARTIFACT!r} artifact (log the "
+                            f"pyfunc with artifacts={{{EXPORT_ARTIFACT!r}: <export dir>}})")
+    export = model_dir / rel
+    if not (export / "export.json").is_file():
+        raise RegistryError(f"{what}: no export.json in its {EXPORT_ARTIFACT!r} artifact "
+                            f"({export})")
+    return export
 
 
 def _same_catalog(a: Path, b: Path, platform: str) -> bool:
@@ -270,14 +299,14 @@ def valid_scorer(example_set: Any, platform: str, metric: str = "ndcg@10",
                  split: str = "valid") -> Scorer:
     """A scorer for ``promote_if_better``: ``metric`` of an export on ``split`` of
     ``example_set`` for ``platform`` (full ranking, ``recsys.evaluation.offline``)."""
-    from recsys.model.export import load_export
     from recsys.evaluation.offline import evaluate_export
+    from recsys.model.export import load_export
 
     def score(export_dir: Path) -> float:
         exported = load_export(export_dir)
         if platform not in exported.items:
             raise RegistryError(f"{export_dir}: the export has no items for {platform!r}")
-        fraction = exported.meta.get("train_config", {}).get("user_fraction", 1.0)
+        fraction = exported.meta.user_fraction
         report = evaluate_export(exported, example_set, split=split, platforms=[platform],
                                  run=str(export_dir), user_fraction=fraction)
         if platform not in report.platforms:

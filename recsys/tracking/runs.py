@@ -19,14 +19,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -55,6 +54,32 @@ def client(uri: str) -> MlflowClient:
 
 
 # --- runs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run on a server: what the driver ships to rank 0 so that it can log epochs."""
+
+    uri: str
+    run_id: str
+
+
+@contextmanager
+def tracked_run(uri: str, experiment: str, run_name: str,
+                tags: Mapping[str, Any] | None = None,
+                parent_run_id: str | None = None) -> Iterator[RunRef]:
+    """``start_run`` ... ``end_run`` as a block: FINISHED when it completes, FAILED when it
+    raises (KILLED on Ctrl-C), so that no failure leaves the run RUNNING in the UI."""
+    run = RunRef(uri, start_run(uri, experiment, run_name, tags, parent_run_id))
+    try:
+        yield run
+    except KeyboardInterrupt:
+        end_run(uri, run.run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(uri, run.run_id, "FAILED")
+        raise
+    end_run(uri, run.run_id, "FINISHED")
 
 
 def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
@@ -105,7 +130,7 @@ def mlflow_key(name: str) -> str:
     key = _INVALID_NAME_CHARS.sub("_", name.replace("@", "_at_"))
     if key != name and name not in _renamed:
         _renamed.add(name)
-        log.info("MLflow name for %r is %r (MLflow allows only [A-Za-z0-9_-. /])", name, key)
+        log.debug("MLflow name for %r is %r (MLflow allows only [A-Za-z0-9_-. /])", name, key)
     return key
 
 
@@ -267,24 +292,3 @@ def register_model(uri: str, model_uri: str, name: str,
         version = mlflow.register_model(
             model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
     return str(version.version)
-
-
-def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
-    """Point ``models:/<name>@<alias>`` at ``version`` (aliases replace the old stages)."""
-    client(uri).set_registered_model_alias(name, alias, str(version))
-
-
-def get_alias_version(uri: str, name: str, alias: str) -> str | None:
-    """The version ``alias`` points at; None if the model or the alias does not exist.
-
-    Reads the registered model's alias map: asking for the alias directly answers a missing alias
-    with INVALID_PARAMETER_VALUE, the same code as a malformed request.
-    """
-    try:
-        model = client(uri).get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise
-    version = model.aliases.get(alias)
-    return None if version is None else str(version)

@@ -10,7 +10,7 @@ Two ways to run it:
   the end of a ``with`` block.
 * ``ensure_tracking(settings)``: a *detached* server under ``<work_dir>/mlflow`` that outlives the
   job so the user can open the UI afterwards. Its pid and port are in ``server.json``; the next job
-  reuses it. Stop it with ``stop_detached(root)`` (what ``recsys mlflow stop`` calls).
+  reuses it. Stop it with ``stop_detached(root)`` (what ``recsys stop`` / ``make stop`` call).
 """
 
 from __future__ import annotations
@@ -306,8 +306,8 @@ def start_detached(root: Path) -> str:
             (root / SERVER_JSON).unlink()
         server = LocalMlflowServer(root).start()
         info = server.detach()
-    log.info("MLflow UI at %s (keeps running after this job; stop it with `recsys mlflow stop` "
-             "or recsys.tracking.stop_detached(%r))", info["uri"], str(root))
+    log.info("MLflow UI at %s (keeps running after this job; `make stop` or `recsys stop` "
+             "stops it)", info["uri"])
     return str(info["uri"])
 
 

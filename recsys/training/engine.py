@@ -6,18 +6,53 @@ here: DDP writes one copy from rank 0, DeepSpeed writes a shard from every rank.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from recsys.config import StrictModel
 from recsys.training.config import TrainJobConfig
 from recsys.training.deepspeed_config import build_deepspeed_config
 
 STATE_FILE = "train_state.json"
 DS_TAG = "ckpt"
+
+
+class TrainState(StrictModel):
+    """The loop's progress, saved beside every checkpoint as ``train_state.json`` (and in
+    DeepSpeed's client state): a resumed run continues the epochs, the early-stopping count,
+    the learning-rate decay and the learning curve where they were."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # a NaN loss stays NaN in JSON
+
+    format_version: Literal[1] = 1
+    epoch: int = -1
+    """The last finished epoch (-1: none yet)."""
+    best: float = -1.0
+    """Best validation score so far (``loop.METRIC``)."""
+    bad_epochs: int = 0
+    """Epochs in a row without a better validation score."""
+    curve: list[dict[str, int | float]] = Field(default_factory=list)
+    """One entry per finished epoch: loss, validation score, speed."""
+    lr_scale: float = 1.0
+    """Multiplier of the configured learning rates (reduce-on-plateau)."""
+
+    def write(self, directory: Path) -> None:
+        (directory / STATE_FILE).write_text(self.model_dump_json())
+
+    @classmethod
+    def read(cls, directory: Path) -> TrainState:
+        """The state saved in a checkpoint directory."""
+        return cls.model_validate_json((directory / STATE_FILE).read_text())
+
+    @classmethod
+    def from_client_state(cls, client_state: dict[str, Any]) -> TrainState:
+        """The state inside DeepSpeed's client state (which holds DeepSpeed's own keys too)."""
+        return cls.model_validate({k: v for k, v in client_state.items()
+                                   if k in cls.model_fields})
 
 
 class Engine:
@@ -30,11 +65,12 @@ class Engine:
              platform: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
 
-    def save(self, directory: Path, state: dict[str, Any], rank: int) -> bool:
+    def save(self, directory: Path, state: TrainState, rank: int) -> bool:
         """Write this rank's part; return whether this rank contributed files."""
         raise NotImplementedError
 
-    def load(self, directory: Path) -> dict[str, Any]:
+    def load(self, directory: Path) -> TrainState:
+        """Restore weights and optimizer from a checkpoint; return the loop's state."""
         raise NotImplementedError
 
     base_lrs: list[float]
@@ -84,19 +120,19 @@ class DDPEngine(Engine):
             self.optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def save(self, directory: Path, state: dict[str, Any], rank: int) -> bool:
+    def save(self, directory: Path, state: TrainState, rank: int) -> bool:
         if rank != 0:
             return False
         torch.save({"model": self.module.model.state_dict(),
                     "optimizer": self.optimizer.state_dict()}, directory / "ddp.pt")
-        (directory / STATE_FILE).write_text(json.dumps(state))
+        state.write(directory)
         return True
 
-    def load(self, directory: Path) -> dict[str, Any]:
+    def load(self, directory: Path) -> TrainState:
         blob = torch.load(directory / "ddp.pt", map_location="cpu", weights_only=False)
         self.module.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
-        return json.loads((directory / STATE_FILE).read_text())
+        return TrainState.read(directory)
 
 
 class DeepSpeedEngine(Engine):
@@ -129,20 +165,19 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
         return stats
 
-    def save(self, directory: Path, state: dict[str, Any], rank: int) -> bool:
+    def save(self, directory: Path, state: TrainState, rank: int) -> bool:
         # Every rank writes its ZeRO shard into its own copy of the directory; Ray Train merges
         # the per-rank directories into one checkpoint.
-        self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state=state)
+        self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state=state.model_dump())
         if rank == 0:
-            (directory / STATE_FILE).write_text(json.dumps(state))
+            state.write(directory)
         return True
 
-    def load(self, directory: Path) -> dict[str, Any]:
+    def load(self, directory: Path) -> TrainState:
         _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
         if client_state is None:
             raise RuntimeError(f"{directory}: DeepSpeed checkpoint has no client state")
-        return {k: client_state[k] for k in ("epoch", "best", "bad_epochs", "curve", "lr_scale")
-                if k in client_state}
+        return TrainState.from_client_state(client_state)
 
 
 def param_groups(objective: nn.Module, cfg: TrainJobConfig) -> list[dict[str, Any]]:

@@ -1,27 +1,23 @@
-"""Shared body of the training jobs: parse, validate, connect, run, summarise."""
+"""The training jobs (``jobs.pretrain``, ``jobs.transfer``, ``jobs.scratch``): one body, the mode
+set by the job (``mode=...`` after the user's overrides)."""
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
+from typing import Literal
 
-from recsys.config import ConfigError, load_config, log_config, parse_job_args
-from recsys.logs import setup_logging
+from recsys.job import run_job
 from recsys.training.config import TrainJobConfig
 
+Mode = Literal["pretrain", "transfer", "scratch"]
 
-def run_job(mode: str, description: str, argv: list[str] | None = None) -> int:
+
+def train(cfg: TrainJobConfig, config: Path) -> int:
+    """Connect to Ray, train, print the report table and where everything went."""
     from recsys.cluster import init_ray
     from recsys.evaluation.report import metrics_table
     from recsys.training.run import run_training
 
-    args = parse_job_args(description, argv)
-    setup_logging()
-    try:
-        cfg = load_config(TrainJobConfig, args.config, [*args.overrides, f"mode={mode}"])
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    log_config(cfg, f"{mode} {cfg.name}")
     init_ray()
     out = run_training(cfg)
     print("\n".join(metrics_table(out.report)))
@@ -29,3 +25,9 @@ def run_job(mode: str, description: str, argv: list[str] | None = None) -> int:
           f"report {out.export_dir.parent / 'report'}; {out.seconds:.0f}s"
           + (f"; MLflow run {out.run_id} at {out.tracking_uri}" if out.run_id else ""))
     return 0
+
+
+def run_training_job(mode: Mode, description: str, argv: list[str] | None = None) -> int:
+    """``python -m jobs.<mode>``: the shared job runner with ``mode`` fixed."""
+    return run_job(TrainJobConfig, train, description=description, argv=argv,
+                   label=lambda cfg: f"{mode} {cfg.name}", fixed=[f"mode={mode}"])

@@ -3,7 +3,9 @@
 Each epoch: train on this worker's shard, evaluate the validation shard (full ranking; sums are
 all-reduced so every rank sees the same metrics and takes the same early-stopping decision),
 then every rank saves its part of the checkpoint and calls ``ray.train.report`` (a barrier).
-Rank-dependent side effects (MLflow) are in :func:`_rank0_log` only.
+Shaped like a torchtune recipe: :func:`train_loop_per_worker` calls :func:`setup`, then per
+epoch :func:`train_one_epoch`, :func:`validate`, :func:`update_state` and
+:func:`save_checkpoint`. Rank-dependent side effects (MLflow) are in :func:`log_epoch` only.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from recsys.evaluation.metrics import ranking_metrics
+from recsys.logs import WORKER_CONSOLE
 from recsys.training.config import OptimConfig, TrainJobConfig
+from recsys.training.engine import TrainState
 from recsys.training.items import ItemInputs, keep_user
 from recsys.training.model_setup import build_model
 from recsys.training.objective import PlatformTensors, RecommenderObjective
+
+if TYPE_CHECKING:
+    from recsys.tracking.runs import RunRef
+    from recsys.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -131,101 +140,225 @@ def _quiet_report_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """``train_loop_config`` as the worker reads it: built by the driver (``to_loop_config``),
+    shipped by Ray as a plain dict, re-validated on the worker (``from_loop_config``)."""
+
+    cfg: TrainJobConfig
+    items_ref: Any
+    """Object reference of the driver's ``ItemInputs``."""
+    platform_ids: dict[str, int]
+    model_platforms: list[str]
+    init_state: dict[str, Any] | None
+    """``{"config", "state_dict"}`` of the pretrained export a transfer run starts from."""
+    tracking: RunRef | None
+
+    def to_loop_config(self) -> dict[str, Any]:
+        return {"job": self.cfg.model_dump(mode="json"), "items_ref": self.items_ref,
+                "platform_ids": self.platform_ids, "model_platforms": self.model_platforms,
+                "init_state": self.init_state,
+                "tracking": None if self.tracking is None else asdict(self.tracking)}
+
+    @classmethod
+    def from_loop_config(cls, config: dict[str, Any]) -> WorkerConfig:
+        tracking = None
+        if config.get("tracking"):
+            from recsys.tracking.runs import RunRef
+
+            tracking = RunRef(**config["tracking"])
+        return cls(cfg=TrainJobConfig.model_validate(config["job"]),
+                   items_ref=config["items_ref"], platform_ids=dict(config["platform_ids"]),
+                   model_platforms=list(config["model_platforms"]),
+                   init_state=config.get("init_state"), tracking=tracking)
+
+
+@dataclass
+class Worker:
+    """What ``setup`` built on this worker; the epoch functions read it, and only
+    ``update_state`` changes it (the ``state`` it holds)."""
+
+    cfg: TrainJobConfig
+    rank: int
+    world: int
+    device: torch.device
+    platform_ids: dict[str, int]
+    tensors: dict[int, PlatformTensors]
+    objective: RecommenderObjective
+    engine: Engine
+    state: TrainState
+    train_shard: Any
+    valid_shard: Any
+    tracking: RunRef | None
+    setup_seconds: float
+
+
+@dataclass(frozen=True)
+class EpochTraining:
+    """One epoch's training pass on this worker."""
+
+    losses: list[float]  # one per micro-batch
+    sequences: int
+    seconds: float
+    skipped_steps: int
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function: setup, then per epoch train, validate, keep state, report."""
+    entered = time.time()
+    _quiet_report_logs()
+    w = setup(WorkerConfig.from_loop_config(config), entered)
+    for epoch in range(w.state.epoch + 1, w.cfg.optim.epochs):
+        t0 = time.perf_counter()
+        trained = train_one_epoch(w, epoch)
+        metrics = epoch_metrics(w, epoch, trained, validate(w), t0)
+        update_state(w, epoch, metrics)
+        stop = should_stop(w.state.bad_epochs, epoch, w.cfg.optim)
+        if w.rank == 0:
+            log_epoch(w, epoch, metrics)
+        save_checkpoint(w, metrics)
+        _maybe_fail(w.cfg, epoch, w.rank)
+        if stop:
+            if w.rank == 0:
+                print(f"early stop: no better {METRIC} for {w.state.bad_epochs} epochs",
+                      flush=True)
+            break
+
+
+def setup(wc: WorkerConfig, entered: float) -> Worker:
+    """Model, item tensors, engine and datasets of this worker; restores a checkpoint if Ray
+    hands one over (a resumed run or a restarted worker group)."""
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
-    from recsys.data.feed import SPLIT_DATASETS, iter_batches
     from recsys.training.engine import make_engine
 
-    entered = time.time()
-    _quiet_report_logs()
-    cfg = TrainJobConfig.model_validate(config["job"])  # re-validate on the worker
-    inputs: ItemInputs = ray.get(config["items_ref"])
+    cfg = wc.cfg
+    inputs: ItemInputs = ray.get(wc.items_ref)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(cfg.optim.seed + rank)
-
-    platform_ids = config["platform_ids"]
-    model = build_model(cfg, inputs, config.get("init_state"), config["model_platforms"])
+    model = build_model(cfg, inputs, wc.init_state, wc.model_platforms)
     model.to(device)
     tensors = {inputs.items[p].platform_id: PlatformTensors.from_items(inputs.items[p], device)
                for p in inputs.items}
     objective = RecommenderObjective(model, cfg.loss, tensors)
     engine = make_engine(objective, cfg, world, on_gpu=device.type == "cuda")
-
-    state: dict[str, Any] = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "curve": [],
-                             "lr_scale": 1.0}
+    state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = {"lr_scale": 1.0, **engine.load(Path(d))}
-        engine.scale_lr(state["lr_scale"])
-        log.info("rank %d resumed after epoch %d (best %s %.4f)", rank, state["epoch"], METRIC,
-                 state["best"])
+            state = engine.load(Path(d))
+        engine.scale_lr(state.lr_scale)
+        log.info("rank %d resumed after epoch %d (best %s %.4f)", rank, state.epoch, METRIC,
+                 state.best)
+    return Worker(cfg=cfg, rank=rank, world=world, device=device,
+                  platform_ids=wc.platform_ids, tensors=tensors, objective=objective,
+                  engine=engine, state=state,
+                  train_shard=ray.train.get_dataset_shard("train"),
+                  valid_shard=ray.train.get_dataset_shard("valid"), tracking=wc.tracking,
+                  setup_seconds=time.time() - entered)  # model, item tensors, restore, shards
 
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
-    setup_seconds = time.time() - entered  # model build, item tensors, restore, shards
-    for epoch in range(state["epoch"] + 1, cfg.optim.epochs):
-        t0 = time.perf_counter()
-        engine.train()
-        losses, seen, skipped_before = [], 0, engine.skipped_steps()
-        for batch in iter_batches(train_shard, cfg.optim.micro_batch_size,
-                                  cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
-                                  seed=cfg.optim.seed + epoch * 1000 + rank,
-                                  platform_ids=platform_ids, device=device,
-                                  length_buckets=cfg.optim.length_buckets):
-            stats = engine.step(batch["history"], batch["target"], batch["platform"])
-            losses.append(stats["loss"])
-            seen += len(batch["target"])
-        train_seconds = time.perf_counter() - t0
-        skipped = engine.skipped_steps() - skipped_before
-        check_epoch(epoch, losses, skipped, len(losses) // cfg.optim.grad_accum)
-        engine.eval()
-        metrics = evaluate_shard(objective.model, tensors, valid_shard, cfg, platform_ids, device,
-                                 part=None if "valid" in SPLIT_DATASETS else (rank, world))
-        seen_all = float(_all_reduce(torch.tensor([float(seen)], dtype=torch.float64))[0])
-        metrics.update(epoch=epoch, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                       train_seconds=train_seconds, sequences_per_s=seen_all / train_seconds,
-                       epoch_seconds=time.perf_counter() - t0,  # train + validation
-                       setup_seconds=setup_seconds, epoch_end_time=time.time(),
-                       skipped_steps=skipped)
-        if device.type == "cuda":  # this process's peak so far (weights, optimizer, activations)
-            metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        improved = metrics.get(METRIC, 0.0) > state["best"]
-        state["best"] = max(state["best"], metrics.get(METRIC, 0.0))
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        state["epoch"] = epoch
-        metrics["lr"] = cfg.optim.lr * state["lr_scale"]  # the rate this epoch trained with
-        scale = lr_scale_after(state["lr_scale"], state["bad_epochs"], cfg.optim)
-        if scale != state["lr_scale"]:
-            state["lr_scale"] = scale
-            engine.scale_lr(scale)
-        state["curve"].append({k: metrics[k] for k in ("epoch", "train_loss", METRIC,
-                                                       "train_seconds", "sequences_per_s",
-                                                       "gpu_max_memory_gib", "skipped_steps")
-                               if k in metrics})
-        metrics["best_" + METRIC] = state["best"]
-        if rank == 0:
-            # sys.__stdout__: Train's patched print also tees to a wrapped sys.stdout, which
-            # showed every line twice on a `ray start` cluster.
-            print(f"epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  {METRIC} "
-                  f"{metrics.get(METRIC, 0):.4f}  best {state['best']:.4f}  "
-                  f"{metrics['sequences_per_s']:.0f} seq/s", file=sys.__stdout__, flush=True)
-            _rank0_log(config, metrics, epoch)
-        with tempfile.TemporaryDirectory() as d:
-            wrote = engine.save(Path(d), state, rank)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
-        _maybe_fail(cfg, epoch, rank)
-        if should_stop(state["bad_epochs"], epoch, cfg.optim):
-            if rank == 0:
-                print(f"early stop: no better {METRIC} for {state['bad_epochs']} epochs",
-                      flush=True)
-            break
+
+def train_one_epoch(w: Worker, epoch: int) -> EpochTraining:
+    """One pass over this worker's training shard; fails on an epoch that trained nothing."""
+    from recsys.data.feed import iter_batches
+
+    cfg, engine = w.cfg, w.engine
+    t0 = time.perf_counter()
+    engine.train()
+    losses, seen, skipped_before = [], 0, engine.skipped_steps()
+    for batch in iter_batches(w.train_shard, cfg.optim.micro_batch_size,
+                              cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
+                              seed=cfg.optim.seed + epoch * 1000 + w.rank,
+                              platform_ids=w.platform_ids, device=w.device,
+                              length_buckets=cfg.optim.length_buckets):
+        stats = engine.step(batch["history"], batch["target"], batch["platform"])
+        losses.append(stats["loss"])
+        seen += len(batch["target"])
+    seconds = time.perf_counter() - t0
+    skipped = engine.skipped_steps() - skipped_before
+    check_epoch(epoch, losses, skipped, len(losses) // cfg.optim.grad_accum)
+    return EpochTraining(losses, seen, seconds, skipped)
+
+
+def validate(w: Worker) -> dict[str, float]:
+    """Full-ranking validation metrics, the same on every rank (a collective call)."""
+    from recsys.data.feed import SPLIT_DATASETS
+
+    w.engine.eval()
+    return evaluate_shard(w.objective.model, w.tensors, w.valid_shard, w.cfg, w.platform_ids,
+                          w.device,
+                          part=None if "valid" in SPLIT_DATASETS else (w.rank, w.world))
+
+
+def epoch_metrics(w: Worker, epoch: int, trained: EpochTraining, valid: dict[str, float],
+                  t0: float) -> dict[str, float]:
+    """What an epoch reports: validation, training loss and speed (all ranks' sequences)."""
+    seen_all = float(_all_reduce(torch.tensor([float(trained.sequences)],
+                                              dtype=torch.float64))[0])
+    metrics = dict(valid)
+    metrics.update(epoch=epoch,
+                   train_loss=float(np.mean(trained.losses)) if trained.losses else float("nan"),
+                   train_seconds=trained.seconds,
+                   sequences_per_s=seen_all / trained.seconds,
+                   epoch_seconds=time.perf_counter() - t0,  # train + validation
+                   setup_seconds=w.setup_seconds, epoch_end_time=time.time(),
+                   skipped_steps=trained.skipped_steps)
+    if w.device.type == "cuda":  # this process's peak so far (weights, optimizer, activations)
+        metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(w.device) / 2**30
+    return metrics
+
+
+def update_state(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
+    """Best score, bad epochs, learning-rate decay and curve after an epoch; adds ``lr`` (the
+    rate this epoch trained with) and the best score to ``metrics``."""
+    state, optim = w.state, w.cfg.optim
+    improved = metrics.get(METRIC, 0.0) > state.best
+    state.best = max(state.best, metrics.get(METRIC, 0.0))
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    state.epoch = epoch
+    metrics["lr"] = optim.lr * state.lr_scale
+    scale = lr_scale_after(state.lr_scale, state.bad_epochs, optim)
+    if scale != state.lr_scale:
+        state.lr_scale = scale
+        w.engine.scale_lr(scale)
+    state.curve.append({k: metrics[k] for k in ("epoch", "train_loss", METRIC,
+                                                "train_seconds", "sequences_per_s",
+                                                "gpu_max_memory_gib", "skipped_steps")
+                        if k in metrics})
+    metrics["best_" + METRIC] = state.best
+
+
+def save_checkpoint(w: Worker, metrics: dict[str, float]) -> None:
+    """Every rank saves its part (DDP: rank 0 only; DeepSpeed: every ZeRO shard), then
+    ``ray.train.report`` (a barrier) with the checkpoint of the ranks that wrote one."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        wrote = w.engine.save(Path(d), w.state, w.rank)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
+
+
+def log_epoch(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
+    """Rank 0's side effects, the only ones in the loop: the progress line and MLflow."""
+    # sys.__stdout__: Train's patched print also tees to a wrapped sys.stdout, which showed
+    # every line twice on a `ray start` cluster.
+    # The prefix puts the line on the driver's console when a job log file takes the rest.
+    print(f"{WORKER_CONSOLE}{w.cfg.name}  epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  "
+          f"{METRIC} {metrics.get(METRIC, 0):.4f}  best {w.state.best:.4f}  "
+          f"{metrics['sequences_per_s']:.0f} seq/s", file=sys.__stdout__, flush=True)
+    if w.tracking is None:
+        return
+    from recsys.tracking.runs import log_metrics
+
+    log_metrics(w.tracking.uri, w.tracking.run_id,
+                {k: v for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and k != "epoch_end_time"},  # MLflow has its own
+                step=epoch)
 
 
 def _maybe_fail(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
@@ -239,16 +372,3 @@ def _maybe_fail(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
     marker.write_text(f"rank {rank} killed after epoch {epoch}\n")
     print(f"fault injection: killing rank {rank} after epoch {epoch}", flush=True)
     os._exit(1)
-
-
-def _rank0_log(config: dict[str, Any], metrics: dict[str, float], epoch: int) -> None:
-    """The one place a worker talks to MLflow."""
-    tracking = config.get("tracking")
-    if not tracking:
-        return
-    from recsys.tracking.runs import log_metrics
-
-    log_metrics(tracking["uri"], tracking["run_id"],
-                {k: v for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and k != "epoch_end_time"},  # MLflow has its own
-                step=epoch)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from recsys.model.recommender import Recommender, apply_lora, load_text_encoder
+from recsys.model.encoder import apply_lora, load_text_encoder
+from recsys.model.recommender import Recommender
 from recsys.training.config import TrainJobConfig
 from recsys.training.items import ItemInputs
 

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.model.features import token_batch
-from recsys.model.recommender import Recommender
+from recsys.model.recommender import Recommender, mask_padding
 from recsys.training.config import LossConfig
 from recsys.training.items import PlatformItems
 
@@ -59,37 +58,10 @@ class PlatformTensors:
     def num_items(self) -> int:
         return len(self.brand_ids) - 1
 
-
-def item_vectors(model: Recommender, p: PlatformTensors, ids: torch.Tensor | None) -> torch.Tensor:
-    """Item-tower output for ``ids`` (M,) or for the whole catalog (N+1, D) when ``ids`` is None.
-
-    Text vectors come from the cache or, when the model carries a text encoder, are encoded
-    here from token ids (only for the requested items: each distinct item once per step).
-    """
-    all_ids = torch.arange(p.num_items + 1, device=p.brand_ids.device) if ids is None else ids
-    if model.text_encoder is not None and p.token_ids is not None:
-        # The padding row (id 0) has no tokens and never goes through the encoder: an all-masked
-        # row can come out NaN from CUDA's fused attention, and NaN gradients (zeroing the row
-        # afterwards does not stop them) make ZeRO skip every optimizer step: the most likely
-        # cause of full/lora transfers that trained nothing on an H200 in bf16.
-        real = (all_ids > 0).nonzero().squeeze(1)                       # (R,) rows with text
-        text = torch.zeros(len(all_ids), model.config["text_dim"], device=all_ids.device,
-                           dtype=model.item_tower.adapter.weight.dtype)
-        if len(real):
-            input_ids, mask = token_batch([p.token_ids[i] for i in all_ids[real].tolist()])
-            encoded = model.encode_items_text(input_ids.to(all_ids.device),
-                                              mask.to(all_ids.device))   # (R, H)
-            text = text.index_copy(0, real, encoded.to(text.dtype))
-    else:
-        if p.text_vecs is None:
-            raise ValueError("no cached text vectors for the item tower, and "
-                             + ("no token ids for the model's text encoder"
-                                if model.text_encoder is not None else "no text encoder"))
-        # Cached vectors are fp32; DeepSpeed's bf16 casts the parameters, never this cache.
-        text = p.text_vecs[all_ids].to(model.item_tower.adapter.weight.dtype)
-    pid = torch.full_like(all_ids, p.platform_id)
-    vecs = model.item_tower(text, p.brand_ids[all_ids], p.category_ids[all_ids], pid, all_ids)
-    return vecs.masked_fill((all_ids == 0).unsqueeze(-1), 0.0)  # padding row stays zero
+    def item_table(self, model: Recommender, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``model.item_table`` of this platform: (N+1, D), or (M,) ``ids`` only (M, D)."""
+        return model.item_table(self.text_vecs, self.brand_ids, self.category_ids,
+                                self.platform_id, ids=ids, token_ids=self.token_ids)
 
 
 def prefix_items(history: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +99,14 @@ class RecommenderObjective(nn.Module):
             pids = platform[rows][0].expand(int(valid.sum()))  # (P,) this platform
             seen_rows, seen_items = prefix_items(hist, valid)
             if self.cfg.kind == "full_softmax":
-                table = item_vectors(self.model, p, None)  # (N+1, D) once per step
+                table = p.item_table(self.model)  # (N+1, D) once per step
                 states = self.model.user_states(hist, table, platform[rows])  # (b, L, D)
                 u = states[valid]  # (P, D)
                 y = lab[valid]  # (P,)
                 seen = torch.zeros(len(y), table.shape[0], dtype=torch.bool, device=y.device)
                 seen[seen_rows, seen_items] = True  # (P, N+1) items up to each position
-                logits = self.model.score_all(u, table, seen, pids) / self.cfg.temperature
+                logits = mask_padding(self.model.score_items(u, table, seen, pids)
+                                      ) / self.cfg.temperature
                 losses.append(F.cross_entropy(logits, y, reduction="sum"))
                 pos_vec = table[y]
                 neg_ids = self._sample(p, len(y))
@@ -148,8 +121,7 @@ class RecommenderObjective(nn.Module):
                 hit = cand[col] == seen_items
                 seen = torch.zeros(len(y_idx), len(cand), dtype=torch.bool, device=cand.device)
                 seen[seen_rows[hit], col[hit]] = True
-                logits = (self.model.score_candidates(u, cand_vec)
-                          + self.model.repeat_scores(seen, pids)) / self.cfg.temperature
+                logits = self.model.score_items(u, cand_vec, seen, pids) / self.cfg.temperature
                 if self.cfg.logq_correction:
                     logits = logits - p.sample_logp[cand][None, :]
                 losses.append(F.cross_entropy(logits, y_idx, reduction="sum"))
@@ -184,7 +156,7 @@ class RecommenderObjective(nn.Module):
         """
         negs = self._sample(p, self.cfg.num_negatives)
         needed = torch.cat([lab[valid], negs, hist[valid]]).unique()  # sorted, unique
-        vecs = item_vectors(self.model, p, needed)  # each distinct item encoded once
+        vecs = p.item_table(self.model, needed)  # each distinct item encoded once
         table = vecs.new_zeros((p.num_items + 1, vecs.shape[1])).index_copy(0, needed, vecs)
         cand = torch.cat([lab[valid], negs]).unique()
         y_idx = torch.searchsorted(cand, lab[valid])

@@ -6,29 +6,34 @@ registry is written by the driver from the result's checkpoint, never by a worke
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from recsys.evaluation.offline import evaluate_export
 from recsys.evaluation.report import EvalReport, write_report
+from recsys.model.encoder import merge_lora
 from recsys.model.encoder_cache import encode_device
-from recsys.model.export import ExportedItems, load_export, save_export
+from recsys.model.export import ExportedItems, ExportInfo, load_export, save_export
 from recsys.model.features import token_batch
-from recsys.model.recommender import Recommender, merge_lora
+from recsys.model.recommender import Recommender
 from recsys.settings import get_settings
 from recsys.training.config import TrainJobConfig
-from recsys.training.engine import STATE_FILE, consolidated_state_dict
-from recsys.evaluation.offline import evaluate_export
+from recsys.training.engine import TrainState, consolidated_state_dict
 from recsys.training.loop import METRIC
 from recsys.training.model_setup import build_model
 from recsys.training.trainer import TrainSetup, build_trainer, prepare
+
+if TYPE_CHECKING:
+    from recsys.tracking.runs import RunRef
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +78,19 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
                                  text_vecs=pi.text_vecs if pi.text_vecs is not None
                                  else _encode_catalog(model, pi.token_ids, cfg))
              for name, pi in inputs.items()}
-    meta = {
-        "platforms": setup.model_platforms,
-        "platforms_with_items": list(items),
-        "vocab": setup.inputs.vocab.to_dict(),
-        "encoder": cfg.data.text.encoder,
-        "max_tokens": cfg.data.text.max_tokens,
-        "train_config": cfg.model_dump(mode="json"),
-        "mode": cfg.mode,
-        "strategy": cfg.transfer.strategy,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "example_set": str(setup.example_set.path),
-        "input_fingerprint": setup.example_set.manifest.get("input_fingerprint"),
-    }
+    meta = ExportInfo(
+        platforms=setup.model_platforms,
+        platforms_with_items=list(items),
+        vocab=setup.inputs.vocab.to_dict(),
+        encoder=cfg.data.text.encoder,
+        max_tokens=cfg.data.text.max_tokens,
+        train_config=cfg.model_dump(mode="json"),
+        mode=cfg.mode,
+        strategy=cfg.transfer.strategy,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        example_set=str(setup.example_set.path),
+        input_fingerprint=setup.example_set.manifest.input_fingerprint,
+    )
     catalogs = {p: setup.example_set.path / "catalog" / f"{p}.parquet" for p in items}
     return save_export(out, model, model.state_dict() | state, meta, items, catalogs)
 
@@ -98,7 +103,7 @@ def _source_platform_items(setup: TrainSetup) -> dict[str, Any]:
     from recsys.training.items import prepare_item_inputs
 
     cfg = setup.cfg
-    available = setup.example_set.manifest["platforms"]
+    available = setup.example_set.manifest.platforms
     extra = [p for p in setup.model_platforms if p not in setup.inputs.items and p in available]
     if not extra:
         return {}
@@ -142,50 +147,56 @@ def _item_ids(setup: TrainSetup, platform: str) -> list[str]:
 
 
 def run_training(cfg: TrainJobConfig) -> TrainOutcome:
-    """Fit with Ray Train, export the best checkpoint, evaluate it on the test split."""
+    """Fit with Ray Train, export the best checkpoint, evaluate it on the test split. With
+    tracking, all of it happens inside one MLflow run, which ends FAILED if any step raises."""
     started = time.perf_counter()
     if not cfg.resume:
         _start_over(cfg)
     setup = prepare(cfg)
     log.info("platforms: train %s, eval %s; encoder cache %s", setup.train_platforms,
              setup.eval_platforms, setup.inputs.cache_stats)
-    uri = run_id = model_uri = None
-    if cfg.tracking.enabled:  # MLflow is imported only then (an untracked run needs none)
-        from recsys.tracking import runs
-        from recsys.tracking.server import ensure_experiment, ensure_tracking
+    model_uri = None
+    with _tracked(cfg) as run:
+        result = build_trainer(cfg, setup, run).fit()
+        with _best_checkpoint(result).as_directory() as d:
+            export = export_checkpoint(setup, Path(d), run_dir(cfg) / "export",
+                                       result.metrics or {})
+        curve = _curve(result)
+        report = evaluate_export(load_export(export), setup.example_set, split="test",
+                                 platforms=setup.eval_platforms, run=cfg.name,
+                                 user_fraction=cfg.user_fraction, seed=cfg.optim.seed,
+                                 curves=curve,
+                                 meta={"mode": cfg.mode, "strategy": cfg.transfer.strategy})
+        files = write_report(report, run_dir(cfg) / "report")
+        if run is not None:
+            from recsys.tracking import runs
 
-        uri = ensure_tracking(get_settings())
-        ensure_experiment(uri, cfg.tracking.experiment)
-        run_id = runs.start_run(uri, cfg.tracking.experiment, cfg.name,
-                                tags={"mode": cfg.mode, "strategy": cfg.transfer.strategy,
-                                      "engine": cfg.scaling.engine})
-        runs.log_config(uri, run_id, cfg.model_dump(mode="json"))
-        runs.log_system_info(uri, run_id)
-    trainer = build_trainer(cfg, setup, {"uri": uri, "run_id": run_id} if run_id else None)
-    try:
-        result = trainer.fit()
-    except Exception:
-        if run_id:
-            runs.end_run(uri, run_id, "FAILED")
-        raise
-    best = _best_checkpoint(result)
-    with best.as_directory() as d:
-        export = export_checkpoint(setup, Path(d), run_dir(cfg) / "export", result.metrics or {})
-    curve = _curve(result)
-    exported = load_export(export)
-    report = evaluate_export(exported, setup.example_set, split="test",
-                             platforms=setup.eval_platforms, run=cfg.name,
-                             user_fraction=cfg.user_fraction, seed=cfg.optim.seed, curves=curve,
-                             meta={"mode": cfg.mode, "strategy": cfg.transfer.strategy})
-    files = write_report(report, run_dir(cfg) / "report")
+            runs.log_metrics(run.uri, run.run_id, _flat_test_metrics(report), step=len(curve))
+            runs.log_artifacts(run.uri, run.run_id, files["json"].parent, "report")
+            model_uri = _log_model(run.uri, run.run_id, export)
     best_metric = max((p.get(METRIC, 0.0) for p in curve), default=float("nan"))
-    if run_id:
-        runs.log_metrics(uri, run_id, _flat_test_metrics(report), step=len(curve))
-        runs.log_artifacts(uri, run_id, files["json"].parent, "report")
-        model_uri = _log_model(uri, run_id, export)
-        runs.end_run(uri, run_id, "FINISHED")
-    return TrainOutcome(export, report, best_metric, curve, run_id, uri,
+    return TrainOutcome(export, report, best_metric, curve,
+                        None if run is None else run.run_id, None if run is None else run.uri,
                         time.perf_counter() - started, model_uri)
+
+
+@contextmanager
+def _tracked(cfg: TrainJobConfig) -> Iterator[RunRef | None]:
+    """The job's MLflow run with its config and system tags (None: tracking is off, and MLflow
+    is not even imported)."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    from recsys.tracking import runs
+    from recsys.tracking.server import ensure_experiment, ensure_tracking
+
+    uri = ensure_tracking(get_settings())
+    ensure_experiment(uri, cfg.tracking.experiment)
+    tags = {"mode": cfg.mode, "strategy": cfg.transfer.strategy, "engine": cfg.scaling.engine}
+    with runs.tracked_run(uri, cfg.tracking.experiment, cfg.name, tags=tags) as run:
+        runs.log_config(uri, run.run_id, cfg.model_dump(mode="json"))
+        runs.log_system_info(uri, run.run_id)
+        yield run
 
 
 def _start_over(cfg: TrainJobConfig) -> None:
@@ -214,8 +225,8 @@ def _curve(result: Any) -> list[dict[str, float]]:
     if result.checkpoint is None:
         return []
     with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-    return [dict(p) for p in state["curve"]]
+        state = TrainState.read(Path(d))
+    return [dict(p) for p in state.curve]
 
 
 def _flat_test_metrics(report: EvalReport) -> dict[str, float]:

@@ -7,15 +7,18 @@ function re-validates the config and reads no module globals.
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsys.data.examples import ExampleSet, load_example_set
 from recsys.training.config import TrainJobConfig
 from recsys.training.items import ItemInputs, prepare_item_inputs
+
+if TYPE_CHECKING:
+    from recsys.tracking.runs import RunRef
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def training_datasets(setup: TrainSetup) -> dict[str, Any]:
 
 def resolve_platforms(cfg: TrainJobConfig, es: ExampleSet,
                       init: dict[str, Any] | None) -> tuple[list[str], list[str], list[str]]:
-    available = list(es.manifest["platforms"])
+    available = list(es.manifest.platforms)
     train = cfg.train_platforms or available
     evals = cfg.eval_platforms or train
     missing = sorted(set(train + evals) - set(available))
@@ -83,14 +86,17 @@ def load_init(path: str | Path) -> dict[str, Any]:
     """A pretrain export: config, platforms, vocabulary, weights."""
     from safetensors.torch import load_file
 
+    from recsys.model.export import read_meta
     from recsys.model.features import FeatureVocab
 
     path = Path(path)
-    meta = json.loads((path / "export.json").read_text())
+    meta = read_meta(path)
+    if meta.vocab is None:
+        raise ValueError(f"{path}: the export has no feature vocabulary to transfer from")
     return {
-        "config": meta["model_config"],
-        "platforms": meta["platforms"],
-        "vocab": FeatureVocab.from_dict(meta["vocab"]),
+        "config": meta.architecture,
+        "platforms": meta.platforms,
+        "vocab": FeatureVocab.from_dict(meta.vocab),
         "state_dict": load_file(str(path / "model.safetensors")),
     }
 
@@ -127,10 +133,11 @@ def controller_env() -> None:
 
 
 def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
-                  tracking: dict[str, str] | None = None, resume: bool = True,
+                  tracking: RunRef | Mapping[str, str] | None = None, resume: bool = True,
                   callbacks: list[Any] | None = None) -> Any:
-    """A ``TorchTrainer`` for this config. ``tracking`` = {"uri", "run_id"} for rank-0 logs;
-    ``callbacks``: Ray Train user callbacks (a Tune trial passes ``TuneReportCallback``)."""
+    """A ``TorchTrainer`` for this config. ``tracking``: the run rank 0 logs epochs to (a
+    ``{"uri", "run_id"}`` mapping is still accepted); ``callbacks``: Ray Train user callbacks
+    (a Tune trial passes ``TuneReportCallback``)."""
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -143,20 +150,23 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from recsys.data.feed import SPLIT_DATASETS
-    from recsys.training.loop import METRIC, train_loop_per_worker
+    from recsys.training.loop import METRIC, WorkerConfig, train_loop_per_worker
 
     controller_env()
     setup = setup or prepare(cfg)
     datasets = setup.datasets if setup.datasets is not None else training_datasets(setup)
-    loop_config = {
-        "job": cfg.model_dump(mode="json"),
-        "items_ref": ray.put(setup.inputs),
-        "platform_ids": {p: setup.model_platforms.index(p) for p in setup.inputs.items},
-        "model_platforms": setup.model_platforms,
-        "init_state": ({"config": setup.init["config"], "state_dict": setup.init["state_dict"]}
-                       if setup.init else None),
-        "tracking": tracking,
-    }
+    if tracking is not None:
+        from recsys.tracking.runs import RunRef
+
+        if not isinstance(tracking, RunRef):
+            tracking = RunRef(**tracking)
+    loop_config = WorkerConfig(
+        cfg=cfg, items_ref=ray.put(setup.inputs),
+        platform_ids={p: setup.model_platforms.index(p) for p in setup.inputs.items},
+        model_platforms=setup.model_platforms,
+        init_state=({"config": setup.init["config"], "state_dict": setup.init["state_dict"]}
+                    if setup.init else None),
+        tracking=tracking).to_loop_config()
     on_gpu = cfg.scaling.use_gpu
     storage = Path(cfg.output_dir).resolve() if "://" not in cfg.output_dir else cfg.output_dir
     return TorchTrainer(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from recsys.config import ConfigError, StrictModel, load_config
+# set_dotted (the one dotted-key helper) is also importable from here, as it used to be.
+from recsys.config import ConfigError, StrictModel, load_config, set_dotted
 from recsys.training.config import TrainJobConfig, with_absolute_paths
 
 METRIC_NAMES = ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr")
@@ -127,6 +129,9 @@ class SweepConfig(StrictModel):
     """TrainJobConfig YAML every trial starts from."""
     base_overrides: list[str] = []
     """Dotted overrides applied to the base config before the sampled values."""
+    base_values: dict[str, Any] = {}
+    """Dotted base-config keys set to already-typed values after ``base_overrides`` (the
+    pipeline gives its sweep its data, target platform and pretrained model here)."""
     search_space: dict[str, ParamSpec] = Field(min_length=1)
     """Dotted TrainJobConfig key -> spec, e.g. ``optim.lr: {kind: loguniform, low: 1e-4, ...}``."""
     metric: MetricConfig = MetricConfig()
@@ -196,22 +201,12 @@ def check_key(key: str, root: type[BaseModel] = TrainJobConfig) -> str | None:
     return None
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    *path, last = key.split(".")
-    for part in path:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[last] = value
-
-
 def load_base(cfg: SweepConfig) -> TrainJobConfig:
     """The base training config (its file and overrides), validated, with absolute local paths
     (each trial runs in its own directory)."""
     try:
-        base = load_config(TrainJobConfig, cfg.base_config, cfg.base_overrides)
+        base = load_config(TrainJobConfig, cfg.base_config, cfg.base_overrides,
+                           cfg.base_values)
     except ConfigError as exc:
         raise ConfigError(f"sweep {cfg.name!r} base_config: {exc}") from None
     return with_absolute_paths(base)
@@ -257,8 +252,10 @@ def validate_sweep(cfg: SweepConfig, source: str) -> TrainJobConfig:
     return base
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Load a sweep YAML (+ dotted overrides) and validate it with its base config."""
-    cfg = load_config(SweepConfig, path, overrides)
+def load_sweep(path: str | Path, overrides: Iterable[str] | None = None,
+               values: Mapping[str, Any] | None = None) -> SweepConfig:
+    """Load a sweep YAML (+ dotted overrides: strings, then typed ``values``) and validate it
+    with its base config."""
+    cfg = load_config(SweepConfig, path, overrides, values)
     validate_sweep(cfg, str(path))
     return cfg

@@ -3,82 +3,72 @@
 Driver-side, in order: validate and budget resources; open (or, on restore, reopen) the sweep's
 parent MLflow run; prepare the data once; ``Tuner.fit`` (or ``Tuner.restore`` of an interrupted
 sweep: finished trials are not run again); then, from the result grid, the per-trial bookkeeping
-(status, best checkpoint, child-run tags), the result table and plot, and the registry step: the
-best trial's best checkpoint is exported, logged as a pyfunc model, registered as a new version
-of the platform's model, and promoted to ``@champion`` only if it beats the champion on the same
-validation data (``recsys.tracking.registry.promote_if_better``).
+(status, best checkpoint, child-run tags; ``recsys.tuning.results``), the result table and plot,
+and the registry step: the best trial's best checkpoint is exported, logged as a pyfunc model,
+registered as a new version of the platform's model, and promoted to ``@champion`` only if it
+beats the champion on the same validation data (``recsys.tracking.registry.promote_if_better``).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from recsys.config import ConfigError
+from recsys.logs import stdout_to_log
+from recsys.settings import Settings, get_settings
 from recsys.training.config import TrainJobConfig
 from recsys.tuning.config import ParamSpec, SweepConfig, trial_config, validate_sweep
 from recsys.tuning.janitor import PlacementGroupJanitor
+from recsys.tuning.results import (
+    SweepOutcome,
+    TrialRow,
+    collect_rows,
+    count,
+    format_outcome,
+    write_results,
+)
 from recsys.tuning.trial import (
-    STATUS_TAG,
     TrialContext,
     build_trial_config,
-    find_child_runs,
     prepare_signature,
     run_trial,
     setup_for,
     trial_name,
 )
 
+# Re-exported: callers import the sweep's result types from here too.
+__all__ = ["STATE_FILE", "SweepOutcome", "TrialRow", "check_fits", "format_outcome",
+           "param_space", "registry_platform", "run_sweep", "trial_resources", "tune_storage",
+           "write_results"]
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
-_TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
 
 
-@dataclass
-class TrialRow:
-    trial_id: str
+class SweepState(BaseModel):
+    """``sweep.json`` beside the sweep: what a later run of the same sweep reads to continue it
+    (the parent MLflow run) or to refuse it (already completed)."""
+
+    model_config = ConfigDict(extra="ignore")
+
     name: str
-    params: dict[str, Any]
-    status: str  # completed | early_stopped | errored
-    epochs: int
-    best_metric: float | None
-    best_epoch: int | None
-    checkpoint: str | None
-    run_id: str | None
-    loop_seconds: float
-    """Sum of the loop's per-epoch time (train + validation) as reported by rank 0."""
-    error: str | None = None
-
-
-@dataclass
-class SweepOutcome:
-    name: str
-    sweep_dir: Path
-    metric: str
-    rows: list[TrialRow]
-    best: TrialRow | None
-    restored: bool
-    fit_seconds: float
-    total_seconds: float
-    tracking_uri: str | None = None
+    status: Literal["running", "completed", "failed"]
+    uri: str | None = None
     parent_run_id: str | None = None
-    export_dir: Path | None = None
+    source: str = "<sweep>"
+    best_trial: str | None = None
     registered: dict[str, Any] | None = None
-    files: dict[str, Path] = field(default_factory=dict)
-    fit_started_at: float = 0.0
-    """Wall-clock time ``Tuner.fit`` began (to line up with the trials' timelines)."""
 
 
 def registry_platform(cfg: SweepConfig, base: TrainJobConfig) -> str:
@@ -179,16 +169,35 @@ def _tune_config(cfg: SweepConfig, base: TrainJobConfig) -> Any:
                            reuse_actors=False)
 
 
-def _read_state(sweep_dir: Path) -> dict[str, Any] | None:
+def _read_state(sweep_dir: Path) -> SweepState | None:
     path = sweep_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return SweepState.model_validate_json(path.read_text()) if path.exists() else None
 
 
-def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
+def _write_state(sweep_dir: Path, state: SweepState) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     tmp = sweep_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
+    tmp.write_text(state.model_dump_json(indent=2))
     tmp.replace(sweep_dir / STATE_FILE)
+
+
+def tune_storage(cfg: SweepConfig, settings: Settings) -> str:
+    """Tune's ``storage_path`` for the sweep (the experiment is ``<it>/tune``): the settings'
+    ``RECSYS_STORAGE_PATH/<name>`` (shared or cloud storage, so a restarted driver on another
+    machine can restore it), else the sweep's own directory."""
+    root = settings.storage_path
+    if not root:
+        return str(cfg.sweep_dir().resolve())
+    if "://" in root:
+        return f"{root.rstrip('/')}/{cfg.name}"
+    return str(Path(root).resolve() / cfg.name)
+
+
+def _restorable(experiment: str) -> bool:
+    from ray import tune
+
+    local = "://" not in experiment
+    return (not local or Path(experiment).exists()) and tune.Tuner.can_restore(experiment)
 
 
 def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
@@ -196,7 +205,6 @@ def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
     from ray import tune
 
     from recsys.cluster import init_ray
-    from recsys.settings import get_settings
     from recsys.tracking import runs
     from recsys.tracking.server import ensure_experiment, ensure_tracking
     from recsys.training.trainer import prepare, training_datasets
@@ -204,29 +212,33 @@ def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
     started = time.perf_counter()
     base = validate_sweep(cfg, source)
     platform = registry_platform(cfg, base) if cfg.registry.enabled else None
+    settings = get_settings()
     sweep_dir = cfg.sweep_dir().resolve()
-    exp_dir = sweep_dir / TUNE_DIR
+    storage = tune_storage(cfg, settings)
+    experiment = f"{storage}/{TUNE_DIR}"
     trials_dir = sweep_dir / TRIALS_DIR
     state = _read_state(sweep_dir)
     if not cfg.resume and sweep_dir.exists():
         log.warning("resume=false: removing the previous sweep at %s", sweep_dir)
         shutil.rmtree(sweep_dir)
         state = None
-    if state and state.get("status") == "completed":
+    if state and state.status == "completed":
         raise ConfigError(f"sweep {cfg.name!r} already completed at {sweep_dir}; use another "
                           "name, or resume=false to run it again from scratch")
     init_ray()
     import ray
 
     check_fits(cfg, base, ray.cluster_resources())
-    restoring = exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir))
+    # Only a sweep whose own state survived: with storage outside the sweep's directory, an
+    # experiment that resume=false left behind there is not picked up again.
+    restoring = state is not None and _restorable(experiment)
 
     uri = parent = None
     if base.tracking.enabled:
-        uri = ensure_tracking(get_settings())
+        uri = ensure_tracking(settings)
         ensure_experiment(uri, cfg.experiment)  # once on the driver, before trials race on it
-        if restoring and state and state.get("uri") == uri and state.get("parent_run_id"):
-            parent = str(state["parent_run_id"])
+        if restoring and state and state.uri == uri and state.parent_run_id:
+            parent = state.parent_run_id
             runs.client(uri).update_run(parent, status="RUNNING")
         else:
             parent = runs.start_run(uri, cfg.experiment, cfg.name,
@@ -236,8 +248,8 @@ def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
             runs.log_config(uri, parent, {"sweep": cfg.model_dump(mode="json"),
                                           "base": base.model_dump(mode="json")})
             runs.log_system_info(uri, parent)
-    _write_state(sweep_dir, {"name": cfg.name, "status": "running", "uri": uri,
-                             "parent_run_id": parent, "source": source})
+    _write_state(sweep_dir, SweepState(name=cfg.name, status="running", uri=uri,
+                                       parent_run_id=parent, source=source))
 
     probe = trial_config(base, {}, name=trial_name(cfg.name, "shared"),
                          output_dir=str(trials_dir), resources=cfg.resources, resume=False)
@@ -252,19 +264,19 @@ def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, shared=shared),
                                     {"CPU": cfg.resources.trial_cpu})
     if restoring:
-        log.info("restoring the interrupted sweep at %s (finished trials are kept)", exp_dir)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+        log.info("restoring the interrupted sweep at %s (finished trials are kept)", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(cfg),
                            tune_config=_tune_config(cfg, base),
-                           run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir),
+                           run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage,
                                                      failure_config=tune.FailureConfig(
                                                          max_failures=0),
                                                      verbose=1))
     t0, fit_started_at = time.perf_counter(), time.time()
-    with PlacementGroupJanitor(cfg.resources.trial_cpu):
-        grid = tuner.fit()
+    with PlacementGroupJanitor(cfg.resources.trial_cpu), stdout_to_log():
+        grid = tuner.fit()  # Tune's status tables: to the job's log file, if it has one
     fit_seconds = time.perf_counter() - t0
 
     rows = collect_rows(grid, cfg.metric.key, uri, parent, base.optim.epochs)
@@ -280,152 +292,24 @@ def run_sweep(cfg: SweepConfig, source: str = "<sweep>") -> SweepOutcome:
                                                                platform, uri, parent)
     outcome.total_seconds = time.perf_counter() - started
     if uri and parent:
-        summary = {"trials": len(rows), "trials_completed": _count(rows, "completed"),
-                   "trials_early_stopped": _count(rows, "early_stopped"),
-                   "trials_errored": _count(rows, "errored"), "sweep_fit_seconds": fit_seconds,
+        summary = {"trials": len(rows), "trials_completed": count(rows, "completed"),
+                   "trials_early_stopped": count(rows, "early_stopped"),
+                   "trials_errored": count(rows, "errored"), "sweep_fit_seconds": fit_seconds,
                    "sweep_total_seconds": outcome.total_seconds}
         if outcome.best is not None:
             summary[f"best_{cfg.metric.key}"] = float(outcome.best.best_metric or 0.0)
             runs.client(uri).set_tag(parent, "best_trial", outcome.best.trial_id)
         runs.log_metrics(uri, parent, summary, step=0)
         runs.end_run(uri, parent, "FINISHED" if scored else "FAILED")
-    _write_state(sweep_dir, {"name": cfg.name, "status": "completed" if scored else "failed",
-                             "uri": uri, "parent_run_id": parent, "source": source,
-                             "best_trial": outcome.best.trial_id if outcome.best else None,
-                             "registered": outcome.registered})
+    _write_state(sweep_dir, SweepState(
+        name=cfg.name, status="completed" if scored else "failed", uri=uri,
+        parent_run_id=parent, source=source,
+        best_trial=outcome.best.trial_id if outcome.best else None,
+        registered=outcome.registered))
     if not scored:
         raise RuntimeError(f"sweep {cfg.name!r}: no trial reported a checkpoint; see "
                            f"{outcome.files.get('md')} and the trial errors")
     return outcome
-
-
-def _count(rows: list[TrialRow], status: str) -> int:
-    return sum(r.status == status for r in rows)
-
-
-def _trial_id(result: Any) -> str:
-    tid = (result.metrics or {}).get("trial_id")
-    if tid:
-        return str(tid)
-    m = _TRIAL_ID.search(Path(str(result.path)).name)
-    if not m:
-        raise RuntimeError(f"cannot tell the trial id of {result.path}")
-    return m.group(1)
-
-
-def collect_rows(grid: Any, metric: str, uri: str | None, parent: str | None,
-                 max_epochs: int) -> list[TrialRow]:
-    """One row per trial from the result grid; child runs get their final status and best
-    checkpoint, and those Tune stopped early are ended here (their process was stopped).
-
-    ``early_stopped`` means stopped by the scheduler before its last epoch: ASHA also "stops" a
-    trial when it reaches ``max_t``, possibly before the trial function could tag it completed."""
-    from recsys.tracking import runs
-
-    children = find_child_runs(uri, parent) if uri and parent else {}
-    rows = []
-    for result in grid:
-        tid = _trial_id(result)
-        df = result.metrics_dataframe
-        best_metric = best_epoch = checkpoint = None
-        epochs, loop_seconds = 0, 0.0
-        if df is not None and len(df) and metric in df:
-            epochs = int(len(df))
-            col = "epoch_seconds" if "epoch_seconds" in df else "train_seconds"
-            loop_seconds = float(df[col].fillna(0).sum()) if col in df else 0.0
-            ranked = df.sort_values(metric, ascending=False)
-            top = ranked.iloc[0]
-            best_metric, best_epoch = float(top[metric]), int(top.get("epoch", -1))
-            if "checkpoint_path" in df:  # the best checkpoint that is still kept on storage
-                for _, row in ranked.iterrows():
-                    path = row.get("checkpoint_path")
-                    if isinstance(path, str) and Path(path).exists():
-                        checkpoint = path
-                        if row[metric] < best_metric:
-                            log.warning("trial %s: best epoch's checkpoint was not kept; using "
-                                        "epoch %s", tid, row.get("epoch"))
-                        break
-        run_id = children.get(tid)
-        tag_status = None
-        if uri and run_id:
-            tag_status = runs.client(uri).get_run(run_id).data.tags.get(STATUS_TAG)
-        if result.error is not None or tag_status == "errored":
-            status = "errored"
-        elif tag_status == "completed" or epochs >= _trial_epochs(result, max_epochs):
-            status = "completed"
-        else:
-            status = "early_stopped"
-        row = TrialRow(trial_id=tid, name=trial_name_from(result, tid),
-                       params=dict((result.config or {}).get("params", {})), status=status,
-                       epochs=epochs, best_metric=best_metric, best_epoch=best_epoch,
-                       checkpoint=checkpoint, run_id=run_id, loop_seconds=loop_seconds,
-                       error=None if result.error is None else str(result.error)[:500])
-        rows.append(row)
-        if uri and run_id:
-            _finish_child(uri, run_id, row)
-    return sorted(rows, key=lambda r: r.trial_id.split("_")[-1])
-
-
-def _trial_epochs(result: Any, default: int) -> int:
-    return int((result.config or {}).get("params", {}).get("optim.epochs", default))
-
-
-def trial_name_from(result: Any, tid: str) -> str:
-    return Path(str(result.path)).name
-
-
-def _finish_child(uri: str, run_id: str, row: TrialRow) -> None:
-    from recsys.tracking import runs
-
-    c = runs.client(uri)
-    tags = {STATUS_TAG: row.status, "tune.epochs": str(row.epochs)}
-    if row.checkpoint:
-        tags["tune.best_checkpoint"] = row.checkpoint
-    if row.best_epoch is not None:
-        tags["tune.best_epoch"] = str(row.best_epoch)
-    for k, v in tags.items():
-        c.set_tag(run_id, k, v)
-    if row.best_metric is not None:
-        runs.log_metrics(uri, run_id, {"tune_best_metric": row.best_metric}, step=row.epochs)
-    if c.get_run(run_id).info.status == "RUNNING":
-        runs.end_run(uri, run_id, "FAILED" if row.status == "errored" else "FINISHED")
-
-
-def write_results(cfg: SweepConfig, rows: list[TrialRow], out: Path) -> dict[str, Path]:
-    """The result table (CSV, JSON, Markdown) and the plot."""
-    from recsys.tuning.plots import plot_sweep
-
-    out.mkdir(parents=True, exist_ok=True)
-    keys = list(cfg.search_space)
-    metric = cfg.metric.key
-    files = {"csv": out / "trials.csv", "json": out / "trials.json", "md": out / "trials.md",
-             "png": out / "sweep.png"}
-    with files["csv"].open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["trial", "status", *keys, metric, "best_epoch", "epochs", "loop_seconds",
-                    "checkpoint"])
-        for r in rows:
-            w.writerow([r.trial_id, r.status, *[r.params.get(k) for k in keys], r.best_metric,
-                        r.best_epoch, r.epochs, round(r.loop_seconds, 2), r.checkpoint])
-    files["json"].write_text(json.dumps({"sweep": cfg.name, "metric": metric,
-                                         "rows": [asdict(r) for r in rows]}, indent=2))
-    lines = [f"# Sweep `{cfg.name}`: {metric} (max)", "",
-             "| trial | status | " + " | ".join(keys) + f" | {metric} | best epoch | epochs |",
-             "|---|---|" + "---|" * len(keys) + "---|---|---|"]
-    for r in rows:
-        vals = " | ".join(_fmt(r.params.get(k)) for k in keys)
-        lines.append(f"| {r.trial_id} | {r.status} | {vals} | {_fmt(r.best_metric)} | "
-                     f"{r.best_epoch} | {r.epochs} |")
-    files["md"].write_text("\n".join(lines) + "\n")
-    log_keys = [k for k, s in cfg.search_space.items() if s.kind == "loguniform"]
-    plot_sweep([asdict(r) for r in rows], keys, metric, files["png"], log_keys=log_keys)
-    return files
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
 
 
 def register_best(cfg: SweepConfig, ctx: TrialContext, shared: Any, best: TrialRow,
@@ -464,28 +348,3 @@ def register_best(cfg: SweepConfig, ctx: TrialContext, shared: Any, best: TrialR
         c.set_tag(parent, "registry.promoted", str(decision.promoted).lower())
         c.set_tag(parent, "registry.decision", decision.reason[:4000])
     return export, decision.to_dict()
-
-
-def format_outcome(out: SweepOutcome) -> str:
-    """The summary a user reads at the end of ``recsys tune``."""
-    lines = [f"sweep {out.name}: {len(out.rows)} trials ({_count(out.rows, 'completed')} "
-             f"completed, {_count(out.rows, 'early_stopped')} early-stopped, "
-             f"{_count(out.rows, 'errored')} errored) in {out.fit_seconds:.0f}s"
-             + (" (restored)" if out.restored else "")]
-    lines.append(f"{'trial':<14}{'status':<15}{out.metric:>24}  params")
-    for r in out.rows:
-        metric = "-" if r.best_metric is None else f"{r.best_metric:.4f}"
-        lines.append(f"{r.trial_id:<14}{r.status:<15}{metric:>24}  "
-                     + ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items()))
-    if out.best is not None:
-        lines.append(f"best: {out.best.trial_id} {out.metric}={out.best.best_metric:.4f}; "
-                     f"export {out.export_dir}")
-    if out.registered:
-        d = out.registered
-        lines.append(f"registry: {d['name']} v{d['version']} "
-                     + ("is @champion" if d["promoted"] else "stays a challenger")
-                     + f" ({d['reason']})")
-    lines.append(f"results: {out.files.get('md')}, plot {out.files.get('png')}"
-                 + (f"; MLflow parent run {out.parent_run_id} at {out.tracking_uri}"
-                    if out.parent_run_id else ""))
-    return "\n".join(lines)

@@ -35,7 +35,7 @@ def _cfg(examples: Any, tmp: Path, name: str, **over: Any) -> TrainJobConfig:
     base: dict[str, Any] = {
         "name": name, "mode": "pretrain", "train_platforms": SOURCES,
         "data": {"examples": str(examples.path), "sequences": {"max_seq_len": 20},
-                 "text": dict(examples.manifest["config"]["text"])},
+                 "text": examples.manifest.config.text.model_dump(mode="json")},
         "model": {"dim": 32, "num_layers": 1, "num_heads": 2, "num_experts": 2},
         "optim": {"epochs": 2, "micro_batch_size": 128, "lr": 0.003},
         "encoder": {"cache_dir": str(tmp / "cache")},
@@ -56,10 +56,10 @@ def _check_trained(out: TrainOutcome, epochs: int) -> dict[str, Any]:
     assert all(np.isfinite(p["train_loss"]) for p in out.curve)
     exported = load_export(out.export_dir)
     if ON_GPU:  # the worker's peak CUDA memory is part of every epoch's metrics
-        assert exported.meta["metrics"]["gpu_max_memory_gib"] > 0
+        assert exported.meta.metrics["gpu_max_memory_gib"] > 0
     for plat, r in out.report.platforms.items():
         assert r.users > 0 and 0.0 <= r.metrics["ndcg@10"] <= r.metrics["recall@10"] <= 1.0, plat
-    return exported.meta
+    return exported.meta.model_dump(by_alias=True)
 
 
 @pytest.fixture(scope="module")

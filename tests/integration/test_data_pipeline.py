@@ -10,8 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.data.ingest.runner import IngestOptions, ingest
-from recsys.data.examples import DataConfig, build_example_set, read_split
+from recsys.data.examples import DataConfig, build_example_set, load_example_set, read_split
+from recsys.data.ingest.base import IngestOptions
+from recsys.data.ingest.runner import ingest
 from recsys.data.pseudonym import Pseudonymizer
 from recsys.data.sequences import SPLITS
 from recsys.model.features import load_token_ids
@@ -40,17 +41,17 @@ def _sorted(t: pa.Table) -> pa.Table:
 
 def test_every_user_gets_one_valid_and_test_row(example_set) -> None:
     m = example_set.manifest
-    assert len(m["platforms"]) >= 3
+    assert len(m.platforms) >= 3
     for split in ("valid", "test"):
         t = read_split(example_set, split)
         keys = [f"{p}/{u}" for p, u in zip(t["platform"].to_pylist(), t["user_id"].to_pylist())]
         assert len(keys) == len(set(keys)) > 0
-    for name, counts in m["platforms"].items():
-        assert counts["valid_rows"] == counts["test_rows"] == counts["users"] > 0
-        assert counts["train_rows"] >= counts["users"] * 0.5
+    for name, counts in m.platforms.items():
+        assert counts.valid_rows == counts.test_rows == counts.users > 0
+        assert counts.train_rows >= counts.users * 0.5
         t = read_split(example_set, "test").filter(pc.equal(read_split(example_set, "test")
                                                             ["platform"], name))
-        assert pc.max(t["target"]).as_py() <= counts["catalog_items"]
+        assert pc.max(t["target"]).as_py() <= counts.catalog_items
         assert pc.min(t["target"]).as_py() >= 1
     hist = pc.list_value_length(read_split(example_set, "train")["history"])
     assert pc.max(hist).as_py() <= 20
@@ -66,11 +67,11 @@ def test_valid_history_is_test_history_minus_last(example_set) -> None:
 
 
 def test_text_tokenised_once_per_distinct_text(example_set) -> None:
-    text = example_set.manifest["text"]
+    text = example_set.manifest.text
     tokens = load_token_ids(example_set.path)
-    assert len(tokens) == text["distinct_texts"]
+    assert len(tokens) == text.distinct_texts
     # partly shared catalogs: the same item on two shops is tokenised once
-    assert text["distinct_texts"] < text["catalog_rows"]
+    assert text.distinct_texts < text.catalog_rows
     catalogs = list((example_set.path / "catalog").glob("*.parquet"))
     for f in catalogs:
         cat = pq.read_table(f)
@@ -79,12 +80,13 @@ def test_text_tokenised_once_per_distinct_text(example_set) -> None:
 
 
 def test_deterministic_rebuild(ray_cluster, lake: Path, example_set, tmp_path: Path) -> None:
-    cfg = DataConfig(**{**json.loads(json.dumps(example_set.manifest["config"])),
-                        "examples": str(tmp_path / "again")})
+    cfg = example_set.manifest.config.model_copy(update={"examples": str(tmp_path / "again")})
     again = build_example_set(cfg)
     for split in SPLITS:
         assert _sorted(read_split(again, split)).equals(_sorted(read_split(example_set, split)))
-    assert again.manifest["input_fingerprint"] == example_set.manifest["input_fingerprint"]
+    assert again.manifest.input_fingerprint == example_set.manifest.input_fingerprint
+    # manifest.json round-trips through its one reader
+    assert load_example_set(again.path).manifest == again.manifest
 
 
 def test_missing_platform_is_named(ray_cluster, lake: Path, tmp_path: Path) -> None:

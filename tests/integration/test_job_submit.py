@@ -110,7 +110,7 @@ def test_pretrain_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path
     cfg = {
         "name": "submitted",
         "data": {"examples": str(synthetic_examples.path), "sequences": {"max_seq_len": 20},
-                 "text": synthetic_examples.manifest["config"]["text"]},
+                 "text": synthetic_examples.manifest.config.text.model_dump(mode="json")},
         "train_platforms": ["shop_a", "shop_b"],
         "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "num_experts": 2},
         "optim": {"epochs": 1, "micro_batch_size": 128},
@@ -139,7 +139,7 @@ def test_pipeline_job_via_ray_job_submit(head: str, synthetic_examples, tmp_path
         "tracking": False,
         "data": {"lake": str(Path(es.path).parent / "lake"), "examples": str(es.path),
                  "sequences": {"max_seq_len": 20, "collapse_repeats": True},
-                 "text": es.manifest["config"]["text"]},
+                 "text": es.manifest.config.text.model_dump(mode="json")},
         "pretrain": {"platforms": ["shop_a", "shop_b"], "overrides": {
             "model.dim": 16, "model.num_layers": 1, "model.num_heads": 2,
             "model.num_experts": 2, "optim.epochs": 1, "optim.micro_batch_size": 128,

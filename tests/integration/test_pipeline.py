@@ -13,13 +13,14 @@ import pytest
 
 from recsys.data.ingest.synthetic import release_holdback, write_logs
 from recsys.pipeline import PipelineConfig, run_pipeline
+from recsys.pipeline.outputs import PipelineResult
 
 TINY_TRAIN = {"model.dim": 16, "model.num_layers": 1, "model.num_heads": 2,
               "model.num_experts": 2, "optim.epochs": 2, "optim.micro_batch_size": 128,
               "optim.lr": 0.003, "data.sequences.max_seq_len": 20}
 
 
-FirstRun = tuple[PipelineConfig, dict[str, Any], Path]
+FirstRun = tuple[PipelineConfig, PipelineResult, Path]
 
 
 def _free_port() -> int:
@@ -72,63 +73,66 @@ def first_run(ray_cluster, tiny_encoder: str, mlflow_server,
 
 def test_first_run_runs_every_stage_and_compares_transfer_with_scratch(first_run) -> None:
     cfg, res, _ = first_run
-    assert res["skipped"] == []
+    assert res.skipped == []
     assert {"pretrain", "transfer/shop_c/freeze_encoder", "evaluate/shop_c",
-            "examples"} <= set(res["ran"])
-    report = json.loads(Path(res["evaluate"]["shop_c"]["freeze_encoder"]).read_text())
+            "examples"} <= set(res.ran)
+    report = json.loads(Path(res.evaluate["shop_c"].reports["freeze_encoder"]).read_text())
     assert report["split"] == "test"
     assert 0 < report["platforms"]["shop_c"]["metrics"]["ndcg@10"] <= 1
     state = json.loads((cfg.root / "pipeline" / "state.json").read_text())
     assert Path(state["pretrain"]["outputs"]["export"]).is_dir()
-    reg = res["register"]["shop_c"]
-    assert reg["version"] == "1" and reg["promoted"] and reg["champion"] == "1"
+    reg = res.register["shop_c"]
+    assert reg.version == "1" and reg.promoted and reg.champion == "1"
 
 
 def test_first_run_deploys_the_champion_and_answers(first_run) -> None:
     import requests
 
     _, res, _ = first_run
-    assert res["deploy"]["model"] == "models:/it-pipeline-shop_c@champion"
-    smoke = res["smoke"]["response"]
-    assert smoke["source"] == "model" and smoke["model_version"] == "1"
-    ids = [it["item_id"] for it in smoke["items"]]
+    assert res.deploy is not None and res.smoke is not None
+    assert res.deploy.model == "models:/it-pipeline-shop_c@champion"
+    smoke = res.smoke.response
+    assert smoke.source == "model" and smoke.model_version == "1"
+    ids = [it.item_id for it in smoke.items]
     assert len(ids) == 5 == len(set(ids))
-    model = requests.get(f"{res['deploy']['url']}/model", timeout=10).json()
+    model = requests.get(f"{res.deploy.url}/model", timeout=10).json()
     assert "shop_c" in json.dumps(model)
 
 
 def test_second_run_with_nothing_new_runs_nothing(first_run) -> None:
     cfg, _, _ = first_run
     res = run_pipeline(cfg)
-    assert res["ran"] == []
+    assert res.ran == []
     # ingest x3, examples, 2 trainings, eval, register, deploy (the smoke request always runs)
-    assert len(res["skipped"]) == 3 + 1 + 2 + 1 + 1 + 1  # ... and deploy
+    assert len(res.skipped) == 3 + 1 + 2 + 1 + 1 + 1  # ... and deploy
 
 
 def test_new_logs_for_one_platform_retrain_only_what_reads_it(first_run) -> None:
     cfg, first, tmp = first_run
     release_holdback(tmp / "logs", "shop_c")
     res = run_pipeline(cfg)
-    assert "pretrain" in res["skipped"]  # sources unchanged: the pretrained model is reused
-    assert any(k.startswith("ingest/") and "shop_a" in k for k in res["skipped"])
-    assert any(k.startswith("ingest/") and "shop_c" in k for k in res["ran"])
+    assert "pretrain" in res.skipped  # sources unchanged: the pretrained model is reused
+    assert any(k.startswith("ingest/") and "shop_a" in k for k in res.skipped)
+    assert any(k.startswith("ingest/") and "shop_c" in k for k in res.ran)
     assert {"examples", "transfer/shop_c/freeze_encoder", "evaluate/shop_c",
-            "register/shop_c"} <= set(res["ran"])
+            "register/shop_c"} <= set(res.ran)
     # The retrained model is a new version; it is champion only if it beat v1 on the same
     # (new) validation data, as re-evaluated by the register stage.
-    reg = res["register"]["shop_c"]
-    assert reg["version"] == "2"
-    assert reg["champion"] == ("2" if reg["promoted"] else "1")
-    assert ("beat" in reg["reason"]) or (">" in reg["reason"]) or ("catalog" in reg["reason"])
-    users = res["examples"]["platforms"]["shop_c"]["lake_users"]
-    assert users >= first["examples"]["platforms"]["shop_c"]["lake_users"]
+    reg = res.register["shop_c"]
+    assert reg.version == "2"
+    assert reg.champion == ("2" if reg.promoted else "1")
+    assert ("beat" in reg.reason) or (">" in reg.reason) or ("catalog" in reg.reason)
+    assert res.examples is not None and first.examples is not None
+    assert res.examples is not None and first.examples is not None
+    users = res.examples.platforms["shop_c"].lake_users
+    assert users >= first.examples.platforms["shop_c"].lake_users
 
 
 def test_a_stage_alone_uses_the_recorded_inputs(first_run) -> None:
     cfg, _, _ = first_run
     alone = cfg.model_copy(update={"stages": ["evaluate"], "force": ["evaluate"]})
     res = run_pipeline(alone)
-    assert res["ran"] == ["evaluate/shop_c"]
+    assert res.ran == ["evaluate/shop_c"]
 
 
 def test_pipeline_config_needs_sections_for_its_stages() -> None:

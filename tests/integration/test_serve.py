@@ -66,15 +66,15 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from ray import serve
 
-    from recsys.tracking import runs
     from recsys.serving.app import AppArgs, compose
+    from recsys.tracking import registry
 
     root = tmp_path_factory.mktemp("serve")
     pseudo = Pseudonymizer(bytes.fromhex(KEY_HEX))
     worlds = {"1": build_toy_world(root / "v1", tiny_encoder, pseudo, seed=0)}
     name = f"recsys-toy-{uuid.uuid4().hex[:8]}"
     assert _register(mlflow_server.uri, name, worlds["1"]) == "1"
-    runs.set_alias(mlflow_server.uri, name, "champion", "1")
+    registry.set_alias(mlflow_server.uri, name, "champion", "1")
     args = AppArgs(model_uri=f"models:/{name}@champion", lake=str(worlds["1"].lake),
                    tracking_uri=mlflow_server.uri, poll_interval_s=1.0, max_batch_size=8,
                    download_dir=str(root / "downloads"))
@@ -278,7 +278,7 @@ def _stream(served: Served, stop: threading.Event, statuses: list[int],
 
 def test_champion_swap_under_load_has_no_failed_request(served: Served,
                                                          tiny_encoder: str) -> None:
-    from recsys.tracking import runs
+    from recsys.tracking import registry
 
     root = served.worlds["1"].export.parents[1]
     served.worlds["2"] = build_toy_world(root / "v2", tiny_encoder,
@@ -291,7 +291,7 @@ def test_champion_swap_under_load_has_no_failed_request(served: Served,
     threads = _stream(served, stop, statuses, versions)
     try:
         time.sleep(1.0)
-        runs.set_alias(served.tracking_uri, served.name, "champion", version)
+        registry.set_alias(served.tracking_uri, served.name, "champion", version)
         deadline = time.monotonic() + 60
         while served.get("/model").json()["version"] != "2":
             assert time.monotonic() < deadline, "the new champion was not picked up in 60 s"

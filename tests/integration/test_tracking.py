@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from recsys.settings import Settings
-from recsys.tracking import runs
+from recsys.tracking import registry, runs
 from recsys.tracking.server import (
     SERVER_JSON,
     LocalMlflowServer,
@@ -154,6 +154,43 @@ def test_nested_run_and_bad_status(uri: str) -> None:
     assert MlflowClient(uri).get_run(child).info.status == "KILLED"
 
 
+def test_tracked_run_ends_finished_or_failed(uri: str) -> None:
+    with runs.tracked_run(uri, "unit", "works") as ok:
+        runs.log_metrics(uri, ok.run_id, {"loss": 1.0}, step=0)
+    with pytest.raises(RuntimeError, match="after fit"):
+        with runs.tracked_run(uri, "unit", "fails") as bad:
+            raise RuntimeError("after fit")
+    client = MlflowClient(uri)
+    assert client.get_run(ok.run_id).info.status == "FINISHED"
+    assert client.get_run(bad.run_id).info.status == "FAILED"
+
+
+def test_a_training_job_that_fails_after_fit_ends_its_run_failed(
+        uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_training``: fit succeeds, the export step raises; the run must not stay RUNNING."""
+    from types import SimpleNamespace
+
+    import recsys.tracking.server as server_module
+    import recsys.training.run as run_module
+    from recsys.training.config import TrainJobConfig
+
+    fitted = SimpleNamespace(metrics={}, best_checkpoints=[], checkpoint=None, error=None)
+    monkeypatch.setattr(server_module, "ensure_tracking", lambda settings: uri)
+    monkeypatch.setattr(run_module, "prepare", lambda cfg: SimpleNamespace(
+        train_platforms=["a"], eval_platforms=["a"], inputs=SimpleNamespace(cache_stats={})))
+    monkeypatch.setattr(run_module, "build_trainer",
+                        lambda cfg, setup, run: SimpleNamespace(fit=lambda: fitted))
+    cfg = TrainJobConfig.model_validate({
+        "name": "fails-after-fit", "resume": True, "output_dir": str(tmp_path),
+        "tracking": {"experiment": "after-fit", "enabled": True}})
+    with pytest.raises(RuntimeError, match="reported no checkpoint"):
+        run_module.run_training(cfg)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("after-fit")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "fails-after-fit" and run.info.status == "FAILED"
+
+
 class Doubler(mlflow.pyfunc.PythonModel):
     """Multiplies by a factor read from an artifact file, as a real model reads its weights."""
 
@@ -213,13 +250,13 @@ def test_failed_model_log_marks_the_model_failed(uri: str, tmp_path: Path) -> No
 
 def test_register_and_alias(uri: str, logged_model: tuple[str, str]) -> None:
     _, model_uri = logged_model
-    assert runs.get_alias_version(uri, "recsys-toy", "champion") is None  # no model yet
+    assert registry.alias_version(uri, "recsys-toy", "champion") is None  # no model yet
     v1 = runs.register_model(uri, model_uri, "recsys-toy", tags={"platform": "shop_a"})
     v2 = runs.register_model(uri, model_uri, "recsys-toy")
     assert (v1, v2) == ("1", "2")
-    assert runs.get_alias_version(uri, "recsys-toy", "champion") is None  # model, no alias
-    runs.set_alias(uri, "recsys-toy", "champion", v1)
-    assert runs.get_alias_version(uri, "recsys-toy", "champion") == "1"
+    assert registry.alias_version(uri, "recsys-toy", "champion") is None  # model, no alias
+    registry.set_alias(uri, "recsys-toy", "champion", v1)
+    assert registry.alias_version(uri, "recsys-toy", "champion") == "1"
     assert MlflowClient(uri).get_model_version("recsys-toy", v1).tags == {"platform": "shop_a"}
     mlflow.set_tracking_uri(uri)
     try:
@@ -227,8 +264,8 @@ def test_register_and_alias(uri: str, logged_model: tuple[str, str]) -> None:
         assert model.predict(pd.DataFrame({"x": [5.0]}))["x"].tolist() == [10.0]
     finally:
         mlflow.set_tracking_uri(None)
-    runs.set_alias(uri, "recsys-toy", "champion", v2)
-    assert runs.get_alias_version(uri, "recsys-toy", "champion") == "2"
+    registry.set_alias(uri, "recsys-toy", "champion", v2)
+    assert registry.alias_version(uri, "recsys-toy", "champion") == "2"
 
 
 def test_ensure_tracking_keeps_configured_uri(monkeypatch: pytest.MonkeyPatch,

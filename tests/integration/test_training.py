@@ -13,9 +13,9 @@ import pytest
 from mlflow import MlflowClient
 
 from recsys.config import ConfigError, load_config
+from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 from recsys.model.export import load_export
 from recsys.training.config import TrainJobConfig
-from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 from recsys.training.run import run_training
 
 SOURCES = ["shop_a", "shop_b"]
@@ -27,7 +27,7 @@ def _cfg(examples: Any, tmp: Path, name: str, **overrides: Any) -> TrainJobConfi
         "name": name,
         "mode": "pretrain",
         "data": {"examples": str(examples.path), "sequences": {"max_seq_len": 20},
-                 "text": dict(examples.manifest["config"]["text"])},
+                 "text": examples.manifest.config.text.model_dump(mode="json")},
         "train_platforms": SOURCES,
         "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "num_experts": 2},
         "optim": {"epochs": 2, "micro_batch_size": 128, "lr": 0.003},
@@ -93,7 +93,7 @@ def test_mlflow_run_has_config_curves_report_and_model(pretrained, mlflow_server
     assert [m.step for m in history] == [0, 1]
     # Both workers read the valid split whole and each ranks its part of the users: together
     # exactly the split's users of the train platforms, each once.
-    want = sum(synthetic_examples.manifest["platforms"][p]["valid_rows"] for p in SOURCES)
+    want = sum(synthetic_examples.manifest.platforms[p].valid_rows for p in SOURCES)
     assert [m.value for m in client.get_metric_history(pretrained.run_id, "valid_users")] == \
         [want, want]
     assert any(k.startswith("test_ndcg_at_10/") for k in run.data.metrics)

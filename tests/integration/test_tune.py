@@ -36,7 +36,7 @@ def _base_yaml(examples: Any, tmp: Path, epochs: int) -> Path:
     base = {
         "mode": "scratch",
         "data": {"examples": str(examples.path), "sequences": {"max_seq_len": 20},
-                 "text": dict(examples.manifest["config"]["text"])},
+                 "text": examples.manifest.config.text.model_dump(mode="json")},
         "train_platforms": [TARGET],
         "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "num_experts": 2},
         "optim": {"epochs": epochs, "micro_batch_size": 128, "lr": 0.003,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.base import IngestOptions
+from recsys.data.ingest.runner import ingest
 from recsys.data.lake import read_events, read_items, read_report
 from recsys.data.pseudonym import Pseudonymizer
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.data.ingest.runner import IngestOptions, ingest
-from recsys.data.lake import read_report
 from recsys.data.examples import DataConfig, build_example_set, read_split
+from recsys.data.ingest.base import IngestOptions
+from recsys.data.ingest.runner import ingest
+from recsys.data.lake import read_report
 from recsys.data.pseudonym import Pseudonymizer
 
 KEY = Pseudonymizer(bytes(range(32)))

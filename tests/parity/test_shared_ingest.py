@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from recsys.data import lake
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.base import IngestOptions
+from recsys.data.ingest.runner import ingest
 from recsys.data.pseudonym import Pseudonymizer
 
 KEY = bytes(range(32))

@@ -8,25 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from recsys.data import lake
-from recsys.data.ingest.base import IngestError
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.base import IngestError, IngestOptions
+from recsys.data.ingest.runner import ingest
 from recsys.data.pseudonym import Pseudonymizer
 
 KEY = bytes(range(32))
 PSEUDO = Pseudonymizer(KEY)
 
 
-def _run(tmp_path: Path, **kw: Any) -> tuple[dict[str, Any], pa.Table, pa.Table]:
-    out = tmp_path / "lake"
-    opts = IngestOptions(source="amazon-json", out=out, platform=kw.pop("platform", "shop"), **kw)
+def _run(tmp_path: Path, **kw: Any) -> lake.PlatformTables:
+    opts = IngestOptions(source="amazon-json", out=tmp_path / "lake",
+                         platform=kw.pop("platform", "shop"), **kw)
     written = ingest(opts, Pseudonymizer(KEY))
-    plat = written[0].platform
-    return lake.read_report(out, plat), lake.read_events(out, plat), lake.read_items(out, plat)
+    return lake.read_platform(opts.out, written[0].platform)
 
 
 def _quarantine(tmp_path: Path, table: str, platform: str = "shop") -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""The endpoint's body-size guard (``recsys.serving.app.BodySizeLimit``, a plain ASGI middleware) on a
-tiny echo app, without Ray: 413 on a declared or streamed body over the limit, the body intact
+"""The endpoint's body-size guard (``recsys.serving.app.BodySizeLimit``, a plain ASGI middleware)
+on a tiny echo app, without Ray: 413 on a declared or streamed body over the limit, the body intact
 for the app otherwise."""
 
 from __future__ import annotations

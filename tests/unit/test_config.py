@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.config import ConfigError, apply_overrides, load_config, parse_override
+from recsys.config import ConfigError, apply_overrides, load_config, parse_override, set_dotted
 from recsys.data.examples import DataConfig
 from recsys.pipeline import PipelineConfig
 
@@ -10,10 +10,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_parse_override_types() -> None:
-    assert parse_override("a.b=3") == (["a", "b"], 3)
-    assert parse_override("lr=3e-4") == (["lr"], 3e-4)
-    assert parse_override("x=[a, b]") == (["x"], ["a", "b"])
-    assert parse_override("flag=true") == (["flag"], True)
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("lr=3e-4") == ("lr", 3e-4)
+    assert parse_override("x=[a, b]") == ("x", ["a", "b"])
+    assert parse_override("flag=true") == ("flag", True)
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_override("nonsense")
 
@@ -23,6 +23,26 @@ def test_apply_overrides_nested() -> None:
     assert data == {"a": {"b": 1, "c": 2}, "d": {"e": "x"}}
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_set_dotted_takes_typed_values_and_creates_sections() -> None:
+    data: dict = {"optim": {"lr": 1.0}, "transfer": None}
+    set_dotted(data, "optim.lr", 3e-4)
+    set_dotted(data, "transfer.init_from", "runs/x")
+    set_dotted(data, "data", {"lake": "l"})
+    assert data == {"optim": {"lr": 3e-4}, "transfer": {"init_from": "runs/x"},
+                    "data": {"lake": "l"}}
+    with pytest.raises(ConfigError, match="'lr' is a value"):
+        set_dotted(data, "optim.lr.x", 1)
+    with pytest.raises(ConfigError, match="empty key segment"):
+        set_dotted(data, "optim..lr", 1)
+
+
+def test_typed_values_apply_after_strings_in_order() -> None:
+    """A whole section set after a dotted key replaces it; a dotted key after it wins."""
+    data = apply_overrides({}, ["a.b=1"], {"a.c": "x y", "d": {"e": 1}, "d.e": 2})
+    assert data == {"a": {"b": 1, "c": "x y"}, "d": {"e": 2}}
+    assert apply_overrides({}, values={"d.e": 2, "d": {"f": 3}}) == {"d": {"f": 3}}
 
 
 def test_unknown_keys_are_named(tmp_path: Path) -> None:
@@ -46,6 +66,11 @@ def test_override_wins_over_file(tmp_path: Path) -> None:
     f.write_text("sequences: {max_seq_len: 10}\n")
     cfg = load_config(DataConfig, f, ["sequences.max_seq_len=20"])
     assert cfg.sequences.max_seq_len == 20
+    cfg = load_config(DataConfig, f, ["sequences.max_seq_len=20"],
+                      values={"sequences.max_seq_len": 30, "lake": "runs/x"})
+    assert cfg.sequences.max_seq_len == 30 and cfg.lake == "runs/x"
+    with pytest.raises(ConfigError, match="min_seq_len"):
+        load_config(DataConfig, f, values={"sequences.min_seq_len": 2})
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "pipeline").glob("*.yaml")),

@@ -4,9 +4,8 @@ cold-start subset is the targets unseen in training, and batching does not chang
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys.data.examples import ExampleSet, load_example_set
+from recsys.data.examples import (
+    DataConfig,
+    ExampleManifest,
+    ExampleSet,
+    PlatformCounts,
+    TextCounts,
+    load_example_set,
+)
 from recsys.data.sequences import EXAMPLES_SCHEMA
 from recsys.evaluation.metrics import COLD_START
+from recsys.evaluation.offline import evaluate_export
 from recsys.model.export import Exported, ExportedItems, load_export, save_export
 from recsys.model.recommender import Recommender
-from recsys.evaluation.offline import evaluate_export
 
 H = D = 16
 MAX_LEN = 8
@@ -35,13 +41,7 @@ TRAIN_USERS = {"shop_a": [(1, 6), (14, 4)], "shop_b": [(1, 5)]}
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second OpenMP thread only spins on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def walk(platform: str, start: int, length: int) -> list[int]:
@@ -79,8 +79,12 @@ def write_example_set(root: Path) -> ExampleSet:
             "text": [f"item {i}. acme." for i in range(1, n + 1)],
             "text_hash": [f"{p}{i}" for i in range(1, n + 1)],
         }), root / "catalog" / f"{p}.parquet")
-    counts = {p: {"test_rows": len(TEST_USERS[p])} for p in SIZES}
-    (root / "manifest.json").write_text(json.dumps({"platforms": counts}))
+    counts = {p: PlatformCounts(catalog_items=n, lake_users=len(TEST_USERS[p]), users_too_short=0,
+                                test_rows=len(TEST_USERS[p])) for p, n in SIZES.items()}
+    ExampleManifest(created_at=datetime.now(UTC), seconds=0.0, input_fingerprint="test",
+                    config=DataConfig(), platforms=counts,
+                    text=TextCounts(distinct_texts=sum(SIZES.values()),
+                                    catalog_rows=sum(SIZES.values()))).write(root)
     return load_example_set(root)
 
 

@@ -5,7 +5,6 @@ runs (``_load`` is what ``load_context`` calls)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from recsys.model.encoder import TextEncoder
 from recsys.model.export import FORMAT_VERSION, ExportedItems, load_export, save_export
 from recsys.model.pyfunc import RecommenderPyfunc
-from recsys.model.recommender import Recommender, TextEncoder
+from recsys.model.recommender import Recommender
 
 H = D = 16
 MAX_LEN = 6
@@ -26,13 +26,7 @@ SIZES = {"shop_a": 12, "shop_b": 9}
 Served = tuple[RecommenderPyfunc, Recommender, dict[str, ExportedItems]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second OpenMP thread only spins on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(encoder: TextEncoder | None = None) -> Recommender:
@@ -95,7 +89,7 @@ def scores(model: Recommender, items: ExportedItems, history: torch.Tensor) -> t
     table = model.item_table(torch.as_tensor(items.text_vecs), torch.as_tensor(items.brand_ids),
                              torch.as_tensor(items.category_ids), items.platform_id)
     pid = torch.full((len(history),), items.platform_id)
-    return model.score_all(model.user_vector(history, table, pid), table)
+    return model.score(history, pid, table)
 
 
 # -- save / load ----------------------------------------------------------------------------------
@@ -107,8 +101,8 @@ def test_round_trip_is_lossless(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.iterdir()) == ["catalog", "export.json", "items",
                                                       "model.safetensors"]
     exp = load_export(path)
-    assert exp.platforms == list(SIZES) and exp.meta["mode"] == "pretrain"
-    assert exp.meta["format_version"] == FORMAT_VERSION and not exp.meta["has_encoder"]
+    assert exp.platforms == list(SIZES) and exp.meta.mode == "pretrain"
+    assert exp.meta.format_version == FORMAT_VERSION and not exp.meta.has_encoder
     assert exp.model.config == model.config and not exp.model.training
     before, after = model.state_dict(), exp.model.state_dict()
     assert before.keys() == after.keys()
@@ -142,7 +136,7 @@ def test_a_fine_tuned_encoder_travels_with_the_export(tmp_path: Path) -> None:
     path, model, _ = make_export(tmp_path, tiny_model(encoder=enc.eval()))
     assert (path / "encoder").is_dir()
     exp = load_export(path)
-    assert exp.meta["has_encoder"] and exp.model.text_encoder is not None
+    assert exp.meta.has_encoder and exp.model.text_encoder is not None
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     with torch.no_grad():
         torch.testing.assert_close(exp.model.encode_items_text(ids, (ids != 0).long()),

@@ -7,19 +7,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from recsys.data import lake
-from recsys.data.ingest.base import IngestError
-from recsys.data.ingest.generic import (
-    apply_mapping,
-    load_mapping,
-    parse_price,
-    parse_timestamps,
-)
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.base import IngestError, IngestOptions
+from recsys.data.ingest.generic import apply_mapping, load_mapping
+from recsys.data.ingest.parsing import parse_price, parse_timestamps
+from recsys.data.ingest.runner import ingest
 from recsys.data.pseudonym import Pseudonymizer
 
 KEY = bytes(range(32))
@@ -46,12 +41,10 @@ ITEM_MAPPING = {"item_id": "code", "title": "name", "description": "about", "bra
                 "category": "dept", "price": "cost"}
 
 
-def _run(tmp_path: Path, **kw: Any) -> tuple[dict[str, Any], pa.Table, pa.Table]:
-    out = tmp_path / "lake"
-    opts = IngestOptions(source="generic", out=out, platform="shop", **kw)
+def _run(tmp_path: Path, **kw: Any) -> lake.PlatformTables:
+    opts = IngestOptions(source="generic", out=tmp_path / "lake", platform="shop", **kw)
     ingest(opts, Pseudonymizer(KEY))
-    return (lake.read_report(out, "shop"), lake.read_events(out, "shop"),
-            lake.read_items(out, "shop"))
+    return lake.read_platform(opts.out, "shop")
 
 
 def _files(tmp_path: Path) -> tuple[Path, Path]:

@@ -393,7 +393,8 @@ def test_gpu_group_hosts_the_training_job() -> None:
 
 
 def test_rayservice_pods_see_the_runs_the_app_reads() -> None:
-    """serve/config.yaml's relative paths resolve against /home/ray/recsys (recsys/serving/app.py)."""
+    """serve/config.yaml's relative paths resolve against /home/ray/recsys
+    (recsys/serving/app.py)."""
     for where, container in _ray_containers():
         if where.startswith("RayService"):
             assert {"name": "shared", "mountPath": "/home/ray/recsys/runs",

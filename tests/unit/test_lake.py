@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.data import lake
-from recsys.data.ingest.base import Ledger, finalize
+from recsys.data.ingest.base import Ledger
+from recsys.data.ingest.finalize import finalize
 from recsys.data.pseudonym import Pseudonymizer
 from recsys.data.schema import EVENTS_SCHEMA, check_schema, validate_platform_name
 

@@ -10,19 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
+from recsys.model.encoder import TextEncoder, apply_lora, merge_lora
 from recsys.model.recommender import (
     CTRHead,
-    ItemIdEmbedding,
     ItemTower,
     PlatformAdapter,
     Recommender,
-    TextEncoder,
     UserTower,
-    apply_lora,
     count_parameters,
-    merge_lora,
     seen_items,
 )
+from recsys.model.tables import ItemIdEmbedding
 
 H, D, P, N, C, L = 32, 16, 2, 9, 3, 6  # text width, model width, platforms, items, depth, len
 ARGS = dict(text_dim=H, dim=D, num_platforms=P, num_brands=5, num_categories=7, max_len=L,
@@ -97,8 +95,10 @@ def test_end_to_end_gradients_frozen_vs_lora_encoder() -> None:
         m = model(text_encoder=enc)
         text = torch.cat([torch.zeros(1, H), m.encode_items_text(ids, mask)])   # (3, H)
         table = m.item_table(text, brands, cats, platform_id=1)
-        user = m.user_vector(torch.tensor([[0, 1, 2], [2, 1, 2]]), table, torch.tensor([0, 1]))
-        loss = m.score_all(user, table)[:, 1:].sum() + m.ctr_logit(user, table[[1, 2]]).sum()
+        history, pid = torch.tensor([[0, 1, 2], [2, 1, 2]]), torch.tensor([0, 1])
+        user = m.user_vector(history, table, pid)
+        scores = m.score(history, pid, table, user=user)
+        loss = scores[:, 1:].sum() + m.ctr_logit(user, table[[1, 2]]).sum()
         loss.backward()
         for n, p in m.named_parameters():
             if n.startswith("text_encoder."):
@@ -145,12 +145,13 @@ def test_item_tower_shapes_and_category_mean_ignores_padding() -> None:
     assert torch.equal(tower.brand.weight[0], torch.zeros(D))
 
 
-def test_item_table_row0_zero_and_score_all_padding_column() -> None:
+def test_item_table_row0_zero_and_score_padding_column() -> None:
     m = model().eval()
     table = m.item_table(*catalog(), platform_id=0)
     assert table.shape == (N + 1, D)
     assert torch.equal(table[0], torch.zeros(D))
-    scores = m.score_all(torch.randn(3, D), table)
+    history = torch.tensor([[0, 1, 2], [0, 0, 4], [5, 6, 7]])
+    scores = m.score(history, torch.tensor([0, 0, 0]), table)
     assert scores.shape == (3, N + 1)
     assert torch.isneginf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
     assert scores.argmax(-1).ne(0).all()
@@ -290,7 +291,8 @@ def test_item_ids_get_gradients_and_separate_items_with_the_same_text() -> None:
     table = m.item_table(text, brands, cats, 0)
     torch.testing.assert_close(table[1], table[2])
     user = m.user_vector(torch.tensor([[0, 0, 0, 3, 4, 5]]), table, torch.tensor([0]))
-    loss = torch.nn.functional.cross_entropy(m.score_all(user, table) / 0.07, torch.tensor([1]))
+    scores = m.score(torch.tensor([[0, 0, 0, 3, 4, 5]]), torch.tensor([0]), table, user=user)
+    loss = torch.nn.functional.cross_entropy(scores / 0.07, torch.tensor([1]))
     loss.backward()
     grad = m.item_tower.item_id.embedding.weight.grad
     assert grad[1:1 + N].abs().sum() > 0           # platform 0's rows learn
@@ -365,11 +367,11 @@ def test_repeat_bias_adds_the_platforms_score_to_seen_items_only() -> None:
     seen = seen_items(history, N + 1)
     assert seen.sum(1).tolist() == [2, 1] and not seen[:, 0].any()
     pid = torch.tensor([0, 1])
-    plain = m.score_all(user, table)
-    torch.testing.assert_close(m.score_all(user, table, seen, pid), plain)  # starts at 0
+    plain = m.score(torch.zeros_like(history), pid, table, user=user)  # nothing seen
+    torch.testing.assert_close(m.score(history, pid, table, user=user), plain)  # starts at 0
     with torch.no_grad():
         m.repeat.weight.copy_(torch.tensor([[-0.5], [0.25]]))
-    diff = m.score_all(user, table, seen, pid) - plain
+    diff = m.score(history, pid, table, user=user) - plain
     diff[:, 0] = 0  # padding column: -inf in both
     want = torch.zeros(2, N + 1)
     want[0, [2, 5]], want[1, 7] = -0.5, 0.25
@@ -384,8 +386,10 @@ def test_repeat_bias_adds_the_platforms_score_to_seen_items_only() -> None:
 def test_repeat_bias_can_be_added_to_a_model_without_one() -> None:
     m = model().eval()
     assert m.repeat is None and m.config["repeat_bias"] is False
+    table, user, pid = m.item_table(*catalog(), platform_id=0), torch.randn(1, D), torch.tensor([0])
     seen = torch.ones(1, N + 1, dtype=torch.bool)
-    assert m.repeat_scores(seen, torch.tensor([0])).abs().sum() == 0
+    assert torch.equal(m.score_items(user, table, seen, pid),
+                       m.score_items(user, table, ~seen, pid))
     m.enable_repeat_bias()
     assert m.config["repeat_bias"] is True and m.repeat.weight.shape == (P, 1)
     assert m.repeat.weight.abs().sum() == 0

@@ -4,7 +4,6 @@ larger feature vocabulary). The text encoder is a tiny BERT built from a config:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,12 +13,13 @@ from transformers import BertConfig, BertModel
 
 import recsys.training.model_setup as model_setup
 from recsys.config import load_config
+from recsys.model.encoder import TextEncoder
 from recsys.model.features import FeatureVocab
-from recsys.model.recommender import Recommender, TextEncoder
+from recsys.model.recommender import Recommender
 from recsys.training.config import TrainJobConfig
 from recsys.training.items import ItemInputs, PlatformItems
 from recsys.training.model_setup import build_model, set_trainable, trainable_summary
-from recsys.training.objective import PlatformTensors, item_vectors
+from recsys.training.objective import PlatformTensors
 
 H = 16  # text width (cached vectors and the tiny encoder alike)
 SMALL = ["model.dim=16", "model.num_heads=2", "model.num_layers=1", "model.num_experts=2",
@@ -31,13 +31,7 @@ BIGGER = FeatureVocab(brands={**VOCAB.brands, "umbrella": 4, "wayne": 5},
 SIZES = {"shop_a": 12, "shop_b": 9}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second OpenMP thread only spins on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(mode: str = "pretrain", strategy: str | None = None) -> TrainJobConfig:
@@ -190,7 +184,7 @@ def test_transfer_keeps_the_pretrained_platform_and_adds_the_new_one() -> None:
     history = torch.tensor([[0, 0, 3, 1, 7], [2, 4, 6, 8, 10]])
     pid_a = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
-        table_a = item_vectors(pre, PlatformTensors.from_items(old_a, torch.device("cpu")), None)
+        table_a = PlatformTensors.from_items(old_a, torch.device("cpu")).item_table(pre)
         user_a = pre.user_vector(history, table_a, pid_a)
 
     inputs = item_inputs(["shop_a", "shop_b"], BIGGER)
@@ -202,10 +196,10 @@ def test_transfer_keeps_the_pretrained_platform_and_adds_the_new_one() -> None:
     with torch.no_grad():
         tensors = {n: PlatformTensors.from_items(it, torch.device("cpu"))
                    for n, it in inputs.items.items()}
-        new_table_a = item_vectors(model, tensors["shop_a"], None)
+        new_table_a = tensors["shop_a"].item_table(model)
         torch.testing.assert_close(new_table_a, table_a)
         torch.testing.assert_close(model.user_vector(history, new_table_a, pid_a), user_a)
-        table_b = item_vectors(model, tensors["shop_b"], None)
+        table_b = tensors["shop_b"].item_table(model)
     assert table_b.shape == (SIZES["shop_b"] + 1, 16) and torch.isfinite(table_b).all()
     # New rows: platform B starts as the mean platform, new brands/categories as 'unknown'.
     torch.testing.assert_close(model.user_tower.platform.weight[1],

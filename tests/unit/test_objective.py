@@ -4,32 +4,24 @@ fine-tuning path where the text encoder (full or LoRA) runs inside the step."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from recsys.model.recommender import Recommender, TextEncoder, apply_lora
+from recsys.model.encoder import TextEncoder, apply_lora
+from recsys.model.recommender import Recommender
 from recsys.training.config import LossConfig
 from recsys.training.items import PlatformItems
-from recsys.training.objective import PlatformTensors, RecommenderObjective, item_vectors
+from recsys.training.objective import PlatformTensors, RecommenderObjective
 
 H = D = 16  # text width, model width
 SIZES = {0: 30, 1: 20}  # platform id -> catalog size N
 BRANDS, CATEGORIES, DEPTH, MAX_LEN = 6, 8, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: a second OpenMP thread only spins, and on a busy machine that makes each
-    step 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(dropout: float = 0.1, encoder: TextEncoder | None = None) -> Recommender:
@@ -127,17 +119,17 @@ def test_positions_count_the_non_padding_history_items() -> None:
 def test_row_zero_of_an_item_table_is_zero() -> None:
     model = tiny_model()
     for p in platforms().values():
-        table = item_vectors(model, p, None)
+        table = p.item_table(model)
         assert table.shape == (p.num_items + 1, D)
         assert torch.equal(table[0], torch.zeros(D))
         assert table[1:].abs().sum(-1).gt(0).all()
 
 
-def test_item_vectors_of_ids_are_rows_of_the_full_table() -> None:
+def test_item_table_of_ids_are_rows_of_the_full_table() -> None:
     model = tiny_model().eval()  # eval: dropout would make two calls differ
     for p in platforms().values():
         ids = torch.tensor([0, 5, 1, p.num_items, 5])
-        torch.testing.assert_close(item_vectors(model, p, ids), item_vectors(model, p, None)[ids])
+        torch.testing.assert_close(p.item_table(model, ids), p.item_table(model)[ids])
 
 
 def test_ctr_weight_zero_leaves_the_ctr_head_out() -> None:
@@ -267,7 +259,7 @@ def test_the_padding_row_never_goes_through_the_encoder(kind: str) -> None:
     assert torch.isfinite(loss)
     loss.backward()
     assert_finite_grads(obj)
-    table = item_vectors(obj.model, obj.platforms[0], None)
+    table = obj.platforms[0].item_table(obj.model)
     assert torch.isfinite(table).all() and not table[0].any()
 
 

@@ -3,7 +3,6 @@ users, filters, search, batching, and model resolution (``recsys.serving.predict
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,25 +11,15 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from recsys.data.pseudonym import Pseudonymizer
-from recsys.serving.predictor import (
-    Predictor,
-    SearchUnavailable,
-    UnknownPlatform,
-    parse_models_uri,
-    resolve_model,
-)
+from recsys.serving.model_source import parse_models_uri, resolve_model
+from recsys.serving.predictor import Predictor, SearchUnavailable, UnknownPlatform
 from recsys.serving.schemas import RecommendRequest, SearchRequest
 from recsys.serving.toy import ToyWorld, build_toy_world, item_title
 
 PSEUDO = Pseudonymizer(bytes.fromhex("00112233445566778899aabbccddeeff"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.base import IngestOptions
+from recsys.data.ingest.runner import ingest
 from recsys.data.ingest.synthetic import generate
 from recsys.data.lake import read_events
 from recsys.data.pseudonym import Pseudonymizer

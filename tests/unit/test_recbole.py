@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from recsys.data import lake
-from recsys.data.ingest.base import IngestError
+from recsys.data.ingest.base import IngestError, IngestOptions
 from recsys.data.ingest.recbole import read_atomic
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.runner import ingest
 from recsys.data.pseudonym import Pseudonymizer
 
 KEY = bytes(range(32))
@@ -44,12 +43,10 @@ def _write(directory: Path, inter: str = INTER, item: str | None = ITEM) -> Path
     return directory
 
 
-def _run(tmp_path: Path, **kw: Any) -> tuple[dict[str, Any], pa.Table, pa.Table]:
-    out = tmp_path / "lake"
-    opts = IngestOptions(source="recbole", out=out, platform="movies", **kw)
+def _run(tmp_path: Path, **kw: Any) -> lake.PlatformTables:
+    opts = IngestOptions(source="recbole", out=tmp_path / "lake", platform="movies", **kw)
     ingest(opts, Pseudonymizer(KEY))
-    return (lake.read_report(out, "movies"), lake.read_events(out, "movies"),
-            lake.read_items(out, "movies"))
+    return lake.read_platform(opts.out, "movies")
 
 
 def test_typed_headers(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ that the registry acts on them (promote the better one, tag the worse one, roll 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -17,7 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsys.data.examples import ExampleSet, load_example_set
+from recsys.data.examples import (
+    DataConfig,
+    ExampleManifest,
+    ExampleSet,
+    PlatformCounts,
+    TextCounts,
+    load_example_set,
+)
 from recsys.data.sequences import EXAMPLES_SCHEMA
 from recsys.model.export import ExportedItems, save_export
 from recsys.model.pyfunc import RecommenderPyfunc
@@ -51,7 +59,10 @@ def _example_set(root: Path) -> ExampleSet:
         "category": pa.array([["home"]] * N, pa.list_(pa.string())),
         "price": pa.array(np.ones(N)), "text": [f"item {i}" for i in range(1, N + 1)],
         "text_hash": [str(i) for i in range(1, N + 1)]}), root / "catalog" / f"{PLATFORM}.parquet")
-    (root / "manifest.json").write_text(json.dumps({"platforms": {PLATFORM: {}}}))
+    ExampleManifest(created_at=datetime.now(UTC), seconds=0.0, input_fingerprint="test",
+                    config=DataConfig(), text=TextCounts(distinct_texts=N, catalog_rows=N),
+                    platforms={PLATFORM: PlatformCounts(catalog_items=N, lake_users=0,
+                                                        users_too_short=0)}).write(root)
     return load_example_set(root)
 
 

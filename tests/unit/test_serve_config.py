@@ -13,13 +13,10 @@ CONFIG = REPO / "serve" / "config.yaml"
 
 
 def test_shipped_serve_config_is_valid() -> None:
-    from ray.serve.schema import ServeDeploySchema
-
     from recsys.serving.app import AppArgs, build_app
+    from recsys.serving.deploy import load_serve_config
 
-    raw = yaml.safe_load(CONFIG.read_text())
-    config = ServeDeploySchema.model_validate(raw) if hasattr(
-        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    config = load_serve_config(CONFIG, deployments=("Gateway", "Recommender"))
     assert config.http_options.host == "127.0.0.1"
     (app,) = config.applications
     assert app.import_path == "serve.app:build_app"
@@ -63,3 +60,49 @@ def test_registry_is_the_apps_the_environments_or_the_local_server(
     monkeypatch.setenv("RECSYS_MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking_uri(AppArgs()) == "http://127.0.0.1:5999"
     assert tracking_uri(AppArgs(tracking_uri="http://127.0.0.1:5111")) == "http://127.0.0.1:5111"
+
+
+def _broken(tmp_path: Path, edit) -> Path:  # noqa: ANN001 (a function editing the raw dict)
+    raw = yaml.safe_load(CONFIG.read_text())
+    edit(raw)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    # Ray's schema ignores unknown keys; a typo would silently deploy the default.
+    (lambda r: r["applications"][0]["deployments"][1].update(max_queued_request=5),
+     r"applications\[0\]\.deployments\[1\]\.max_queued_request: unknown key "
+     r"'max_queued_request' \(did you mean 'max_queued_requests'\?\)"),
+    (lambda r: r["applications"][0]["deployments"][1]["autoscaling_config"].update(
+        max_replica=3), r"autoscaling_config\.max_replica: unknown key"),
+    (lambda r: r["http_options"].update(hots="0.0.0.0"), r"http_options\.hots: unknown key"),
+    (lambda r: r["applications"][0]["deployments"][0].update(name="Gatway"),
+     r"no deployment named 'Gatway' .*did you mean 'Gateway'"),
+    (lambda r: r["applications"][0]["deployments"][0].update(max_ongoing_requests=-1),
+     r"max_ongoing_requests"),
+])
+def test_serve_config_errors_name_the_file_and_the_key(tmp_path: Path, edit, message: str
+                                                      ) -> None:  # noqa: ANN001
+    from recsys.serving.deploy import ServeConfigError, load_serve_config
+
+    path = _broken(tmp_path, edit)
+    with pytest.raises(ServeConfigError, match=message) as err:
+        load_serve_config(path, deployments=("Gateway", "Recommender"))
+    assert str(path) in str(err.value)
+
+
+def test_deployment_options_are_what_the_config_sets_plus_secrets_in_env() -> None:
+    from recsys.serving.deploy import deployment_options, load_serve_config, with_env_vars
+
+    app = load_serve_config(CONFIG).applications[0]
+    model = deployment_options(app, "Recommender")
+    assert model["max_ongoing_requests"] == 64
+    assert model["autoscaling_config"]["max_replicas"] == 3
+    assert "num_replicas" not in model  # unset options stay at the deployment's defaults
+    assert deployment_options(app, "Nope") == {}
+    merged = with_env_vars(model, {"RECSYS_API_KEY": "k"})
+    assert merged["ray_actor_options"]["runtime_env"]["env_vars"] == {"RECSYS_API_KEY": "k"}
+    assert merged["ray_actor_options"]["num_cpus"] == model["ray_actor_options"]["num_cpus"]
+    assert "runtime_env" not in model.get("ray_actor_options", {})  # the input is not mutated

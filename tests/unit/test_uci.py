@@ -11,43 +11,33 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.data.ingest.base import IngestError
-from recsys.data.ingest.runner import IngestOptions, ingest
+from recsys.data.ingest.base import IngestError, IngestOptions
+from recsys.data.ingest.runner import ingest
 from recsys.data.lake import platform_dir, read_events, read_items, read_report
 from recsys.data.pseudonym import Pseudonymizer
 
 PSEUDO = Pseudonymizer(bytes(range(32)))
 PLATFORM = "retail"
 
-# (invoice, stock code, description, quantity, date, price, customer) -> what the default recipe
-# does with the row. Quantity "abc" / date "not a date" become NaN / NaT in typed files.
-ROWS: list[tuple[Any, ...]] = [
-    ("536365", "85123A", "WHITE HANGING HEART T-LIGHT HOLDER", "6", "12/1/2010 8:26", "2.55",
-     "17850", "kept"),
-    ("536365", "71053", "WHITE METAL LANTERN", "6", "12/1/2010 8:26", "3.39", "17850", "kept"),
-    ("536365", "85123A", "WHITE HANGING HEART T-LIGHT HOLDER", "6", "12/1/2010 8:26", "2.55",
-     "17850", "duplicate"),
-    ("C536379", "22556", "PLASTERS IN TIN", "-1", "12/1/2010 9:41", "1.65", "17851",
-     "cancellation"),
-    ("536370", "POST", "POSTAGE", "3", "12/1/2010 8:45", "18.0", "12583", "non_product_code"),
-    ("536371", "gift_0001_10", "Dotcomgiftshop Gift Voucher", "1", "12/1/2010 8:50", "8.5",
-     "12583", "non_product_code"),
-    ("536372", "22139", "nan", "5", "12/1/2010 9:00", "0.0", "17852", "missing_item_text"),
-    ("536373", "22139", "RETROSPOT TEA SET CERAMIC 11 PC", "2", "12/1/2010 9:05", "4.95", "",
-     "missing_user_id"),
-    ("536374", "21730", "GLASS STAR FROSTED T-LIGHT HOLDER", "-3", "12/1/2010 9:10", "0.0", "",
-     "non_positive_quantity"),
-    ("536375", "21730", "GLASS STAR", "1", "6/1/2011 12:00", "0.0", "17850", "kept"),
-    ("536376", "85123A", "WHITE HANGING HEART T-LIGHT HOLDER", "2", "12/1/2010 9:20", "-1.0",
-     "17853", "negative_price"),
-    ("536377", "M", "Manual", "1", "12/1/2010 9:25", "2.0", "17850", "non_product_code"),
-    ("536378", "21730", "GLASS STAR FROSTED T-LIGHT HOLDER", "4", "12/2/2010 10:00", "4.25",
-     "17854", "kept"),
-    ("536380", "22556", "PLASTERS IN TIN", "12", "not a date", "1.65", "17850",
-     "invalid_timestamp"),
-    ("536381", "22556", "PLASTERS IN TIN", "abc", "12/2/2010 11:00", "1.65", "17850",
-     "invalid_quantity"),
-]
+# invoice | stock code | description | quantity | date | price | customer | what the default
+# recipe does with the row. Quantity "abc" / date "not a date" become NaN / NaT in typed files.
+ROWS: list[tuple[str, ...]] = [tuple(line.split("|")) for line in """
+536365|85123A|WHITE HANGING HEART T-LIGHT HOLDER|6|12/1/2010 8:26|2.55|17850|kept
+536365|71053|WHITE METAL LANTERN|6|12/1/2010 8:26|3.39|17850|kept
+536365|85123A|WHITE HANGING HEART T-LIGHT HOLDER|6|12/1/2010 8:26|2.55|17850|duplicate
+C536379|22556|PLASTERS IN TIN|-1|12/1/2010 9:41|1.65|17851|cancellation
+536370|POST|POSTAGE|3|12/1/2010 8:45|18.0|12583|non_product_code
+536371|gift_0001_10|Dotcomgiftshop Gift Voucher|1|12/1/2010 8:50|8.5|12583|non_product_code
+536372|22139|nan|5|12/1/2010 9:00|0.0|17852|missing_item_text
+536373|22139|RETROSPOT TEA SET CERAMIC 11 PC|2|12/1/2010 9:05|4.95||missing_user_id
+536374|21730|GLASS STAR FROSTED T-LIGHT HOLDER|-3|12/1/2010 9:10|0.0||non_positive_quantity
+536375|21730|GLASS STAR|1|6/1/2011 12:00|0.0|17850|kept
+536376|85123A|WHITE HANGING HEART T-LIGHT HOLDER|2|12/1/2010 9:20|-1.0|17853|negative_price
+536377|M|Manual|1|12/1/2010 9:25|2.0|17850|non_product_code
+536378|21730|GLASS STAR FROSTED T-LIGHT HOLDER|4|12/2/2010 10:00|4.25|17854|kept
+536380|22556|PLASTERS IN TIN|12|not a date|1.65|17850|invalid_timestamp
+536381|22556|PLASTERS IN TIN|abc|12/2/2010 11:00|1.65|17850|invalid_quantity
+""".strip().splitlines()]
 QUARANTINED = {"invalid_quantity": 1, "invalid_timestamp": 1, "missing_item_text": 1,
                "missing_user_id": 1, "negative_price": 1}
 FILTERED = {"cancellation": 1, "duplicate": 1, "non_positive_quantity": 1,

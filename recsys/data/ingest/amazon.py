@@ -39,9 +39,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from recsys.data.ingest.base import IngestError, Ledger, _blank
-from recsys.data.ingest.generic import parse_price
-from recsys.data.ingest.runner import IngestOptions, SourceFrames
+from recsys.data.ingest.base import IngestError, IngestOptions, Ledger, SourceFrames
+from recsys.data.ingest.parsing import blank, parse_price
 from recsys.data.pseudonym import Pseudonymizer
 
 EPOCH = pd.Timestamp("2000-01-01", tz="UTC")
@@ -51,7 +50,7 @@ _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     """Parse either layout into canonical frames for one platform."""
-    path = Path(opts.path)  # type: ignore[arg-type]
+    path = opts.source_path()
     platform = opts.platform or path.name.split(".")[0].lower()
     items_path = Path(opts.items_path) if opts.items_path is not None else None
     layout, events_p, meta_p = _detect(path, items_path)
@@ -159,7 +158,7 @@ def _read_lcrec(inter_p: Path, item_p: Path, opts: IngestOptions, pseudo: Pseudo
 
 def _fill_titles(items: pd.DataFrame, ledger: Ledger) -> None:
     """Give items with an empty title one made from their description, brand or category."""
-    missing = _blank(items["title"])
+    missing = blank(items["title"])
     if not missing.any():
         return
     made = [_fallback_title(d, b, c) for d, b, c in
@@ -263,7 +262,7 @@ def _reviews_fast(path: Path) -> pd.DataFrame | None:
     secs = df["unixReviewTime"]
     return pd.DataFrame({
         "user": df["reviewerID"].fillna(df["user_id"]),
-        "item": parent.where(~_blank(parent), df["asin"]),
+        "item": parent.where(~blank(parent), df["asin"]),
         "ms": (secs * 1000.0).fillna(df["timestamp"]),
         "rating": df["overall"].fillna(df["rating"]),
         "_row": _nonblank_lines(path, len(df)),

@@ -1,25 +1,36 @@
-"""What every ingest adapter shares: the ledger of rows, common validation, finalisation.
+"""What every ingest adapter shares: options in, frames out, the adapter signature, the ledger.
 
-An adapter parses its source into two pandas frames with canonical column names (raw user ids),
-recording in the :class:`Ledger` every row it rejects (quarantine, with a reason) or removes by a
-rule (filter, e.g. cancellations). :func:`finalize` then applies the checks every source needs,
-the optional k-core rule, pseudonymises user ids and returns canonical Arrow tables. The ledger
-makes the invariant ``rows_in == rows_out + quarantined + filtered`` checkable for every run.
+An adapter (:class:`Adapter`) parses its source into two pandas frames with canonical column
+names (raw user ids), recording in the :class:`Ledger` every row it rejects (quarantine, with a
+reason) or removes by a rule (filter, e.g. cancellations), and returns them as
+:class:`SourceFrames`. :func:`recsys.data.ingest.finalize.finalize` then applies the checks every
+source needs. The ledger makes the invariant ``rows_in == rows_out + quarantined + filtered``
+checkable for every run.
+
+Adapters import this module and the shared parsers (``parsing``, ``tables``) only, never the
+runner: the runner imports the adapters, so the import graph has no cycle.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recsys.data.pseudonym import Pseudonymizer
-from recsys.data.schema import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA, QUARANTINE_META_COLUMNS
+from recsys.data.schema import QUARANTINE_META_COLUMNS, validate_platform_name
+
+SourceKind = Literal["unisrec", "uci-online-retail", "amazon-json", "recbole", "generic",
+                     "synthetic"]
+"""Names of the ingest sources; :data:`recsys.data.ingest.runner.ADAPTERS` maps each to its
+adapter."""
+SOURCE_KINDS: tuple[SourceKind, ...] = get_args(SourceKind)
 
 
 class IngestError(ValueError):
@@ -33,6 +44,61 @@ class IngestError(ValueError):
             where += f", column {column!r}"
         super().__init__(f"{where}: {message}")
         self.file, self.row, self.column = file, row, column
+
+
+class IngestOptions(BaseModel):
+    """Everything `recsys ingest` accepts. Adapter-specific fields say which source uses them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: SourceKind
+    out: Path = Field(description="lake directory")
+    path: Path | None = Field(None, description="source file or directory")
+    items_path: Path | None = Field(None, description="item metadata file, when separate")
+    platform: str | None = Field(None, description="platform name written to the lake")
+    recipe: str | None = Field(None, description="named preprocessing recipe of the source")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="generic: canonical field -> source column")
+    item_columns: dict[str, str] = Field(default_factory=dict,
+                                         description="generic: item field -> source column")
+    event_type: str | None = Field(None, description="constant event type when the source has "
+                                                     "no event column")
+    user_namespace: str | None = Field(
+        None, description="prefix raw user ids before hashing ('ns:id'); use it when ids are "
+        "dataset-local indices that must not link to other platforms")
+    min_user_events: int = Field(0, ge=0, description="k-core: minimum events per user")
+    min_item_events: int = Field(0, ge=0, description="k-core: minimum events per item")
+    buckets: int | None = Field(None, ge=1, le=256, description="user buckets per platform")
+    # synthetic
+    seed: int = Field(0, description="random seed (synthetic data; unisrec-or tie order)")
+    scale: float = Field(1.0, gt=0, description="synthetic: size multiplier (1.0 ~ 60k events)")
+    num_platforms: int = Field(3, ge=1, le=26, description="synthetic: number of platforms")
+
+    @model_validator(mode="after")
+    def _check(self) -> IngestOptions:
+        problems = []
+        if self.source != "synthetic" and self.path is None:
+            problems.append(f"--path is required for source {self.source!r}")
+        if self.source != "synthetic" and not self.platform:
+            problems.append(f"--platform is required for source {self.source!r}")
+        if self.platform and self.source != "synthetic" and "," in self.platform:
+            problems.append(f"--platform {self.platform!r}: one platform per {self.source!r} "
+                            "source (comma-separated names are for synthetic only)")
+        if self.platform:
+            for name in self.platform.split(","):
+                try:
+                    validate_platform_name(name)
+                except ValueError as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def source_path(self) -> Path:
+        """``path``, which the validator requires for every source but synthetic."""
+        if self.path is None:
+            raise ValueError(f"--path is required for source {self.source!r}")
+        return Path(self.path)
 
 
 @dataclass
@@ -122,6 +188,44 @@ class Ledger:
         return pa.Table.from_pandas(df, preserve_index=False)
 
 
+@dataclass
+class RowRules:
+    """Rules applied in a fixed order to the rows of a source: each row is counted under the
+    *first* rule that removes it, so the ledger's counts add up to the rows of the file."""
+
+    ledger: Ledger
+    rows: pd.DataFrame  # the source rows as they are quarantined, with _file and _row
+    user_column: str | None = None  # raw user ids in ``rows``, hashed when quarantined
+    table: str = "events"
+    alive: np.ndarray = field(init=False)  # (n,) bool: not yet removed by any rule
+
+    def __post_init__(self) -> None:
+        self.alive = np.ones(len(self.rows), dtype=bool)
+
+    def quarantine(self, bad: np.ndarray, reason: str, column: str) -> None:
+        """Quarantine the alive rows where ``bad`` (grouped by source file)."""
+        hit = self.alive & bad
+        if not hit.any():
+            return
+        for fname, part in self.rows[hit].groupby("_file", sort=False):
+            self.ledger.quarantine(self.table, part, reason, column=column, file=str(fname),
+                                   user_column=self.user_column)
+        self.alive &= ~hit
+
+    def filter(self, bad: np.ndarray, rule: str) -> None:
+        """Remove the alive rows where ``bad``, counted under ``rule``."""
+        hit = self.alive & bad
+        self.ledger.filter(self.table, int(hit.sum()), rule)
+        self.alive &= ~hit
+
+    def filter_duplicates(self, key: pd.DataFrame, rule: str = "duplicate") -> None:
+        """Remove alive rows whose ``key`` (one row per source row) equals an earlier alive
+        row's; the first is kept."""
+        dup = np.zeros(len(self.alive), dtype=bool)
+        dup[np.flatnonzero(self.alive)] = key[self.alive].duplicated(keep="first").to_numpy()
+        self.filter(dup, rule)
+
+
 def _as_text(values: pd.Series) -> pd.Series:
     """Source values as strings, vectorised unless the column holds lists."""
     if values.dtype == object:
@@ -141,166 +245,29 @@ def _to_text(value: Any) -> str | None:
     return str(value)
 
 
-def _take_bad(
-    df: pd.DataFrame, bad: pd.Series, ledger: Ledger, table: str, reason: str, column: str,
-    file_of: pd.Series | str, user_column: str | None = None,
-) -> pd.DataFrame:
-    """Quarantine ``df[bad]`` (grouped by source file) and return ``df[~bad]``."""
-    if not bad.any():
-        return df
-    rejected = df[bad]
-    files = rejected["_file"] if "_file" in rejected else pd.Series(file_of, index=rejected.index)
-    for fname, part in rejected.groupby(files, sort=False):
-        ledger.quarantine(table, part, reason, column=column, file=str(fname),
-                          user_column=user_column)
-    return df[~bad]
-
-
-def _blank(s: pd.Series) -> pd.Series:
-    return s.isna() | (s.astype("string").str.strip().fillna("") == "")
-
-
-def finalize(
-    platform: str,
-    events: pd.DataFrame,
-    items: pd.DataFrame,
-    ledger: Ledger,
-    *,
-    source_file: str,
-    min_user_events: int = 0,
-    min_item_events: int = 0,
-) -> tuple[pa.Table, pa.Table]:
-    """Common validation, optional k-core, pseudonymisation; returns canonical (events, items).
+@dataclass
+class SourceFrames:
+    """One platform's parsed source, ready for :func:`~recsys.data.ingest.finalize.finalize`.
 
     ``events`` columns: user_id (raw), item_id, event_type, timestamp, event_index, optional
-    quantity/price/session_id, and ``_file``/``_row`` for provenance. ``items`` columns: item_id,
-    title, optional description/brand/category/price, ``_file``/``_row``. The caller has already
-    counted ``rows_in`` and recorded its own rejections in ``ledger``.
+    quantity/price/session_id, and ``_file``/``_row`` for provenance. ``items`` columns:
+    item_id, title, optional description/brand/category/price, ``_file``/``_row``.
     """
-    items = items.copy()
-    events = events.copy()
-    for col in ("description", "brand", "category", "price"):
-        if col not in items:
-            items[col] = None
-    for col in ("quantity", "price", "session_id"):
-        if col not in events:
-            events[col] = None
 
-    # --- items: required fields, one row per item id
-    items["item_id"] = items["item_id"].astype("string").str.strip()
-    items = _take_bad(items, _blank(items["item_id"]), ledger, "items", "missing_item_id",
-                      "item_id", source_file)
-    items = _take_bad(items, _blank(items["title"]), ledger, "items", "missing_title", "title",
-                      source_file)
-    dup = items["item_id"].duplicated(keep="first")
-    ledger.filter("items", int(dup.sum()), "duplicate_item_id")
-    items = items[~dup]
-
-    # --- events: required fields, known types, referential integrity with the catalog
-    events["item_id"] = events["item_id"].astype("string").str.strip()
-    events["user_id"] = events["user_id"].astype("string").str.strip()
-    ucol = "user_id"
-    events = _take_bad(events, _blank(events["user_id"]), ledger, "events", "missing_user_id",
-                       "user_id", source_file, ucol)
-    events = _take_bad(events, _blank(events["item_id"]), ledger, "events", "missing_item_id",
-                       "item_id", source_file, ucol)
-    events = _take_bad(events, events["timestamp"].isna(), ledger, "events", "invalid_timestamp",
-                       "timestamp", source_file, ucol)
-    events = _take_bad(events, ~events["event_type"].isin(EVENT_TYPES), ledger, "events",
-                       "unknown_event_type", "event_type", source_file, ucol)
-    price = pd.to_numeric(events["price"], errors="coerce")
-    events = _take_bad(events, price < 0, ledger, "events", "negative_price", "price",
-                       source_file, ucol)
-    events = _take_bad(events, ~events["item_id"].isin(items["item_id"]), ledger, "events",
-                       "item_not_in_catalog", "item_id", source_file, ucol)
-
-    # --- k-core: iterate until every user and item has enough events
-    if min_user_events > 1 or min_item_events > 1:
-        events, items = _k_core(events, items, ledger, min_user_events, min_item_events)
-
-    ledger.events.rows_out = len(events)
-    ledger.items.rows_out = len(items)
-    for name, counts in (("events", ledger.events), ("items", ledger.items)):
-        if not counts.balanced:
-            raise AssertionError(f"ingest ledger for {name} does not balance: {counts.to_dict()}")
-
-    return _events_table(platform, events, ledger.pseudonymizer), _items_table(platform, items)
+    platform: str
+    events: pd.DataFrame
+    items: pd.DataFrame
+    ledger: Ledger
+    source_file: str
+    min_user_events: int = 0
+    min_item_events: int = 0
 
 
-def _k_core(events: pd.DataFrame, items: pd.DataFrame, ledger: Ledger, k_user: int,
-            k_item: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    rounds = 0
-    while True:
-        ucount = events.groupby("user_id", sort=False)["item_id"].transform("size")
-        icount = events.groupby("item_id", sort=False)["user_id"].transform("size")
-        keep = (ucount >= k_user) & (icount >= k_item)
-        if keep.all():
-            break
-        ledger.filter("events", int((~keep).sum()), "k_core")
-        events = events[keep]
-        rounds += 1
-    # Catalog items left with fewer than k_item events are part of the same rule (an item k-core
-    # only: with a user-only k-core, items without events stay in the catalog).
-    counts = events["item_id"].value_counts()
-    keep_items = items["item_id"].map(counts).fillna(0) >= k_item
-    ledger.filter("items", int((~keep_items).sum()), "k_core")
-    ledger.quirk("k_core", {"min_user_events": k_user, "min_item_events": k_item,
-                            "rounds": rounds})
-    return events, items[keep_items]
+class Adapter(Protocol):
+    """One source's reader: options in, one :class:`SourceFrames` per platform out."""
+
+    def __call__(self, opts: IngestOptions, pseudo: Pseudonymizer, /) -> list[SourceFrames]: ...
 
 
-def _events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer) -> pa.Table:
-    ts = pd.to_datetime(ev["timestamp"], utc=True)
-    cols = {
-        "platform": pa.array(np.full(len(ev), platform, dtype=object), pa.string()),
-        "user_id": pseudo.array(pa.array(ev["user_id"].astype(str).to_numpy(), pa.string())),
-        "item_id": pa.array(ev["item_id"].astype(str).to_numpy(), pa.string()),
-        "event_type": pa.array(ev["event_type"].astype(str).to_numpy(), pa.string()),
-        "timestamp": pa.array(ts.dt.as_unit("us"), pa.timestamp("us", tz="UTC")),
-        "quantity": pa.array(pd.to_numeric(ev["quantity"], errors="coerce"), pa.float64()),
-        "price": pa.array(pd.to_numeric(ev["price"], errors="coerce"), pa.float64()),
-        # Session ids can embed who a person is (an invoice, a cookie): hashed like user ids.
-        "session_id": _pseudonymize_optional(ev["session_id"], pseudo),
-        "event_index": pa.array(ev["event_index"].astype(np.int64).to_numpy(), pa.int64()),
-    }
-    return pa.Table.from_pydict(cols, schema=EVENTS_SCHEMA)
-
-
-def _pseudonymize_optional(values: pd.Series, pseudo: Pseudonymizer) -> pa.Array:
-    text = pa.array(values.astype("string"), pa.string())
-    if text.null_count == len(text):
-        return text
-    salted = pa.compute.binary_join_element_wise(pa.scalar("session:"), text, "")
-    return pseudo.array(salted)
-
-
-def _clean_category(value: Any) -> list[str] | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace(">", ",").split(",")]
-    else:
-        parts = [str(p).strip() for p in value]
-    parts = [p for p in parts if p]
-    return parts or None
-
-
-def _opt_text(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _items_table(platform: str, it: pd.DataFrame) -> pa.Table:
-    cols = {
-        "platform": pa.array(np.full(len(it), platform, dtype=object), pa.string()),
-        "item_id": pa.array(it["item_id"].astype(str).to_numpy(), pa.string()),
-        "title": pa.array(it["title"].astype(str).str.strip().to_numpy(), pa.string()),
-        "description": pa.array([_opt_text(v) for v in it["description"]], pa.string()),
-        "brand": pa.array([_opt_text(v) for v in it["brand"]], pa.string()),
-        "category": pa.array([_clean_category(v) for v in it["category"]],
-                             pa.list_(pa.string())),
-        "price": pa.array(pd.to_numeric(it["price"], errors="coerce"), pa.float64()),
-    }
-    return pa.Table.from_pydict(cols, schema=ITEMS_SCHEMA)
+__all__ = ["SOURCE_KINDS", "Adapter", "IngestError", "IngestOptions", "Ledger", "RowCounts",
+           "RowRules", "SourceFrames", "SourceKind"]

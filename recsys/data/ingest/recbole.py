@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.ingest.base import IngestError, Ledger, _blank
-from recsys.data.ingest.generic import id_text, parse_price
-from recsys.data.ingest.runner import IngestOptions, SourceFrames
+from recsys.data.ingest.base import IngestError, IngestOptions, Ledger, SourceFrames
+from recsys.data.ingest.parsing import blank, id_text, parse_price
+from recsys.data.ingest.tables import read_errors
 from recsys.data.pseudonym import Pseudonymizer
 
 EPOCH = pd.Timestamp("2000-01-01", tz="UTC")
@@ -37,7 +37,7 @@ _YEAR = re.compile(r"^\d{3,4}(?:\.0+)?$")
 
 def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     """Events from ``X.inter``, the catalog from ``X.item``."""
-    inter_p, item_p = _locate(Path(opts.path), opts.items_path)  # type: ignore[arg-type]
+    inter_p, item_p = _locate(opts.source_path(), opts.items_path)
     platform = opts.platform or inter_p.stem.lower()
     ledger = Ledger(pseudo)
 
@@ -77,7 +77,7 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     if "timestamp" in df:
         seconds = pd.to_numeric(df["timestamp"], errors="coerce")
         events["timestamp"] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
-        bad = events["timestamp"].isna() & ~_blank(df["timestamp"])
+        bad = events["timestamp"].isna() & ~blank(df["timestamp"])
         if bad.any():
             events["source_timestamp"] = df["timestamp"]
     else:
@@ -132,16 +132,10 @@ def read_atomic(path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
             raise IngestError(str(path), f"field {name!r} appears twice in the header", row=1,
                               column=name)
         types[name] = kind
-    try:
+    with read_errors(path, malformed="wrong number of tab-separated fields"):
         df = pd.read_csv(path, sep="\t", skiprows=1, header=None, names=list(types), dtype=str,
                          quoting=csv.QUOTE_NONE, keep_default_na=False, na_values=[""],
                          skip_blank_lines=False, encoding="utf-8", engine="c")
-    except pd.errors.ParserError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        raise IngestError(str(path), f"wrong number of tab-separated fields: {exc}",
-                          row=int(m.group(1)) if m else None) from exc
-    except (OSError, ValueError) as exc:
-        raise IngestError(str(path), f"cannot read: {exc}") from exc
     df["_row"] = np.arange(2, len(df) + 2, dtype=np.int64)
     blank_line = df[list(types)].isna().all(axis=1)
     if blank_line.any():
@@ -162,9 +156,9 @@ def _read_items(path: Path, ledger: Ledger) -> pd.DataFrame:
     title = df[title_field].astype("string").str.strip()
     if "release_year" in df:
         year = df["release_year"].astype("string").str.strip()
-        ok = year.str.match(_YEAR).fillna(False).astype(bool) & ~_blank(title)
+        ok = year.str.match(_YEAR).fillna(False).astype(bool) & ~blank(title)
         title = title.mask(ok, title + " (" + year.str.replace(r"\.0+$", "", regex=True) + ")")
-        odd = int((~_blank(year) & ~year.str.match(_YEAR).fillna(False).astype(bool)).sum())
+        odd = int((~blank(year) & ~year.str.match(_YEAR).fillna(False).astype(bool)).sum())
         if odd:
             ledger.quirk("release_year_not_a_year", odd)
     items = pd.DataFrame({

@@ -1,117 +1,55 @@
-"""Run one ingest: adapter -> common validation -> pseudonyms -> lake, one report per platform."""
+"""Run one ingest: adapter -> common validation -> pseudonyms -> lake, one report per platform.
+
+:data:`ADAPTERS` is the one table from source name to adapter: the runner dispatches on it and
+the CLI offers its keys as ``--source`` choices (:func:`adapter_names`).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from recsys.data.ingest.base import Ledger, finalize
+from recsys.data.ingest import amazon, generic, recbole, synthetic, uci, unisrec
+from recsys.data.ingest.base import Adapter, IngestOptions, SourceFrames, SourceKind
+from recsys.data.ingest.finalize import finalize
 from recsys.data.lake import PlatformWrite, write_platform
 from recsys.data.pseudonym import Pseudonymizer, load_key
-from recsys.data.schema import SCHEMA_VERSION, validate_platform_name
+from recsys.data.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["unisrec", "uci-online-retail", "amazon-json", "recbole", "generic",
-                     "synthetic"]
+ADAPTERS: dict[SourceKind, Adapter] = {
+    "unisrec": unisrec.read,
+    "uci-online-retail": uci.read,
+    "amazon-json": amazon.read,
+    "recbole": recbole.read,
+    "generic": generic.read,
+    "synthetic": synthetic.read,
+}
+# Every SourceKind has an entry (tests/unit/test_layout.py checks it: a dict cannot say so).
+SOURCES: tuple[SourceKind, ...] = tuple(ADAPTERS)
 
 
-class IngestOptions(BaseModel):
-    """Everything `recsys ingest` accepts. Adapter-specific fields say which source uses them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: SourceKind
-    out: Path = Field(description="lake directory")
-    path: Path | None = Field(None, description="source file or directory")
-    items_path: Path | None = Field(None, description="item metadata file, when separate")
-    platform: str | None = Field(None, description="platform name written to the lake")
-    recipe: str | None = Field(None, description="named preprocessing recipe of the source")
-    columns: dict[str, str] = Field(default_factory=dict,
-                                    description="generic: canonical field -> source column")
-    item_columns: dict[str, str] = Field(default_factory=dict,
-                                         description="generic: item field -> source column")
-    event_type: str | None = Field(None, description="constant event type when the source has "
-                                                     "no event column")
-    user_namespace: str | None = Field(
-        None, description="prefix raw user ids before hashing ('ns:id'); use it when ids are "
-        "dataset-local indices that must not link to other platforms")
-    min_user_events: int = Field(0, ge=0, description="k-core: minimum events per user")
-    min_item_events: int = Field(0, ge=0, description="k-core: minimum events per item")
-    buckets: int | None = Field(None, ge=1, le=256, description="user buckets per platform")
-    # synthetic
-    seed: int = Field(0, description="random seed (synthetic data; unisrec-or tie order)")
-    scale: float = Field(1.0, gt=0, description="synthetic: size multiplier (1.0 ~ 60k events)")
-    num_platforms: int = Field(3, ge=1, le=26, description="synthetic: number of platforms")
-
-    @model_validator(mode="after")
-    def _check(self) -> IngestOptions:
-        problems = []
-        if self.source != "synthetic" and self.path is None:
-            problems.append(f"--path is required for source {self.source!r}")
-        if self.source != "synthetic" and not self.platform:
-            problems.append(f"--platform is required for source {self.source!r}")
-        if self.platform and self.source != "synthetic" and "," in self.platform:
-            problems.append(f"--platform {self.platform!r}: one platform per {self.source!r} "
-                            "source (comma-separated names are for synthetic only)")
-        if self.platform:
-            for name in self.platform.split(","):
-                try:
-                    validate_platform_name(name)
-                except ValueError as exc:
-                    problems.append(str(exc))
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+def adapter_names() -> list[str]:
+    """The source names `recsys ingest --source` accepts."""
+    return list(ADAPTERS)
 
 
-@dataclass
-class SourceFrames:
-    """One platform's parsed source, ready for :func:`finalize`."""
-
-    platform: str
-    events: pd.DataFrame
-    items: pd.DataFrame
-    ledger: Ledger
-    source_file: str
-    min_user_events: int = 0
-    min_item_events: int = 0
-
-
-Adapter = Callable[[IngestOptions, Pseudonymizer], list[SourceFrames]]
-
-
-def _adapters() -> dict[str, Adapter]:
-    # Imported lazily so that `recsys --help` stays fast and adapters stay independent.
-    from recsys.data.ingest import amazon, generic, recbole, synthetic, uci, unisrec
-
-    return {
-        "unisrec": unisrec.read,
-        "uci-online-retail": uci.read,
-        "amazon-json": amazon.read,
-        "recbole": recbole.read,
-        "generic": generic.read,
-        "synthetic": synthetic.read,
-    }
-
-
-def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None) -> list[PlatformWrite]:
-    """Ingest one source into the lake; returns what was written, one entry per platform."""
-    key_source = "given"
+def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None,
+           key_source: str = "the caller") -> list[PlatformWrite]:
+    """Ingest one source into the lake; returns what was written, one entry per platform.
+    ``key_source`` says where a given ``pseudonymizer``'s key came from (for the report)."""
     if pseudonymizer is None:
         key, key_source = load_key()
         pseudonymizer = Pseudonymizer(key)
     started = time.perf_counter()
-    frames = _adapters()[opts.source](opts, pseudonymizer)
+    frames = ADAPTERS[opts.source](opts, pseudonymizer)
     written = []
     for fr in frames:
         events, items = finalize(
@@ -133,7 +71,7 @@ def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None) -> l
     return written
 
 
-def _report(opts: IngestOptions, fr: SourceFrames, events: Any, items: Any,
+def _report(opts: IngestOptions, fr: SourceFrames, events: pa.Table, items: pa.Table,
             pseudo: Pseudonymizer, key_source: str, seconds: float) -> dict[str, Any]:
     ts = events["timestamp"]
     return {
@@ -157,3 +95,25 @@ def _report(opts: IngestOptions, fr: SourceFrames, events: Any, items: Any,
                         pc.value_counts(events["event_type"]).to_pylist()},
         "quirks": fr.ledger.quirks,
     }
+
+
+__all__ = ["ADAPTERS", "SOURCES", "IngestOptions", "adapter_names", "ingest"]
+
+
+def format_ingest_summary(reports: list[dict[str, Any]], lake: Path | str) -> str:
+    """A table of what ingest kept, quarantined and filtered per platform, and where it went."""
+    head = f"{'platform':<16}{'rows in':>10}{'out':>10}{'quarant.':>10}{'filtered':>10}" \
+           f"{'users':>9}{'items':>8}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        e = r["events"]
+        lines.append(f"{r['platform']:<16}{e['rows_in']:>10,}{e['rows_out']:>10,}"
+                     f"{e['rows_quarantined']:>10,}{e['rows_filtered']:>10,}{r['users']:>9,}"
+                     f"{r['catalog_items']:>8,}")
+    lines.append(f"lake: {lake}  (reports: {lake}/platform=*/report.json, rejected rows: "
+                 f"{lake}/platform=*/quarantine/)")
+    if reports:
+        r = reports[0]
+        lines.append(f"user ids pseudonymised with the key from {r['pseudonym_key_source']} "
+                     f"(fingerprint {r['pseudonym_key_fingerprint']})")
+    return "\n".join(lines)

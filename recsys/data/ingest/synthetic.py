@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.data.ingest.base import Ledger
-from recsys.data.ingest.runner import IngestOptions, SourceFrames
+from recsys.data.ingest.base import IngestOptions, Ledger, SourceFrames
 from recsys.data.pseudonym import Pseudonymizer
 
 # top category: (median price, {sub: nouns}, adjectives, brands)

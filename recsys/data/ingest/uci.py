@@ -23,7 +23,7 @@ the *first* rule that removes it, so the report's counts add up to the rows of t
   5. quarantine ``missing_item_text`` (Description null, blank or the string "nan");
   6. quarantine ``missing_user_id`` (no CustomerID);
   7. filter ``duplicate`` (rows equal in every source column; the first is kept);
-  then :func:`~recsys.data.ingest.base.finalize` (e.g. ``negative_price``). Zero unit prices
+  then :func:`~recsys.data.ingest.finalize.finalize` (e.g. ``negative_price``). Zero unit prices
   (free samples, gifts) are kept: the purchase happened; the price 0.0 is recorded.
 
 ``unisrec-or`` -- UniSRec's "OR" set (``dataset/preprocessing/process_or.py``): every invoice is a
@@ -44,13 +44,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from recsys.data.ingest.base import IngestError, Ledger
-from recsys.data.ingest.runner import IngestOptions, SourceFrames
+from recsys.data.ingest.base import IngestError, IngestOptions, Ledger, RowRules, SourceFrames
+from recsys.data.ingest.parsing import (
+    localize_wall_clock,
+    parse_wall_clock,
+    stripped_text,
+    whole_number_ids,
+)
+from recsys.data.ingest.tables import detect_spelling, read_csv_text, read_workbook
 from recsys.data.pseudonym import Pseudonymizer
 
 RECIPES: tuple[str, ...] = ("customer", "unisrec-or")
@@ -84,6 +89,8 @@ _NON_PRODUCT_RE = re.compile(r"^(gift_\d+_\d+|TEST\d*)$", re.IGNORECASE)
 # The ordinary product code: five digits and an optional variant suffix (85123A, 15056BL).
 _PRODUCT_RE = r"^\d{5}[A-Za-z]*$"
 _MISSING_TEXT = ("", "nan")
+# InvoiceDate: month first as in the UCI CSV ("12/1/2010 8:26"), with seconds, or ISO 8601.
+_DATE_FORMATS = ("%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S", "ISO8601")
 _MAX_LISTED_CODES = 50
 
 
@@ -100,7 +107,7 @@ class _Source:
 
 def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     """Parse one Online Retail file into events + catalog under the chosen recipe."""
-    path = Path(opts.path)  # type: ignore[arg-type]
+    path = opts.source_path()
     recipe = opts.recipe or "customer"
     if recipe not in RECIPES:
         raise IngestError(str(path), f"unknown recipe {recipe!r} for uci-online-retail; "
@@ -108,46 +115,46 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     platform = opts.platform or "online-retail"
     ledger = Ledger(pseudo)
     src = _read_file(path)
-    spelling, cols = _detect_spelling(src.raw, str(path))
+    spelling, cols = detect_spelling(src.raw, SPELLINGS, str(path), "an Online Retail file")
     ledger.quirk("spelling", {"detected": spelling, "columns": list(cols.values()),
                               "file_format": src.fmt, "encoding": src.encoding})
     ledger.events.rows_in = len(src.raw)
 
     p = _parse(src.raw, cols)
-    ts_utc = _to_utc(p["naive_ts"], p["aware"], ledger)
+    ts_utc = _to_utc(p.naive_ts, p.aware, ledger)
     _record_quirks(p, src.raw, ledger)
 
     # Raw user ids: CustomerID (customer recipe) or the invoice (unisrec-or), as hashed.
     prefix = f"{opts.user_namespace}:" if opts.user_namespace else ""
-    customer_key = (prefix + p["customer"]).where(p["customer"].notna())
+    customer_key = (prefix + p.customer).where(p.customer.notna())
     # The quarantine keeps the source row as read, with the customer id replaced by the same
     # string the events hash, so that Ledger.quarantine pseudonymises it consistently.
     qsrc = src.raw.copy()
     qsrc[cols["customer_id"]] = customer_key
     qsrc["_file"] = src.files
     qsrc["_row"] = src.rows
-    quarantine_ctx = _Quarantine(ledger, qsrc, cols["customer_id"])
+    rules = RowRules(ledger, qsrc, user_column=cols["customer_id"])
 
     if recipe == "customer":
-        alive = _customer_rules(p, src.raw, cols, ledger, quarantine_ctx)
+        alive = _customer_rules(p, src.raw, cols, rules)
         user = customer_key
         titles = _most_frequent_title(p)
         min_events = 0
     else:
-        alive = _unisrec_rules(p, cols, ledger, quarantine_ctx)
+        alive = _unisrec_rules(p, cols, rules)
         ns = opts.user_namespace or platform
-        user = (f"{ns}:" + p["invoice"]).where(p["invoice"].notna())
+        user = (f"{ns}:" + p.invoice).where(p.invoice.notna())
         titles = _first_title_lowercased(p)
         min_events = UNISREC_K_CORE
 
     events = pd.DataFrame({
         "user_id": user[alive],
-        "item_id": p["code"][alive],
+        "item_id": p.code[alive],
         "event_type": "purchase",
         "timestamp": ts_utc[alive],
-        "quantity": p["quantity"][alive],
-        "price": p["price"][alive],
-        "session_id": p["invoice"][alive],
+        "quantity": p.quantity[alive],
+        "price": p.price[alive],
+        "session_id": p.invoice[alive],
         "event_index": _tie_order(np.flatnonzero(alive), recipe, opts.seed),
         "_file": src.files[alive],
         "_row": src.rows[alive],
@@ -177,145 +184,64 @@ def _read_file(path: Path) -> _Source:
         return _Source(raw, np.full(len(raw), str(path), dtype=object),
                        np.arange(1, len(raw) + 1, dtype=np.int64), "parquet")
     if name.endswith(".csv") or name.endswith(".csv.gz"):
-        raw, encoding = _read_csv(path)
+        # UTF-8 (a BOM is dropped), or ISO-8859-1 as the UCI/Kaggle CSV export.
+        raw, encoding = read_csv_text(path, utf8="utf-8-sig", empty_is_missing=False)
         # Line number in the file: the header is line 1 (descriptions hold no newlines).
         return _Source(raw, np.full(len(raw), str(path), dtype=object),
                        np.arange(2, len(raw) + 2, dtype=np.int64), "csv", encoding)
     if name.endswith(".xlsx"):
-        return _read_xlsx(path)
+        return _Source(*read_workbook(path), "xlsx")
     raise IngestError(str(path), "unsupported file type: expected .parquet, .csv or .xlsx")
-
-
-def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
-    """Text cells as-is; UTF-8, or ISO-8859-1 as the UCI/Kaggle CSV export (the pound sign in
-    voucher descriptions) when the file is not valid UTF-8."""
-    kwargs: dict[str, Any] = {"dtype": str, "keep_default_na": False, "na_filter": False}
-    try:
-        return pd.read_csv(path, encoding="utf-8-sig", **kwargs), "utf-8"
-    except UnicodeDecodeError:
-        return pd.read_csv(path, encoding="latin-1", **kwargs), "latin-1"
-
-
-def _read_xlsx(path: Path) -> _Source:
-    try:
-        import openpyxl  # noqa: F401  (pandas needs it for .xlsx)
-    except ImportError as exc:
-        raise IngestError(str(path), "reading .xlsx needs the openpyxl package: install it, or "
-                          "convert the workbook to .csv or .parquet first") from exc
-    sheets = pd.read_excel(path, sheet_name=None, dtype=str, keep_default_na=False,
-                           na_filter=False)
-    frames, files, rows = [], [], []
-    for sheet, df in sheets.items():
-        df.columns = [str(c).strip() for c in df.columns]
-        frames.append(df)
-        files.append(np.full(len(df), f"{path}[{sheet}]", dtype=object))
-        rows.append(np.arange(2, len(df) + 2, dtype=np.int64))  # Excel row numbers
-    if not frames:
-        raise IngestError(str(path), "workbook has no sheets")
-    raw = pd.concat(frames, ignore_index=True)
-    return _Source(raw, np.concatenate(files), np.concatenate(rows), "xlsx")
-
-
-def _detect_spelling(raw: pd.DataFrame, file: str) -> tuple[str, dict[str, str]]:
-    """Pick the spelling whose columns are all present; else name what is missing."""
-    raw.columns = [str(c).strip() for c in raw.columns]
-    present = set(raw.columns)
-    missing = {name: [c for c in cols.values() if c not in present]
-               for name, cols in SPELLINGS.items()}
-    for name, cols in SPELLINGS.items():
-        if not missing[name]:
-            return name, cols
-    closest = min(missing, key=lambda n: len(missing[n]))
-    others = "; ".join(f"{n} would need {m}" for n, m in missing.items() if n != closest)
-    raise IngestError(file, f"not an Online Retail file: missing column(s) {missing[closest]} "
-                      f"of the {closest} spelling ({others}); found {list(raw.columns)}",
-                      column=missing[closest][0])
 
 
 # --------------------------------------------------------------------------------------------
 # parsing
 
 
-def _text(s: pd.Series) -> pd.Series:
-    """Stripped text, <NA> where blank/null (numbers read from Parquet become their text)."""
-    out = s.astype("string").str.strip()
-    return out.where(out != "")
+@dataclass(frozen=True)
+class _Lines:
+    """The invoice lines parsed once (one entry per source row), shared by rules and quirks."""
+
+    invoice: pd.Series  # string, <NA> where blank
+    code: pd.Series  # StockCode, string, <NA> where blank
+    desc: pd.Series  # Description, <NA> where missing (null, blank or "nan")
+    desc_missing: np.ndarray  # bool
+    quantity: pd.Series  # float64, NaN where unparseable
+    price: pd.Series  # float64, NaN where blank or unparseable
+    price_unparseable: int
+    price_blank: int
+    naive_ts: pd.Series  # datetime64[us], UK wall-clock (UTC when ``aware``), NaT if unparseable
+    aware: bool
+    customer: pd.Series  # string, <NA> where missing
+    cancelled: np.ndarray  # bool: invoice starts with "C"
+
+    @property
+    def n(self) -> int:
+        return len(self.invoice)
 
 
-def _parse(raw: pd.DataFrame, cols: dict[str, str]) -> dict[str, Any]:
-    invoice = _text(raw[cols["invoice"]])
-    code = _text(raw[cols["stock_code"]])
+def _parse(raw: pd.DataFrame, cols: dict[str, str]) -> _Lines:
+    invoice = stripped_text(raw[cols["invoice"]])
     desc = raw[cols["description"]].astype("string").str.strip()
     desc_missing = (desc.isna() | desc.str.lower().isin(_MISSING_TEXT)).to_numpy(dtype=bool)
-    qty_raw = raw[cols["quantity"]]
-    quantity = pd.to_numeric(qty_raw, errors="coerce").astype("float64")
     price_raw = raw[cols["unit_price"]]
     price = pd.to_numeric(price_raw, errors="coerce").astype("float64")
-    price_blank = _text(price_raw.astype("string")).isna()
-    naive_ts, aware = _parse_times(raw[cols["invoice_date"]])
-    return {
-        "invoice": invoice,
-        "code": code,
-        "desc": desc.where(~desc_missing),
-        "desc_missing": desc_missing,
-        "quantity": quantity,
-        "price": price,
-        "price_unparseable": int((price.isna() & ~price_blank).sum()),
-        "price_blank": int(price_blank.sum()),
-        "naive_ts": naive_ts,
-        "aware": aware,
-        "customer": _customer_ids(raw[cols["customer_id"]]),
-        "cancelled": invoice.str.upper().str.startswith("C").fillna(False).to_numpy(dtype=bool),
-        "n": len(raw),
-    }
-
-
-def _parse_times(s: pd.Series) -> tuple[pd.Series, bool]:
-    """Naive wall-clock datetimes (or UTC if the file carries a zone) and whether it did.
-
-    Strings are parsed once per distinct value: a timestamp repeats on every invoice line.
-    Accepted: "12/1/2010 8:26" (month first, as in the UCI CSV), with seconds, or ISO 8601.
-    """
-    if isinstance(s.dtype, pd.DatetimeTZDtype):
-        return s.dt.tz_convert("UTC").dt.tz_localize(None), True
-    if pd.api.types.is_datetime64_dtype(s.dtype):
-        return s.astype("datetime64[us]"), False
-    text = s.astype("string").str.strip()
-    codes, uniques = pd.factorize(text)
-    u = pd.Series(uniques, dtype="string")
-    parsed = pd.to_datetime(u, format="%m/%d/%Y %H:%M", errors="coerce")
-    for fmt in ("%m/%d/%Y %H:%M:%S", "ISO8601"):
-        todo = parsed.isna()
-        if todo.any():
-            parsed[todo] = pd.to_datetime(u[todo], format=fmt, errors="coerce")
-    parsed = parsed.astype("datetime64[us]")
-    values = parsed.to_numpy()
-    out = np.where(codes >= 0, values[np.maximum(codes, 0)], np.datetime64("NaT"))
-    return pd.Series(out.astype("datetime64[us]"), index=s.index), False
-
-
-def _customer_ids(s: pd.Series) -> pd.Series:
-    """17850.0 / "17850.0" / "17850" -> "17850"; null, blank, "nan" -> <NA>.
-
-    Mapped once per distinct value (a few thousand customers).
-    """
-    codes, uniques = pd.factorize(s, use_na_sentinel=True)
-    norm = np.array([_customer_text(v) for v in uniques], dtype=object)
-    values = np.where(codes >= 0, norm[np.maximum(codes, 0)] if len(norm) else None, None)
-    return pd.Series(values, index=s.index, dtype="string")
-
-
-def _customer_text(value: Any) -> str | None:
-    if isinstance(value, (float, np.floating)):
-        if np.isnan(value):
-            return None
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    text = str(value).strip()
-    if text.lower() in ("", "nan", "none", "<na>"):
-        return None
-    return re.sub(r"^(\d+)\.0*$", r"\1", text)
+    price_blank = stripped_text(price_raw.astype("string")).isna()
+    naive_ts, aware = parse_wall_clock(raw[cols["invoice_date"]], _DATE_FORMATS)
+    return _Lines(
+        invoice=invoice,
+        code=stripped_text(raw[cols["stock_code"]]),
+        desc=desc.where(~desc_missing),
+        desc_missing=desc_missing,
+        quantity=pd.to_numeric(raw[cols["quantity"]], errors="coerce").astype("float64"),
+        price=price,
+        price_unparseable=int((price.isna() & ~price_blank).sum()),
+        price_blank=int(price_blank.sum()),
+        naive_ts=naive_ts,
+        aware=aware,
+        customer=whole_number_ids(raw[cols["customer_id"]]),
+        cancelled=invoice.str.upper().str.startswith("C").fillna(False).to_numpy(dtype=bool),
+    )
 
 
 def _to_utc(naive: pd.Series, aware: bool, ledger: Ledger) -> pd.Series:
@@ -323,67 +249,24 @@ def _to_utc(naive: pd.Series, aware: bool, ledger: Ledger) -> pd.Series:
     if aware:
         ledger.quirk("timezone", "InvoiceDate carries a time zone: converted to UTC")
         return naive.dt.tz_localize("UTC")
-    codes, uniques = pd.factorize(naive)
-    u = pd.Series(pd.DatetimeIndex(uniques).astype("datetime64[us]"))
-    strict = u.dt.tz_localize(SOURCE_TZ, ambiguous="NaT", nonexistent="NaT")
-    ambiguous = u.dt.tz_localize(SOURCE_TZ, ambiguous="NaT", nonexistent="shift_forward").isna()
-    n_ambiguous_values = int(ambiguous.sum())
-    n_nonexistent_values = int(strict.isna().sum()) - n_ambiguous_values
-    local = u.dt.tz_localize(SOURCE_TZ, ambiguous=np.ones(len(u), dtype=bool),
-                             nonexistent="shift_forward")
-    utc = pd.DatetimeIndex(local.dt.tz_convert("UTC"))
-    out = pd.Series(_take_utc(utc, codes), index=naive.index)
+    out, n_ambiguous, n_nonexistent = localize_wall_clock(naive, SOURCE_TZ)
     ledger.quirk("timezone", {
         "source": f"InvoiceDate is UK wall-clock time: localised as {SOURCE_TZ}, stored as UTC",
-        "ambiguous_local_times": n_ambiguous_values,
+        "ambiguous_local_times": n_ambiguous,
         "ambiguous_policy": "read as summer time (BST)",
-        "nonexistent_local_times": n_nonexistent_values,
+        "nonexistent_local_times": n_nonexistent,
         "nonexistent_policy": "shifted forward to the first valid time",
     })
     return out
-
-
-def _take_utc(utc: pd.DatetimeIndex, codes: np.ndarray) -> pd.DatetimeIndex:
-    """Scatter per-distinct-value UTC times back to rows; NaT where the source had none."""
-    if len(utc) == 0:
-        return pd.DatetimeIndex(np.full(len(codes), np.datetime64("NaT"), "datetime64[us]"),
-                                tz="UTC")
-    return utc.take(np.maximum(codes, 0)).where(codes >= 0)
 
 
 # --------------------------------------------------------------------------------------------
 # rules
 
 
-@dataclass
-class _Quarantine:
-    """Quarantines source rows (as read, customer id hashed) and removes them from ``alive``."""
-
-    ledger: Ledger
-    src: pd.DataFrame
-    customer_column: str
-
-    def take(self, alive: np.ndarray, bad: np.ndarray, reason: str, column: str) -> None:
-        hit = alive & bad
-        if not hit.any():
-            return
-        rows = self.src[hit]
-        for fname, part in rows.groupby("_file", sort=False):
-            self.ledger.quarantine("events", part, reason, column=column, file=str(fname),
-                                   user_column=self.customer_column)
-        alive &= ~hit
-
-
-def _filter(ledger: Ledger, alive: np.ndarray, bad: np.ndarray, rule: str) -> None:
-    hit = alive & bad
-    ledger.filter("events", int(hit.sum()), rule)
-    alive &= ~hit
-
-
-def _parse_errors(p: dict[str, Any], cols: dict[str, str], q: _Quarantine,
-                  alive: np.ndarray) -> None:
-    q.take(alive, p["quantity"].isna().to_numpy(), "invalid_quantity", cols["quantity"])
-    q.take(alive, p["naive_ts"].isna().to_numpy(), "invalid_timestamp", cols["invoice_date"])
+def _parse_errors(p: _Lines, cols: dict[str, str], rules: RowRules) -> None:
+    rules.quarantine(p.quantity.isna().to_numpy(), "invalid_quantity", cols["quantity"])
+    rules.quarantine(p.naive_ts.isna().to_numpy(), "invalid_timestamp", cols["invoice_date"])
 
 
 def _non_product(code: pd.Series) -> np.ndarray:
@@ -392,21 +275,19 @@ def _non_product(code: pd.Series) -> np.ndarray:
         False).to_numpy(dtype=bool)
 
 
-def _customer_rules(p: dict[str, Any], raw: pd.DataFrame, cols: dict[str, str], ledger: Ledger,
-                    q: _Quarantine) -> np.ndarray:
-    alive = np.ones(p["n"], dtype=bool)
-    _parse_errors(p, cols, q, alive)
-    _filter(ledger, alive, p["cancelled"], "cancellation")
-    _filter(ledger, alive, _non_product(p["code"]), "non_product_code")
-    _filter(ledger, alive, (p["quantity"] <= 0).to_numpy(), "non_positive_quantity")
-    q.take(alive, p["desc_missing"], "missing_item_text", cols["description"])
-    q.take(alive, p["customer"].isna().to_numpy(), "missing_user_id", cols["customer_id"])
-    dup = np.zeros(p["n"], dtype=bool)
-    dup[np.flatnonzero(alive)] = raw[alive].duplicated(keep="first").to_numpy()
-    _filter(ledger, alive, dup, "duplicate")
+def _customer_rules(p: _Lines, raw: pd.DataFrame, cols: dict[str, str],
+                    rules: RowRules) -> np.ndarray:
+    _parse_errors(p, cols, rules)
+    rules.filter(p.cancelled, "cancellation")
+    rules.filter(_non_product(p.code), "non_product_code")
+    rules.filter((p.quantity <= 0).to_numpy(), "non_positive_quantity")
+    rules.quarantine(p.desc_missing, "missing_item_text", cols["description"])
+    rules.quarantine(p.customer.isna().to_numpy(), "missing_user_id", cols["customer_id"])
+    rules.filter_duplicates(raw)  # equal in every source column
+    alive, ledger = rules.alive, rules.ledger
     ledger.quirk("zero_price_policy", {
         "policy": "kept: a free line (sample, gift) is still a purchase; price 0.0 recorded",
-        "events_with_zero_price": int((alive & (p["price"] == 0).to_numpy()).sum()),
+        "events_with_zero_price": int((alive & (p.price == 0).to_numpy()).sum()),
     })
     ledger.quirk("rule_order", ["invalid_quantity", "invalid_timestamp", "cancellation",
                                 "non_product_code", "non_positive_quantity",
@@ -414,21 +295,16 @@ def _customer_rules(p: dict[str, Any], raw: pd.DataFrame, cols: dict[str, str], 
     return alive
 
 
-def _unisrec_rules(p: dict[str, Any], cols: dict[str, str], ledger: Ledger,
-                   q: _Quarantine) -> np.ndarray:
-    alive = np.ones(p["n"], dtype=bool)
-    q.take(alive, p["desc_missing"], "missing_item_text", cols["description"])
-    _parse_errors(p, cols, q, alive)
+def _unisrec_rules(p: _Lines, cols: dict[str, str], rules: RowRules) -> np.ndarray:
+    rules.quarantine(p.desc_missing, "missing_item_text", cols["description"])
+    _parse_errors(p, cols, rules)
     # UniSRec parsed '%m/%d/%Y %H:%M' strings: its dedup key has minute resolution.
-    key = pd.DataFrame({
-        "invoice": p["invoice"], "code": p["code"], "quantity": p["quantity"],
-        "minute": p["naive_ts"].dt.floor("min"),
-    })[alive]
-    dup = np.zeros(p["n"], dtype=bool)
-    dup[np.flatnonzero(alive)] = key.duplicated(keep="first").to_numpy()
-    _filter(ledger, alive, dup, "duplicate")
-    seconds = p["naive_ts"].dt.second.fillna(0).to_numpy() != 0
-    ledger.quirk("unisrec_or", {
+    rules.filter_duplicates(pd.DataFrame({
+        "invoice": p.invoice, "code": p.code, "quantity": p.quantity,
+        "minute": p.naive_ts.dt.floor("min"),
+    }))
+    seconds = p.naive_ts.dt.second.fillna(0).to_numpy() != 0
+    rules.ledger.quirk("unisrec_or", {
         "users": "InvoiceNo (cancellation invoices are users too; negative quantities kept)",
         "dedup_key": "(invoice, stock code, quantity, InvoiceDate to the minute)",
         "rows_with_seconds_in_InvoiceDate": int(seconds.sum()),
@@ -437,21 +313,21 @@ def _unisrec_rules(p: dict[str, Any], cols: dict[str, str], ledger: Ledger,
         "rule_order": ["missing_item_text", "invalid_quantity", "invalid_timestamp",
                        "duplicate", "(finalize)", "k_core"],
     })
-    return alive
+    return rules.alive
 
 
 # --------------------------------------------------------------------------------------------
 # catalog
 
 
-def _most_frequent_title(p: dict[str, Any]) -> pd.Series:
+def _most_frequent_title(p: _Lines) -> pd.Series:
     """Per code: its most frequent description on sale lines (quantity and price > 0).
 
     Stock adjustments carry notes such as "damages" or "ebay" as description; counting sale
     lines first keeps those out of titles. Then all lines, then the one seen first break ties.
     """
-    sale = ((p["quantity"] > 0) & (p["price"] > 0)).to_numpy(dtype=bool)
-    df = pd.DataFrame({"code": p["code"], "desc": p["desc"], "pos": np.arange(p["n"]),
+    sale = ((p.quantity > 0) & (p.price > 0)).to_numpy(dtype=bool)
+    df = pd.DataFrame({"code": p.code, "desc": p.desc, "pos": np.arange(p.n),
                        "sale": sale})
     df = df.dropna(subset=["code", "desc"])
     g = df.groupby(["code", "desc"], sort=False).agg(
@@ -462,9 +338,9 @@ def _most_frequent_title(p: dict[str, Any]) -> pd.Series:
     return pd.Series(best["desc"].to_numpy(), index=best["code"].to_numpy(), dtype="string")
 
 
-def _first_title_lowercased(p: dict[str, Any]) -> pd.Series:
+def _first_title_lowercased(p: _Lines) -> pd.Series:
     """UniSRec: the first description seen for the code, stripped, lower-cased, '.' added."""
-    df = pd.DataFrame({"code": p["code"], "desc": p["desc"]}).dropna(subset=["code", "desc"])
+    df = pd.DataFrame({"code": p.code, "desc": p.desc}).dropna(subset=["code", "desc"])
     first = df.drop_duplicates("code", keep="first")
     text = first["desc"].str.lower() + "."
     return pd.Series(text.to_numpy(), index=first["code"].to_numpy(), dtype="string")
@@ -483,14 +359,14 @@ def _tie_order(rows: np.ndarray, recipe: str, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(len(rows)).astype(np.int64)
 
 
-def _catalog(p: dict[str, Any], titles: pd.Series, src: _Source, recipe: str,
+def _catalog(p: _Lines, titles: pd.Series, src: _Source, recipe: str,
              ledger: Ledger) -> pd.DataFrame:
     """One item per distinct StockCode of the file (a blank code is one item, rejected later)."""
-    code = p["code"].fillna("")
+    code = p.code.fillna("")
     first = ~code.duplicated(keep="first").to_numpy()
     ids = code[first]
-    positive = p["price"] > 0
-    median = p["price"][positive].groupby(code[positive]).median()
+    positive = p.price > 0
+    median = p.price[positive].groupby(code[positive]).median()
     items = pd.DataFrame({
         "item_id": ids.to_numpy(),
         "title": ids.map(titles).to_numpy(),
@@ -516,20 +392,20 @@ def _catalog(p: dict[str, Any], titles: pd.Series, src: _Source, recipe: str,
 # quirks
 
 
-def _record_quirks(p: dict[str, Any], raw: pd.DataFrame, ledger: Ledger) -> None:
+def _record_quirks(p: _Lines, raw: pd.DataFrame, ledger: Ledger) -> None:
     """Counts over the whole file, independent of recipe and rule order."""
     ledger.quirk("exact_duplicate_rows", int(raw.duplicated(keep="first").sum()))
-    code, qty, price = p["code"], p["quantity"], p["price"]
-    cancelled = p["cancelled"]
+    code, qty, price = p.code, p.quantity, p.price
+    cancelled = p.cancelled
     non_product = _non_product(code)
-    ledger.quirk("missing_descriptions", {"rows": int(p["desc_missing"].sum()),
+    ledger.quirk("missing_descriptions", {"rows": int(p.desc_missing.sum()),
                                           "note": 'null, blank or the string "nan"'})
     ledger.quirk("cancellations", {
         "rows": int(cancelled.sum()),
-        "invoices": int(p["invoice"][cancelled].nunique()),
+        "invoices": int(p.invoice[cancelled].nunique()),
         "with_positive_quantity": int((cancelled & (qty > 0).to_numpy()).sum()),
     })
-    ledger.quirk("missing_customer_id", int(p["customer"].isna().sum()))
+    ledger.quirk("missing_customer_id", int(p.customer.isna().sum()))
     counts = code[non_product].value_counts()
     ledger.quirk("non_product_codes", {"rows": int(non_product.sum()),
                                        "by_code": {str(k): int(v) for k, v in counts.items()}})
@@ -547,12 +423,12 @@ def _record_quirks(p: dict[str, Any], raw: pd.DataFrame, ledger: Ledger) -> None
     })
     ledger.quirk("prices", {
         "zero": int((price == 0).sum()), "negative": int((price < 0).sum()),
-        "blank": p["price_blank"], "unparseable_set_to_null": p["price_unparseable"],
+        "blank": p.price_blank, "unparseable_set_to_null": p.price_unparseable,
     })
     distinct = pd.Series(code.dropna().unique(), dtype="string")
     ledger.quirk("stock_codes_differing_only_in_case",
                  int(distinct.str.upper().duplicated(keep=False).sum()))
-    desc = pd.DataFrame({"code": code, "desc": p["desc"]}).dropna()
+    desc = pd.DataFrame({"code": code, "desc": p.desc}).dropna()
     per_code = desc.drop_duplicates().groupby("code").size()
     ledger.quirk("descriptions_vary_per_stock_code", {
         "codes": int((per_code > 1).sum()), "max_descriptions": int(per_code.max())

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.ingest.base import IngestError, Ledger
-from recsys.data.ingest.runner import IngestOptions, SourceFrames
+from recsys.data.ingest.base import IngestError, IngestOptions, Ledger, SourceFrames
 from recsys.data.pseudonym import Pseudonymizer
 
 EPOCH = pd.Timestamp("2000-01-01", tz="UTC")
@@ -60,7 +59,7 @@ def _index_map(path: Path) -> dict[str, str]:
 
 
 def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
-    directory = Path(opts.path)  # type: ignore[arg-type]
+    directory = opts.source_path()
     if not directory.is_dir():
         raise IngestError(str(directory), "unisrec source must be the directory of atomic files")
     ledger = Ledger(pseudo)

@@ -1,0 +1,178 @@
+"""Finalisation, the same for every source: validation, k-core, pseudonyms, canonical tables.
+
+The runner calls :func:`finalize` on each adapter's :class:`~recsys.data.ingest.base.SourceFrames`
+after the adapter has counted ``rows_in`` and recorded its own rejections in the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from recsys.data.ingest.base import Ledger
+from recsys.data.ingest.parsing import blank
+from recsys.data.pseudonym import Pseudonymizer
+from recsys.data.schema import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA
+
+
+def _take_bad(
+    df: pd.DataFrame, bad: pd.Series, ledger: Ledger, table: str, reason: str, column: str,
+    file_of: pd.Series | str, user_column: str | None = None,
+) -> pd.DataFrame:
+    """Quarantine ``df[bad]`` (grouped by source file) and return ``df[~bad]``."""
+    if not bad.any():
+        return df
+    rejected = df[bad]
+    files = rejected["_file"] if "_file" in rejected else pd.Series(file_of, index=rejected.index)
+    for fname, part in rejected.groupby(files, sort=False):
+        ledger.quarantine(table, part, reason, column=column, file=str(fname),
+                          user_column=user_column)
+    return df[~bad]
+
+
+def finalize(
+    platform: str,
+    events: pd.DataFrame,
+    items: pd.DataFrame,
+    ledger: Ledger,
+    *,
+    source_file: str,
+    min_user_events: int = 0,
+    min_item_events: int = 0,
+) -> tuple[pa.Table, pa.Table]:
+    """Common validation, optional k-core, pseudonymisation; returns canonical (events, items).
+
+    ``events`` and ``items`` have the columns :class:`~recsys.data.ingest.base.SourceFrames`
+    describes. The caller has already counted ``rows_in`` and recorded its own rejections.
+    """
+    items = items.copy()
+    events = events.copy()
+    for col in ("description", "brand", "category", "price"):
+        if col not in items:
+            items[col] = None
+    for col in ("quantity", "price", "session_id"):
+        if col not in events:
+            events[col] = None
+
+    # --- items: required fields, one row per item id
+    items["item_id"] = items["item_id"].astype("string").str.strip()
+    items = _take_bad(items, blank(items["item_id"]), ledger, "items", "missing_item_id",
+                      "item_id", source_file)
+    items = _take_bad(items, blank(items["title"]), ledger, "items", "missing_title", "title",
+                      source_file)
+    dup = items["item_id"].duplicated(keep="first")
+    ledger.filter("items", int(dup.sum()), "duplicate_item_id")
+    items = items[~dup]
+
+    # --- events: required fields, known types, referential integrity with the catalog
+    events["item_id"] = events["item_id"].astype("string").str.strip()
+    events["user_id"] = events["user_id"].astype("string").str.strip()
+    ucol = "user_id"
+    events = _take_bad(events, blank(events["user_id"]), ledger, "events", "missing_user_id",
+                       "user_id", source_file, ucol)
+    events = _take_bad(events, blank(events["item_id"]), ledger, "events", "missing_item_id",
+                       "item_id", source_file, ucol)
+    events = _take_bad(events, events["timestamp"].isna(), ledger, "events", "invalid_timestamp",
+                       "timestamp", source_file, ucol)
+    events = _take_bad(events, ~events["event_type"].isin(EVENT_TYPES), ledger, "events",
+                       "unknown_event_type", "event_type", source_file, ucol)
+    price = pd.to_numeric(events["price"], errors="coerce")
+    events = _take_bad(events, price < 0, ledger, "events", "negative_price", "price",
+                       source_file, ucol)
+    events = _take_bad(events, ~events["item_id"].isin(items["item_id"]), ledger, "events",
+                       "item_not_in_catalog", "item_id", source_file, ucol)
+
+    # --- k-core: iterate until every user and item has enough events
+    if min_user_events > 1 or min_item_events > 1:
+        events, items = _k_core(events, items, ledger, min_user_events, min_item_events)
+
+    ledger.events.rows_out = len(events)
+    ledger.items.rows_out = len(items)
+    for name, counts in (("events", ledger.events), ("items", ledger.items)):
+        if not counts.balanced:
+            raise AssertionError(f"ingest ledger for {name} does not balance: {counts.to_dict()}")
+
+    return _events_table(platform, events, ledger.pseudonymizer), _items_table(platform, items)
+
+
+def _k_core(events: pd.DataFrame, items: pd.DataFrame, ledger: Ledger, k_user: int,
+            k_item: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rounds = 0
+    while True:
+        ucount = events.groupby("user_id", sort=False)["item_id"].transform("size")
+        icount = events.groupby("item_id", sort=False)["user_id"].transform("size")
+        keep = (ucount >= k_user) & (icount >= k_item)
+        if keep.all():
+            break
+        ledger.filter("events", int((~keep).sum()), "k_core")
+        events = events[keep]
+        rounds += 1
+    # Catalog items left with fewer than k_item events are part of the same rule (an item k-core
+    # only: with a user-only k-core, items without events stay in the catalog).
+    counts = events["item_id"].value_counts()
+    keep_items = items["item_id"].map(counts).fillna(0) >= k_item
+    ledger.filter("items", int((~keep_items).sum()), "k_core")
+    ledger.quirk("k_core", {"min_user_events": k_user, "min_item_events": k_item,
+                            "rounds": rounds})
+    return events, items[keep_items]
+
+
+def _events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer) -> pa.Table:
+    ts = pd.to_datetime(ev["timestamp"], utc=True)
+    cols = {
+        "platform": pa.array(np.full(len(ev), platform, dtype=object), pa.string()),
+        "user_id": pseudo.array(pa.array(ev["user_id"].astype(str).to_numpy(), pa.string())),
+        "item_id": pa.array(ev["item_id"].astype(str).to_numpy(), pa.string()),
+        "event_type": pa.array(ev["event_type"].astype(str).to_numpy(), pa.string()),
+        "timestamp": pa.array(ts.dt.as_unit("us"), pa.timestamp("us", tz="UTC")),
+        "quantity": pa.array(pd.to_numeric(ev["quantity"], errors="coerce"), pa.float64()),
+        "price": pa.array(pd.to_numeric(ev["price"], errors="coerce"), pa.float64()),
+        # Session ids can embed who a person is (an invoice, a cookie): hashed like user ids.
+        "session_id": _pseudonymize_optional(ev["session_id"], pseudo),
+        "event_index": pa.array(ev["event_index"].astype(np.int64).to_numpy(), pa.int64()),
+    }
+    return pa.Table.from_pydict(cols, schema=EVENTS_SCHEMA)
+
+
+def _pseudonymize_optional(values: pd.Series, pseudo: Pseudonymizer) -> pa.Array:
+    text = pa.array(values.astype("string"), pa.string())
+    if text.null_count == len(text):
+        return text
+    salted = pa.compute.binary_join_element_wise(pa.scalar("session:"), text, "")
+    return pseudo.array(salted)
+
+
+def _clean_category(value: Any) -> list[str] | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace(">", ",").split(",")]
+    else:
+        parts = [str(p).strip() for p in value]
+    parts = [p for p in parts if p]
+    return parts or None
+
+
+def _opt_text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _items_table(platform: str, it: pd.DataFrame) -> pa.Table:
+    cols = {
+        "platform": pa.array(np.full(len(it), platform, dtype=object), pa.string()),
+        "item_id": pa.array(it["item_id"].astype(str).to_numpy(), pa.string()),
+        "title": pa.array(it["title"].astype(str).str.strip().to_numpy(), pa.string()),
+        "description": pa.array([_opt_text(v) for v in it["description"]], pa.string()),
+        "brand": pa.array([_opt_text(v) for v in it["brand"]], pa.string()),
+        "category": pa.array([_clean_category(v) for v in it["category"]],
+                             pa.list_(pa.string())),
+        "price": pa.array(pd.to_numeric(it["price"], errors="coerce"), pa.float64()),
+    }
+    return pa.Table.from_pydict(cols, schema=ITEMS_SCHEMA)

@@ -1,0 +1,122 @@
+"""Serving stages: ``deploy`` the Serve app with the first target's champion, then ``smoke``
+it with one real request. Replicas follow later promotions by themselves (they poll the
+alias), so a new champion does not need a redeploy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from recsys.pipeline.context import Context, tracking_uri
+from recsys.pipeline.outputs import DeployOutput, SmokeOutput
+from recsys.pipeline.state import hash_tree
+
+
+def stage_deploy(ctx: Context) -> None:
+    """Deploy the Serve app (serve/config.yaml) with the first target's champion."""
+    import os
+
+    from ray import serve
+
+    from recsys.cluster import LOOPBACK, init_ray
+    from recsys.logs import route_library_loggers
+    from recsys.serving.app import AppArgs, compose
+    from recsys.serving.deploy import deployment_options, load_serve_config, with_env_vars
+    from recsys.tracking import registry
+
+    t, d = ctx.cfg.transfer, ctx.cfg.deploy
+    assert t is not None  # PipelineConfig refuses the stage without its section
+    target = t.targets[0]
+    uri = tracking_uri()
+    name = ctx.cfg.model_name(target)
+    champion = registry.alias_version(uri, name, registry.CHAMPION)
+    if champion is None:
+        raise RuntimeError(f"{name} has no @champion yet: run the register stage first")
+    tiers = ("Recommender", "Gateway")
+    serve_cfg = load_serve_config(d.config, deployments=tiers)  # Ray's schema, no unknown keys
+    app_cfg = serve_cfg.applications[0]
+    port = d.port or serve_cfg.http_options.port
+    args = AppArgs.model_validate({**app_cfg.args, **d.args,
+                                   "model_uri": f"models:/{name}@champion",
+                                   "lake": str(Path(ctx.cfg.data.lake).resolve()),
+                                   "tracking_uri": uri})
+    # Secrets reach the replicas through their environment, merged over the config's env_vars.
+    env = {k: os.environ[k] for k in ("RECSYS_PSEUDONYM_KEY", "RECSYS_API_KEY")
+           if k in os.environ}
+    configured = {tier: deployment_options(app_cfg, tier) for tier in tiers}
+    options = {tier: with_env_vars(opts, env) for tier, opts in configured.items()}
+    started = time.perf_counter()
+    init_ray(num_cpus=ctx.cfg.ray.num_cpus)
+    route_prefix = app_cfg.route_prefix or "/"
+    prefix = route_prefix.rstrip("/")
+    url = f"http://{LOOPBACK}:{port}{prefix}"
+    key = f"deploy/{target}"
+    inputs = {"args": args.model_dump(mode="json"), "options": configured, "port": port,
+              "champion": champion, "serve_config": hash_tree(d.config)}
+    gone = None if _app_running(app_cfg.name) else f"app {app_cfg.name!r} not running"
+    if ctx.needed(key, "deploy", inputs, [], DeployOutput, also=gone):
+        serve.start(http_options={"host": LOOPBACK, "port": port})
+        serve.run(compose(args, options["Recommender"], options["Gateway"]),
+                  name=app_cfg.name, route_prefix=route_prefix)
+        route_library_loggers()  # Serve's driver-side logger, to the job's log file
+        ctx.finish(key, DeployOutput(url=url, model=f"models:/{name}@champion",
+                                     version=champion, app=app_cfg.name),
+                   time.perf_counter() - started)
+        print(f"deployed {app_cfg.name} serving {name} v{champion} (@champion) at {url}")
+    ctx.result.deploy = ctx.recorded(key, DeployOutput).output
+
+
+def _app_running(name: str) -> bool:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001  (no Serve instance on this cluster yet)
+        return False
+    return app is not None and str(app.status).endswith("RUNNING")
+
+
+def stage_smoke(ctx: Context) -> None:
+    """One real request to the endpoint: a user history from the test split."""
+    import os
+
+    import pyarrow.parquet as pq
+    import requests
+
+    from recsys.data.examples import load_example_set
+    from recsys.serving.schemas import RecommendResponse
+
+    deployed = ctx.result.deploy
+    if deployed is None:
+        raise RuntimeError("smoke needs the deploy stage in the same run")
+    t = ctx.cfg.transfer
+    assert t is not None  # PipelineConfig refuses the stage without its section
+    target = t.targets[0]
+    es = load_example_set(ctx.cfg.data.examples)
+    table = pq.read_table(es.split_path("test"), filters=[("platform", "==", target)],
+                          columns=["history"])
+    catalog = pq.read_table(es.path / "catalog" / f"{target}.parquet",
+                            columns=["item_idx", "item_id"]).to_pydict()
+    ids = dict(zip(catalog["item_idx"], catalog["item_id"], strict=True))
+    history = [ids[i] for i in table.column("history")[0].as_py()][-5:]  # oldest first
+    url, deadline = deployed.url, time.monotonic() + ctx.cfg.smoke.timeout_s
+    key = os.environ.get("RECSYS_API_KEY")
+    headers = {"x-api-key": key} if key else {}
+    with requests.Session() as client:
+        client.headers.update(headers)
+        while True:
+            try:
+                if client.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass  # the proxy is still starting
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}/readyz not ready after {ctx.cfg.smoke.timeout_s}s")
+            time.sleep(1)
+        r = client.post(f"{url}/recommend", json={"platform": target, "recent_items": history,
+                                                   "k": ctx.cfg.smoke.k}, timeout=30)
+        r.raise_for_status()
+    body = RecommendResponse.model_validate(r.json())
+    ctx.result.smoke = SmokeOutput(platform=target, recent_items=history, response=body)
+    print(f"smoke: POST {url}/recommend {{platform: {target}, recent_items: {history}}} -> "
+          f"{body.source}: " + "; ".join(f"{it.title} ({it.score:.3f})" for it in body.items[:3]))
