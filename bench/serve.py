@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import REPO, RESULTS
-from serve_load import free_port, in_process, load, make_requests
+from serve_load import in_process, load, make_requests
 from serve_report import render
 
 sys.path.insert(0, str(REPO))
-from recsys.serving.deploy import (  # noqa: E402  (the repo on the path first)
+from recsys.cluster import free_port  # noqa: E402  (the repo on the path first)
+from recsys.serving.deploy import (  # noqa: E402
     deployment_options,
     load_serve_config,
     with_env_vars,

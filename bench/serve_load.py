@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +25,6 @@ def summary(lat_ms: list[float], errors: int, seconds: float) -> dict[str, float
     return {"requests": len(lat_ms), "errors": errors, "seconds": round(seconds, 2),
             "rps": round(len(lat_ms) / seconds, 1), "p50_ms": round(pct(lat_ms, 50), 2),
             "p95_ms": round(pct(lat_ms, 95), 2), "p99_ms": round(pct(lat_ms, 99), 2)}
-
-
-def free_port() -> int:
-    """A loopback port free now, for Serve's HTTP proxy."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- requests -------------------------------------------------------------------------------------

@@ -104,14 +104,14 @@ def measure(setup: str, fits: int, workdir: Path) -> dict[str, Any]:
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recsys.cluster import _free_port, init_ray
+    from recsys.cluster import free_port, init_ray
     from recsys.data.feed import SPLIT_DATASETS
     from recsys.training.trainer import controller_env
 
     if setup == "wrong":
         # What the processes found before the fix: an address file naming a dead cluster.
-        os.environ["RAY_GCS_SERVER_PORT"] = str(_free_port())
-        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{_free_port()}"
+        os.environ["RAY_GCS_SERVER_PORT"] = str(free_port())
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"
         ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1",
                  dashboard_host="127.0.0.1", include_dashboard=True)
         for key in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):

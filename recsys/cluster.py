@@ -60,7 +60,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None,
             # Not 8265: that is the `ray start --head` cluster's (`ray job submit` targets it).
             # A private cluster holding it left a head started later without a dashboard, and
             # Ray Train's placement-group cleaner then waited 12 s at the end of every fit.
-            dashboard_port=_free_port(),
+            dashboard_port=free_port(),
             _node_ip_address=LOOPBACK,
             logging_level=logging.WARNING,
         )
@@ -96,7 +96,7 @@ def _own_address_env() -> Iterator[None]:
     end for the cleaner to stop (measured; a sweep trial is one fit)."""
     keys = (GCS_PORT_ENV, "RAY_ADDRESS")
     saved = {k: os.environ.get(k) for k in keys}
-    port = os.environ.get(GCS_PORT_ENV) or str(_free_port())
+    port = os.environ.get(GCS_PORT_ENV) or str(free_port())
     os.environ[GCS_PORT_ENV] = port
     os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
     try:
@@ -131,7 +131,8 @@ def _port_open(port: int, host: str = LOOPBACK) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (whoever binds it does so a moment later)."""
     import socket
 
     with socket.socket() as s:
@@ -167,7 +168,7 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
         # session, another job) on the same machine would otherwise collide on 52365.
         for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                      "--runtime-env-agent-port", "--metrics-export-port"):
-            cmd += [flag, str(_free_port())]
+            cmd += [flag, str(free_port())]
         if num_cpus is not None:
             cmd += ["--num-cpus", str(num_cpus)]
         env = {**os.environ, **loopback_env()}

@@ -86,8 +86,8 @@ def log_to_file(job: str, directory: Path) -> Path | None:
     global _last_workers_file
     _files.update(driver=path, workers=directory / f"{job}-{stamp}.workers.log")
     _last_workers_file = _files["workers"]
-    for var in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "HF_HUB_DISABLE_PROGRESS_BARS"):
-        os.environ.setdefault(var, "false" if var.startswith("MLFLOW") else "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # its own stderr handler
     root = logging.getLogger()
     for h in list(root.handlers):  # basicConfig's stderr handler (pytest's capture stays)

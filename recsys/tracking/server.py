@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from recsys.cluster import free_port
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,6 @@ def init_backend_store(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     store = SqlAlchemyStore(sqlite_uri(root), PROXIED_ARTIFACT_ROOT)
     store.engine.dispose()  # release the file before the server opens it
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the server binds it a few seconds later; see start())."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:
