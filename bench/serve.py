@@ -240,12 +240,15 @@ def model_under_test(opts: argparse.Namespace) -> tuple[Path, Path, str]:
     ``--lake`` (the demo's by default), or the untrained toy world under a temporary folder."""
     if opts.toy or not (opts.export / "export.json").is_file():
         from recsys.data.pseudonym import Pseudonymizer
+        from recsys.serving.deploy import secret_file
         from recsys.serving.toy import build_toy_world
 
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-        os.environ["RECSYS_PSEUDONYM_KEY"] = "00112233445566778899aabbccddeeff"
+        key = "00112233445566778899aabbccddeeff"
+        # The replicas read the key from a 0600 file: a runtime_env carries its path only.
+        os.environ["RECSYS_PSEUDONYM_KEY_FILE"] = str(secret_file(tmp / "pseudonym.key", key)[0])
         world = build_toy_world(tmp / "toy", "bundled:all-MiniLM-L6-v2",
-                                Pseudonymizer(bytes.fromhex(os.environ["RECSYS_PSEUDONYM_KEY"])))
+                                Pseudonymizer(bytes.fromhex(key)))
         return world.export, world.lake, "toy (untrained)"
     export = opts.export.resolve()
     return export, opts.lake.resolve(), f"{export.parent.name} ({shown_path(export)})"
@@ -254,11 +257,11 @@ def model_under_test(opts: argparse.Namespace) -> tuple[Path, Path, str]:
 def shipped_options(app: ServeApplicationSchema) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model and gateway deployments' options as serve/config.yaml ships them, read with
     Ray's schema (``recsys.serving.deploy``); the model's without its autoscaling (each phase sets
-    replicas itself) and with the pseudonym key, which the lake needs."""
+    replicas itself) and with the path of the pseudonym key file, which the lake needs."""
     model = deployment_options(app, "Recommender")
     model.pop("autoscaling_config", None)
-    model = with_env_vars(model, {k: v for k, v in os.environ.items()
-                                  if k.startswith("RECSYS_PSEUDONYM")})
+    model = with_env_vars(model, {"RECSYS_PSEUDONYM_KEY_FILE":
+                                  os.environ["RECSYS_PSEUDONYM_KEY_FILE"]})
     return model, deployment_options(app, "Gateway")
 
 
@@ -296,8 +299,10 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/recommend"
+    # Loopback only, so no keys: the benchmark measures the serving path, not key checks.
     base_args = {"model_uri": str(export), "lake": str(lake), "search": False,
-                 "poll_interval_s": 0, "torch_threads": 1}
+                 "poll_interval_s": 0, "torch_threads": 1, "auth": "none",
+                 "rate_limit_per_s": 0}
     cfg = load_serve_config(REPO / "serve/config.yaml").applications[0]
     shipped, gateway = shipped_options(cfg)
     results: dict[str, Any] = {"latency": {}, "in_process": inproc,

@@ -7,12 +7,26 @@ only (STACK_NOTES: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does that on Linux).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
+from recsys.processes import (
+    CREATE_TIME_TOLERANCE_S,
+    StopReport,
+    around,
+    cmdline,
+    describe,
+    find_recorded,
+    terminate,
+    with_descendants,
+)
 from recsys.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -140,30 +154,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ensure_local_head(num_cpus: int | None = None) -> str:
-    """A ``ray start --head`` cluster on 127.0.0.1 that outlives this process (so a deployed
-    Serve app keeps answering after the job ends); joins the one already there if any.
+CLIENT_PORT = 10001  # Ray's default for the Ray client server (`ray://127.0.0.1:10001`)
+HEAD_RECORD = "ray-head.json"
 
-    Returns its address, also exported as ``RAY_ADDRESS`` so :func:`init_ray` joins it. Stop it
-    with ``make stop`` (:func:`stop_local_head`). ``num_cpus`` defaults to the settings'
-    ``RECSYS_RAY_NUM_CPUS`` (only a head started here gets it).
+
+def head_record_path(work_dir: str | Path | None = None) -> Path:
+    """``<work_dir>/ray-head.json``: the head :func:`ensure_local_head` started (never one it
+    joined), the only one :func:`stop_local_head` stops. ``work_dir``: the settings' default."""
+    return Path(get_settings().work_dir if work_dir is None else work_dir) / HEAD_RECORD
+
+
+def ensure_local_head(num_cpus: int | None = None, *, port: int = HEAD_PORT,
+                      dashboard_port: int = DASHBOARD_PORT, client_port: int = CLIENT_PORT,
+                      temp_dir: str | Path | None = None,
+                      work_dir: str | Path | None = None) -> str:
+    """A ``ray start --head`` cluster on 127.0.0.1 that outlives this process (so a deployed
+    Serve app keeps answering after the job ends); joins the one already on ``port`` if any.
+
+    Returns its address, also exported as ``RAY_ADDRESS`` so :func:`init_ray` joins it. A head
+    started here is recorded in :func:`head_record_path` (``work_dir``), and ``make stop``
+    (:func:`stop_local_head`) stops it; a head joined here is not recorded and is left running.
+    ``num_cpus`` defaults to the settings' ``RECSYS_RAY_NUM_CPUS`` (only a head started here
+    gets it). ``temp_dir``: Ray's ``--temp-dir`` (default ``/tmp/ray``). The ports and the
+    directories are parameters for tests, which run a head of their own beside the demo's.
     """
     import shutil
     import subprocess
     import sys
 
-    address = f"{LOOPBACK}:{HEAD_PORT}"
+    address = f"{LOOPBACK}:{port}"
     if num_cpus is None:
         num_cpus = get_settings().ray_num_cpus
     # One explicit auth mode for the head and this driver. Ray's default ("token" when
     # ~/.ray/auth_token exists) is applied by `ray start` but not by a joining ray.init.
     os.environ.setdefault("RAY_AUTH_MODE", "token" if (Path.home() / ".ray" / "auth_token")
                           .exists() else "disabled")
-    if not _port_open(HEAD_PORT):
+    if not _port_open(port):
         ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
         cmd = [ray_cli, "start", "--head", "--node-ip-address", LOOPBACK,
-               "--port", str(HEAD_PORT), "--dashboard-host", LOOPBACK,
-               "--dashboard-port", str(DASHBOARD_PORT), "--disable-usage-stats"]
+               "--port", str(port), "--dashboard-host", LOOPBACK,
+               "--dashboard-port", str(dashboard_port),
+               "--ray-client-server-port", str(client_port), "--disable-usage-stats"]
         # Agent and metrics ports off their defaults: a private `ray.init` cluster (a test
         # session, another job) on the same machine would otherwise collide on 52365.
         for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -171,65 +202,125 @@ def ensure_local_head(num_cpus: int | None = None) -> str:
             cmd += [flag, str(free_port())]
         if num_cpus is not None:
             cmd += ["--num-cpus", str(num_cpus)]
+        if temp_dir is not None:
+            cmd += ["--temp-dir", str(temp_dir)]
         env = {**os.environ, **loopback_env()}
         env.pop("RAY_ADDRESS", None)
         log.info("starting a local Ray head: %s", " ".join(cmd))
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        launched = time.time()
+        # A session of its own (setsid): every process of the head, and all they start, carry
+        # its id, which is how stop_local_head tells them from other Ray processes (a command
+        # line that names the session directory proves nothing). A Ctrl-C at the job's
+        # terminal does not reach the head either.
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              start_new_session=True)
         if done.returncode != 0:
             raise RuntimeError(f"`ray start --head` failed ({done.returncode}):\n"
                                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        _record_head(port, launched, head_record_path(work_dir))
     else:
-        log.info("joining the Ray head already listening on %s", address)
+        log.info("joining the Ray head already listening on %s (not started here: `make stop` "
+                 "leaves it running)", address)
     os.environ["RAY_ADDRESS"] = address
     return address
 
 
-def stop_local_head(port: int = HEAD_PORT, timeout_s: float = 10.0) -> int:
-    """Stop the Ray cluster whose GCS listens on ``port`` (the demo's head), and only it.
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
-    ``ray stop`` ends every Ray process of the user on the machine: a benchmark's or a test
-    session's private cluster too. Here the cluster is found by its GCS port, its processes by
-    the session directory in their command lines, plus all their descendants (the raylet's
-    workers, Serve's proxy and replicas, the agents, whose titles Ray rewrites). SIGTERM, then
-    SIGKILL after ``timeout_s``. Returns how many processes were stopped (0: none listening).
+
+def _gcs_server(port: int) -> psutil.Process | None:
+    """The GCS listening on ``port``: the ``gcs_server`` executable given that port (its own
+    arguments, compared whole; not a substring of some other command line)."""
+    for proc in psutil.process_iter():
+        cmd = cmdline(proc)
+        if cmd and Path(cmd[0]).name == "gcs_server" and f"--gcs_server_port={port}" in cmd:
+            return proc
+    return None
+
+
+def _session_members(sid: int) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter() if _sid(p.pid) == sid]
+
+
+def _record_head(port: int, launched: float, path: Path) -> None:
+    """Write ``path``: the head just started on ``port``, its session id and its processes
+    (pid with start time, so that a recycled pid is never taken for one of them)."""
+    gcs = _gcs_server(port)
+    if gcs is None or gcs.create_time() < launched - CREATE_TIME_TOLERANCE_S:
+        log.warning("`ray start` succeeded but no GCS it started listens on port %d: the head "
+                    "is not recorded in %s and `make stop` will not stop it", port, path)
+        return
+    sid = os.getsid(gcs.pid)
+    session_dir = next((a.split("=", 1)[1] for a in cmdline(gcs)
+                        if a.startswith("--session-dir=")), None)
+    record = {
+        "address": f"{LOOPBACK}:{port}", "port": port, "session_id": sid,
+        "session_dir": session_dir,
+        "temp_dir": str(Path(session_dir).parent) if session_dir else None,
+        "started": launched,
+        "processes": [r for p in _session_members(sid) if (r := describe(p)) is not None],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+    log.info("Ray head %s recorded in %s (%d processes, session %d)", record["address"], path,
+             len(record["processes"]), sid)
+
+
+def stop_local_head(work_dir: str | Path | None = None, timeout_s: float = 10.0) -> StopReport:
+    """Stop the Ray head :func:`ensure_local_head` started (recorded in
+    :func:`head_record_path`), and only it.
+
+    ``ray stop`` ends every Ray process on the machine, a benchmark's or a test session's
+    cluster too. Here: no record, nothing stopped (a head we joined or found is never ours).
+    Each recorded process counts only while its pid still has the recorded start time (a
+    recycled pid is skipped and reported). While one does, the head's session id is still in
+    use and cannot have been recycled, so the head is every process of that session (the GCS,
+    raylet, dashboard, the Ray client server, the workers, Serve's proxy and replicas) and all
+    their descendants (job entrypoints, which Ray starts in sessions of their own). A process
+    that merely names the session directory (``tail -f .../logs/raylet.out``) is not among
+    them. SIGTERM, then SIGKILL after ``timeout_s``; permission errors are reported.
     """
-    import psutil
-
-    def cmdline(p: psutil.Process) -> list[str]:
-        try:
-            return p.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            return []
-
-    session = None
-    for p in psutil.process_iter():
-        cmd = cmdline(p)
-        if cmd and cmd[0].endswith("gcs_server") and f"--gcs_server_port={port}" in cmd:
-            session = next((a.split("=", 1)[1] for a in cmd if a.startswith("--session-dir=")),
-                           None)
-            break
-    if not session:
-        return 0
-    roots = [p for p in psutil.process_iter() if any(session in a for a in cmdline(p))]
-    targets: dict[int, psutil.Process] = {}
-    for p in roots:
-        targets[p.pid] = p
-        try:
-            targets.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    targets.pop(os.getpid(), None)
-    procs = list(targets.values())
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    log.info("stopped the Ray cluster on port %d (%s): %d processes", port, session, len(procs))
-    return len(procs)
+    path = head_record_path(work_dir)
+    report = StopReport("Ray head")
+    if not path.exists():
+        report.note = (f"no head started by us (no {path}): nothing stopped; a Ray cluster this "
+                       "project joined or did not start is left running")
+        return report
+    try:
+        record = json.loads(path.read_text())
+        sid = int(record["session_id"])
+        recorded = [(int(r["pid"]), float(r["create_time"]), str(r.get("name", "?")))
+                    for r in record["processes"]]
+        report.what = f"Ray head {record['address']}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        report.failed.append(f"cannot read {path} ({type(e).__name__}: {e}); look at the pids "
+                             "it names and remove it")
+        return report
+    alive = [p for pid, created, name in recorded
+             if (p := find_recorded(pid, around(created), name, report)) is not None]
+    if not alive:
+        if report.failed:
+            report.note = f"could not check the processes recorded in {path}: nothing stopped"
+        else:
+            path.unlink(missing_ok=True)
+            report.note = f"not running (the processes {path} recorded are gone): nothing stopped"
+        return report
+    members = _session_members(sid) if sid != _sid(0) else []
+    targets = with_descendants([*alive, *members])
+    # `ray stop`'s order: the raylet first (agents that share its fate exit with it), the GCS
+    # last. All at once, the GCS and the autoscaler monitor ignored SIGTERM for over 40 s;
+    # in this order the head was gone in ~1 s.
+    order = {"raylet": 0, "gcs_server": 2}
+    for stage in range(3):
+        terminate({p: n for p, n in targets.items() if order.get(n, 1) == stage}, report,
+                  timeout_s)
+    if not report.failed:
+        path.unlink(missing_ok=True)
+    log.info("stopped the Ray head %s: %d processes", record["address"], len(report.stopped))
+    return report

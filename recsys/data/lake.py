@@ -3,12 +3,18 @@
 A failed ingest leaves the previous version of the platform untouched (never a partial lake).
 Events are hash-bucketed by pseudonymous user and sorted by (user, time, source order) inside a
 bucket, so all of a user's events sit in one file: sequence building then needs no shuffle.
+
+Each platform's ``report.json`` records the fingerprint of the pseudonym key that hashed it
+(``pseudonym_key_fingerprint``); :func:`check_key` compares it with a key about to read or add
+to the lake, so that a different key fails loudly instead of finding no user.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,8 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recsys.config import ConfigError
+from recsys.data.pseudonym import KEY_ENV, KEY_FILE_ENV, Pseudonymizer
 from recsys.data.schema import EVENTS_SCHEMA, ITEMS_SCHEMA, check_schema, validate_platform_name
 from recsys.data.staging import staged_dir
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_BUCKET = 100_000
 MAX_BUCKETS = 256
@@ -136,3 +146,59 @@ def read_platform(lake: str | Path, platform: str) -> PlatformTables:
     """Report, all events and the catalog of a platform (small data: tests, tools)."""
     return PlatformTables(read_report(lake, platform), read_events(lake, platform),
                           read_items(lake, platform))
+
+
+# -- the pseudonym key of a lake ------------------------------------------------------------------
+
+
+class KeyMismatchError(ConfigError):
+    """The lake was pseudonymised with another key than the one in hand (a configuration
+    error: the CLI prints it without a traceback)."""
+
+
+@dataclass(frozen=True)
+class LakeKey:
+    """What a platform's report says about the key that pseudonymised it."""
+
+    platform: str
+    fingerprint: str | None  # None: an old lake (or no report) that did not record it
+    source: str | None
+
+
+def lake_keys(lake: str | Path, platforms: Iterable[str] | None = None) -> list[LakeKey]:
+    """The recorded key fingerprint of each platform (default: every platform of the lake)."""
+    names = list(platforms) if platforms is not None else list_platforms(lake)
+    out = []
+    for name in names:
+        path = platform_dir(lake, name) / "report.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        out.append(LakeKey(name, report.get("pseudonym_key_fingerprint"),
+                           report.get("pseudonym_key_source")))
+    return out
+
+
+def check_key(lake: str | Path, pseudonymizer: Pseudonymizer,
+              platforms: Iterable[str] | None = None, *, purpose: str) -> list[LakeKey]:
+    """Raise :class:`KeyMismatchError` if a platform of ``lake`` (default: all) was
+    pseudonymised with another key than ``pseudonymizer``'s; warn for platforms that recorded
+    no fingerprint. ``purpose`` ("serve", "ingest into") goes into the message. Returns what
+    the lake recorded."""
+    keys = lake_keys(lake, platforms)
+    mine = pseudonymizer.fingerprint
+    unknown = [k.platform for k in keys if k.fingerprint is None]
+    if unknown:
+        log.warning("lake %s: platform(s) %s recorded no pseudonym key fingerprint (ingested "
+                    "before fingerprints were kept); cannot check that key %s (from %s) is "
+                    "the one that pseudonymised them: re-ingest them to record it", lake,
+                    unknown, mine, pseudonymizer.described_source)
+    wrong = [k for k in keys if k.fingerprint is not None and k.fingerprint != mine]
+    if wrong:
+        theirs = "; ".join(f"{k.platform}: fingerprint {k.fingerprint} (key from "
+                           f"{k.source or 'an unrecorded source'} at ingest)" for k in wrong)
+        raise KeyMismatchError(
+            f"cannot {purpose} lake {lake} with pseudonym key fingerprint {mine} (key from "
+            f"{pseudonymizer.described_source}): it was pseudonymised with another key, so no "
+            f"user would be found (or users would not link across platforms). Lake: {theirs}. "
+            f"Use the key that ingested the lake (${KEY_ENV} as hex, or ${KEY_FILE_ENV} / "
+            "the key file), or re-ingest every platform with this key into a new lake.")
+    return keys

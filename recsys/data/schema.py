@@ -6,8 +6,9 @@ Lake layout (one directory per platform, swapped in atomically by the writer)::
 
     LAKE/platform=<name>/events/bucket-<BBBB>.parquet   events, hash-bucketed by user, sorted
     LAKE/platform=<name>/items/items.parquet            the platform's catalog
-    LAKE/platform=<name>/quarantine/{events,items}.parquet  rejected rows + reason
-    LAKE/platform=<name>/report.json                    ingest report (counts, quirks)
+    LAKE/platform=<name>/quarantine/{events,items}.parquet  rejected rows + reason, ids hashed
+    LAKE/platform=<name>/report.json                    ingest report (counts, quirks, and the
+                                                        fingerprint of the pseudonym key)
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ ITEMS_SCHEMA = pa.schema(
 )
 
 # Quarantine files keep every rejected row with where it came from and why. Source values are
-# kept as strings so that nothing is lost to a failed cast; user ids are pseudonymised there too.
+# kept as strings so that nothing is lost to a failed cast; identifier columns (user, session,
+# invoice, customer, e-mail, ...) are pseudonymised there with the lake's key, and the file's
+# schema metadata names them (column -> "user" | "session" | "id", JSON) and the key fingerprint.
 QUARANTINE_META_COLUMNS: tuple[str, ...] = ("_file", "_row", "_column", "_reason")
+QUARANTINE_PSEUDONYMISED_METADATA = b"recsys.pseudonymised_columns"
+QUARANTINE_KEY_METADATA = b"recsys.pseudonym_key_fingerprint"
 
 REQUIRED_EVENT_COLUMNS = tuple(f.name for f in EVENTS_SCHEMA if not f.nullable)
 REQUIRED_ITEM_COLUMNS = tuple(f.name for f in ITEMS_SCHEMA if not f.nullable)

@@ -3,13 +3,19 @@
     EXPORT/model.safetensors        consolidated fp32 weights (any engine, any ZeRO stage)
     EXPORT/export.json              Recommender kwargs, platforms (model order), feature vocab,
                                     text encoder name, max history length, provenance
-    EXPORT/items/<platform>.npz     per platform: item ids, brand/category ids, frozen text
-                                    vectors (N+1, H) (row 0 = padding)
+    EXPORT/items/<platform>.safetensors  per platform: brand/category ids, frozen text vectors
+                                    (N+1, H) (row 0 = padding)
+    EXPORT/items/<platform>.json    per platform: its platform id and item ids (index i + 1)
     EXPORT/catalog/<platform>.parquet  item index -> id, title, brand, category, price
     EXPORT/encoder/                 fine-tuned text encoder (only when it was trained)
 
 ``load_export`` rebuilds the ``Recommender`` from this alone (no training config classes);
 ``export.json`` is read and written only as :class:`ExportMeta`.
+
+Nothing in an export is unpickled when it is loaded (a registry write must not run code on a
+serving replica): tensors are safetensors, ids JSON, catalogs Parquet, a fine-tuned encoder is
+read with ``use_safetensors=True``. A file that fails to parse is an :class:`ExportError`
+naming it.
 """
 
 from __future__ import annotations
@@ -24,13 +30,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_arrays
+from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from recsys.config import StrictModel
 from recsys.model.recommender import Recommender
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: items as safetensors + JSON (1 held pickled id arrays in .npz)
 META_FILE = "export.json"
+
+
+class ExportError(ValueError):
+    """An export file is missing, malformed, truncated or unsafe; the message names the file."""
 
 
 class ExportInfo(StrictModel):
@@ -68,7 +81,7 @@ class ExportInfo(StrictModel):
 class ExportMeta(ExportInfo):
     """``export.json``: the writer's :class:`ExportInfo` plus how to rebuild the model."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     architecture: dict[str, Any] = Field(alias="model_config")
     """``Recommender(**architecture)`` rebuilds the model (stored as ``model_config``)."""
     has_encoder: bool = False
@@ -83,11 +96,15 @@ def read_meta(path: str | Path) -> ExportMeta:
     meta_file = Path(path) / META_FILE
     if not meta_file.exists():
         raise FileNotFoundError(f"{path} is not a model export (no {META_FILE})")
-    raw = json.loads(meta_file.read_text())
+    raw = _read_json(meta_file)
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: export format {version} is not {FORMAT_VERSION}")
-    return ExportMeta.model_validate(raw)
+        raise ExportError(f"{meta_file}: export format {version} is not {FORMAT_VERSION} "
+                          "(re-export the model with this version)")
+    try:
+        return ExportMeta.model_validate(raw)
+    except ValueError as e:
+        raise ExportError(f"{meta_file}: {e}") from None
 
 
 @dataclass
@@ -143,10 +160,13 @@ def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torc
         model.text_encoder.model.save_pretrained(str(tmp / "encoder"))
     (tmp / META_FILE).write_text(full.to_json())
     for name, it in items.items():
-        np.savez(tmp / "items" / f"{name}.npz", item_ids=np.asarray(it.item_ids, dtype=object),
-                 brand_ids=it.brand_ids, category_ids=it.category_ids,
-                 text_vecs=it.text_vecs if it.text_vecs is not None else np.zeros((0, 0)),
-                 platform_id=np.asarray(it.platform_id))
+        arrays = {"brand_ids": np.ascontiguousarray(it.brand_ids),
+                  "category_ids": np.ascontiguousarray(it.category_ids)}
+        if it.text_vecs is not None:
+            arrays["text_vecs"] = np.ascontiguousarray(it.text_vecs, dtype=np.float32)
+        save_arrays(arrays, str(tmp / "items" / f"{name}.safetensors"))
+        (tmp / "items" / f"{name}.json").write_text(json.dumps(
+            {"platform_id": int(it.platform_id), "item_ids": [str(i) for i in it.item_ids]}))
     for name, src in catalogs.items():
         shutil.copyfile(src, tmp / "catalog" / f"{name}.parquet")
     shutil.rmtree(path, ignore_errors=True)
@@ -155,7 +175,8 @@ def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torc
 
 
 def load_export(path: str | Path, map_location: str = "cpu") -> Exported:
-    """Rebuild an export: the model (eval mode, on ``map_location``), metadata and items."""
+    """Rebuild an export: the model (eval mode, on ``map_location``), metadata and items.
+    Raises :class:`ExportError` naming the file for anything malformed (nothing is unpickled)."""
     path = Path(path)
     meta = read_meta(path)
     encoder = None
@@ -164,21 +185,66 @@ def load_export(path: str | Path, map_location: str = "cpu") -> Exported:
 
         from recsys.model.encoder import TextEncoder
 
-        encoder = TextEncoder(AutoModel.from_pretrained(str(path / "encoder")))
+        try:  # safetensors only: a pytorch_model.bin would be a pickle
+            encoder = TextEncoder(AutoModel.from_pretrained(str(path / "encoder"),
+                                                            use_safetensors=True))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ExportError(f"{path / 'encoder'}: not a loadable safetensors encoder: {e}") \
+                from None
     model = Recommender(**meta.architecture, text_encoder=encoder)
-    missing, unexpected = model.load_state_dict(
-        load_file(str(path / "model.safetensors"), device=map_location), strict=False)
+    weights_file = path / "model.safetensors"
+    try:
+        weights = load_file(str(weights_file), device=map_location)
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"{weights_file}: not a valid safetensors file ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise ExportError(f"{weights_file}: weights do not fit the model: {e}") from None
     missing = [k for k in missing if not k.startswith("text_encoder.")]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ExportError(f"{weights_file}: weights do not match the model: missing "
+                          f"{missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
-    items = {}
-    for name in meta.platforms_with_items:
-        z = np.load(path / "items" / f"{name}.npz", allow_pickle=True)
-        vecs = z["text_vecs"]
-        items[name] = ExportedItems(
-            platform=name, platform_id=int(z["platform_id"]), item_ids=list(z["item_ids"]),
-            brand_ids=z["brand_ids"], category_ids=z["category_ids"],
-            text_vecs=vecs if vecs.size else None)
+    items = {name: load_items(path, name) for name in meta.platforms_with_items}
     return Exported(path, model, meta, items)
+
+
+def load_items(path: Path, platform: str) -> ExportedItems:
+    """``items/<platform>.{json,safetensors}`` of the export at ``path``, checked for shape:
+    one row per item id plus the padding row."""
+    ids_file = path / "items" / f"{platform}.json"
+    tensors_file = path / "items" / f"{platform}.safetensors"
+    raw = _read_json(ids_file)
+    ids, pid = (raw.get("item_ids"), raw.get("platform_id")) if isinstance(raw, dict) else (None,
+                                                                                            None)
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+            and isinstance(pid, int)):
+        raise ExportError(f"{ids_file}: expected {{'platform_id': int, 'item_ids': [str, ...]}}")
+    try:
+        arrays = load_arrays(str(tensors_file))
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"{tensors_file}: not a valid safetensors file ({e})") from None
+    vecs = arrays.get("text_vecs")
+    for key in ("brand_ids", "category_ids", *(["text_vecs"] if vecs is not None else [])):
+        if key not in arrays or arrays[key].shape[0] != len(ids) + 1:
+            raise ExportError(f"{tensors_file}: {key!r} must have {len(ids) + 1} rows (the "
+                              f"{len(ids)} items of {ids_file.name} and padding)")
+    return ExportedItems(platform=platform, platform_id=pid, item_ids=ids,
+                         brand_ids=arrays["brand_ids"], category_ids=arrays["category_ids"],
+                         text_vecs=vecs)
+
+
+def item_ids(path: Path, platform: str) -> list[str] | None:
+    """The item ids of ``platform`` in the export at ``path`` (None: it has no such catalog)."""
+    ids_file = path / "items" / f"{platform}.json"
+    return load_items(path, platform).item_ids if ids_file.exists() else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None

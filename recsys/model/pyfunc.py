@@ -4,17 +4,36 @@ Input: a DataFrame with ``platform`` (str), ``history`` (list of item ids, oldes
 optional ``k`` (int, default 10). Output: one row per input with ``items`` (top-k item ids) and
 ``scores``. Item vectors of each platform are computed once at load time; a call runs only the
 user tower and one top-k per platform.
+
+Logged with MLflow's models-from-code (``CODE_FILE``), with ``SIGNATURE`` and an input example
+from the export itself (``input_example``): loading a version never unpickles anything.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
 
-from recsys.model.export import Exported, load_export
+from recsys.model.export import Exported, item_ids, load_export, read_meta
+
+CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "platform"), ColSpec(Array("string"), "history"),
+                   ColSpec("long", "k", required=False)]),
+    outputs=Schema([ColSpec(Array("string"), "items"), ColSpec(Array("double"), "scores")]))
+
+
+def input_example(export: Path) -> pd.DataFrame:
+    """One request on the export's first platform: its first three items as the history."""
+    platform = read_meta(export).platforms_with_items[0]
+    return pd.DataFrame({"platform": [platform],
+                         "history": [(item_ids(export, platform) or [])[:3]], "k": [5]})
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):

@@ -92,6 +92,8 @@ class DeployOutput(StageOutput):
     model: str
     version: str
     app: str
+    api_key_file: str | None = None
+    """Where the endpoint's API keys are (a path, never a key); None: ``auth: none``."""
 
 
 class SmokeOutput(StageOutput):

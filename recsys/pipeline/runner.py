@@ -82,8 +82,9 @@ def format_summary(cfg: PipelineConfig, res: PipelineResult) -> str:
         from ray._private.worker import get_dashboard_url
 
         url = get_dashboard_url()
-        if url:
-            links.append(("Ray dashboard", url if "://" in url else f"http://{url}"))
+        if url:  # Ray 2.60 guards it with a token (~/.ray/auth_token), asked once a browser
+            links.append(("Ray dashboard", (url if "://" in url else f"http://{url}")
+                          + "  (token: `ray get-auth-token`, from ~/.ray/auth_token)"))
     links.append(("Work dir", str(cfg.root)))
     width = max(len(k) for k, _ in links)
     lines += [f"  {k:<{width}}  {v}" for k, v in links]

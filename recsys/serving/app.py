@@ -16,25 +16,26 @@ validate ``args`` into ``AppArgs``, and FastAPI reads handler annotations; both 
 """
 
 import asyncio
-import hmac
 import logging
-import os
+import math
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import Field
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from recsys.config import StrictModel
-from recsys.data.pseudonym import DEFAULT_KEY_FILE, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key
+from recsys.serving.access import ANONYMOUS, Caller, RateLimiter, check_auth, identify, load_keys
+from recsys.serving.args import AppArgs, load_predictor, local_path, tracking_uri
+from recsys.serving.http import BodySizeLimit, swagger_assets
 from recsys.serving.model_source import is_registry_uri, parse_models_uri, registry_version
 from recsys.serving.predictor import (
     Predictor,
@@ -52,165 +53,91 @@ from recsys.serving.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from recsys.settings import get_settings
 
 log = logging.getLogger("recsys.serve")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY_HEADER = "x-api-key"
 READY_TIMEOUT_S = 5.0
 
 
-class AppArgs(StrictModel):
-    """The app's ``args`` in serve/config.yaml (or ``serve run ... key=value``)."""
-
-    model_uri: str = Field(
-        "models:/recsys-shop_c@champion",
-        description="models:/<name>@<alias> / models:/<name>/<version> in the MLflow registry, "
-                    "or a training run's export dir (relative paths: to the repo root)")
-    lake: str | None = Field("runs/demo/lake", description="lake with the users' events "
-                             "(histories, purchases, popular items); null: none")
-    tracking_uri: str | None = Field(None, description="MLflow server for models:/ uris "
-                                     "(default: $RECSYS_MLFLOW_TRACKING_URI, else the local "
-                                     "server the jobs started under runs/mlflow)")
-    poll_interval_s: float = Field(30.0, ge=0, description="how often a replica checks the "
-                                   "alias for a new version (0: never); swaps without downtime")
-    search: bool = Field(True, description="load the text encoder for /search")
-    max_batch_size: int = Field(16, ge=1, le=256, description="user-tower batch (1: no "
-                                "batching)")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1.0)
-    torch_threads: int = Field(1, ge=0, description="intra-op threads per replica (0: torch's "
-                               "default)")
-    api_key_env: str = Field("RECSYS_API_KEY", description="environment variable holding the "
-                             "API key; unset or empty: no key required")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    download_dir: str | None = Field(None, description="where registry models are downloaded "
-                                     "(default: a temporary directory)")
-    retries: int = Field(2, ge=0, le=5, description="times the gateway repeats a model call "
-                         "whose replica died mid-request (reads only, so safe to repeat)")
-
-
-def local_path(path: str) -> Path:
-    """Relative paths in the config mean the repo root (replicas may run elsewhere), unless
-    they exist relative to the current directory."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    return REPO_ROOT / p
-
-
-def tracking_uri(args: AppArgs) -> str | None:
-    """The registry to read: the app's ``tracking_uri``, ``$RECSYS_MLFLOW_TRACKING_URI``, else
-    the local server that the jobs started (``<work_dir>/mlflow/server.json``), if it is up.
-    Never starts a server: a replica must not own the registry."""
-    from recsys.tracking.server import default_root, read_detached
-
-    settings = get_settings()
-    uri = args.tracking_uri or settings.mlflow_tracking_uri
-    if uri:
-        return uri
-    info = read_detached(local_path(str(default_root(settings))))
-    return str(info["uri"]) if info else None
-
-
-def load_predictor(args: AppArgs) -> Predictor:
-    """What a replica serves, from the app args (a registry uri is resolved and downloaded)."""
-    tracking = tracking_uri(args)
-    lake = local_path(args.lake) if args.lake else None
-    pseudonymizer = None
-    if lake is not None:
-        # The key that pseudonymised the lake: $RECSYS_PSEUDONYM_KEY, $RECSYS_PSEUDONYM_KEY_FILE,
-        # else the repo's .recsys/pseudonym.key (a replica's working directory may be elsewhere).
-        key_file = None
-        if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
-            key_file = local_path(str(DEFAULT_KEY_FILE))
-        pseudonymizer = Pseudonymizer(load_key(create_if_missing=False, key_file=key_file)[0])
-    if is_registry_uri(args.model_uri):
-        return Predictor.from_model_uri(args.model_uri, lake, tracking_uri=tracking,
-                                        download_dir=args.download_dir, search=args.search,
-                                        pseudonymizer=pseudonymizer)
-    return Predictor.from_export(local_path(args.model_uri), lake, search=args.search,
-                                 pseudonymizer=pseudonymizer)
-
-
 # -- HTTP plumbing ------------------------------------------------------------------------------
 
+# The schema and the docs page are routes of their own, behind the key (below).
 api = FastAPI(
     title="recsys recommendation API",
     version="1",
     description="Cross-platform recommendations and text search over the served model "
                 "(the MLflow champion or a local export).",
+    docs_url=None, redoc_url=None, openapi_url=None,
 )
 _api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                               description="required when the server sets an API key")
-ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
-          503: {"model": ErrorBody}}
+                               description="required unless the server runs with auth: none")
+ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
+          413: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 
 
-def require_api_key(request: Request,
-                    key: Annotated[str | None, Depends(_api_key_header)] = None) -> None:
-    """Every endpoint but the health checks; the expected key is set by the replica."""
-    expected = getattr(request.app.state, "api_key", None)
-    if expected and not (key and hmac.compare_digest(key.encode(), expected.encode())):
-        raise HTTPException(401, "missing or wrong x-api-key")
+def caller_of(request: Request, key: str | None) -> Caller | None:
+    """The caller of a request (anonymous with ``auth: none``); None: no key matched."""
+    state = request.app.state
+    if state.auth == "none":
+        return Caller(ANONYMOUS)
+    return identify(state.keys, key, request.headers.get("authorization"))
 
 
-class BodySizeLimit:
-    """413 for a body over ``max_body_bytes``: checked on Content-Length, else on the bytes read.
-
-    A plain ASGI middleware (Starlette's ``@app.middleware("http")`` wraps every request in
-    extra tasks and streams, a few ms per request on 2 cores). Added with ``add_middleware``, it
-    reads the limit from the app's state (set by the replica)."""
-
-    def __init__(self, app) -> None:  # noqa: ANN001 (an ASGI app)
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = getattr(scope.get("app"), "state", None)
-        limit = getattr(state, "max_body_bytes", None) or 64 * 1024
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit() or int(declared) > limit:
-                return await _too_big(limit, scope, receive, send)
-            return await self.app(scope, receive, send)
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # No length declared (chunked): read the body here, then replay it to the app.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay([message]), send)
-            chunks.append(message)
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-            if size > limit:
-                return await _too_big(limit, scope, receive, send)
-        return await self.app(scope, _replay(chunks, receive), send)
+def authorize(request: Request,
+              key: Annotated[str | None, Depends(_api_key_header)] = None) -> Caller:
+    """Every endpoint but the health checks: a known key (401 otherwise; the Basic challenge
+    lets a browser open /docs with the key as password), within its rate (429)."""
+    caller = caller_of(request, key)
+    if caller is None:
+        raise HTTPException(401, "missing or wrong x-api-key",
+                            headers={"WWW-Authenticate": 'Basic realm="recsys"'})
+    wait = request.app.state.limiter.wait_s(caller)
+    if wait > 0:
+        raise HTTPException(429, f"rate limit of key {caller.name!r} exceeded",
+                            headers={"Retry-After": str(math.ceil(wait))})
+    return caller
 
 
-def _replay(messages: list[dict], then=None):  # noqa: ANN001, ANN202 (ASGI receive)
-    queue = list(messages)
-
-    async def receive() -> dict:
-        if queue:
-            return queue.pop(0)
-        if then is not None:
-            return await then()
-        return {"type": "http.disconnect"}
-
-    return receive
+Authorized = Annotated[Caller, Depends(authorize)]
 
 
-async def _too_big(limit: int, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
-    await JSONResponse({"detail": f"request body over {limit} bytes"},
-                       status_code=413)(scope, receive, send)
+def _check_platform(caller: Caller, platform: str) -> None:
+    if not caller.may_use(platform):
+        raise HTTPException(403, f"key {caller.name!r} may not use platform {platform!r}")
+
+
+# Swagger UI from the installed swagger-ui-bundle, not a CDN: /docs works offline. The assets are
+# the public Swagger UI code; the page and the schema need the key.
+api.mount("/docs/assets", StaticFiles(directory=swagger_assets()), name="docs-assets")
+
+
+@api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+def openapi_schema() -> JSONResponse:
+    return JSONResponse(api.openapi())
+
+
+@api.get("/docs", include_in_schema=False, dependencies=[Depends(authorize)])
+def swagger_ui(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json", title=f"{api.title} - docs",
+        swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png")
 
 
 api.add_middleware(BodySizeLimit)
+
+
+@dataclass(frozen=True)
+class FailedLoad:
+    """A champion version this replica could not load (it keeps serving the one it has)."""
+
+    version: str
+    attempts: int
+    error: str
+    retry_at: float  # time.monotonic() of the next try
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=64)
@@ -231,7 +158,11 @@ class Recommender:
         self.latency = Histogram("recsys_predict_ms", description="model time per request",
                                  boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200],
                                  tag_keys=("endpoint",))
+        self.load_failures = Counter("recsys_model_load_failures", description="champion "
+                                     "versions that failed to load (the replica kept its own)",
+                                     tag_keys=("model",))
         self.swaps = 0
+        self.failed: FailedLoad | None = None
         if args.poll_interval_s > 0 and is_registry_uri(args.model_uri) \
                 and parse_models_uri(args.model_uri).alias is not None:
             threading.Thread(target=self._watch_alias, name="alias-watch", daemon=True).start()
@@ -240,22 +171,47 @@ class Recommender:
 
     def _watch_alias(self) -> None:
         """Poll the alias; on a new version load it beside the current predictor, then swap the
-        reference: requests keep being answered by the old model until the new one is ready."""
+        reference: requests keep being answered by the old model until the new one is ready.
+
+        A version that fails to load (a poisoned or broken export: pickle, path escape,
+        truncated weights, a catalog that does not match) is counted, its downloaded files are
+        removed, and it is tried again after an exponential backoff; meanwhile the replica
+        serves what it has and ``ready()`` says it is stale."""
         ref = parse_models_uri(self.args.model_uri)
-        name, alias = ref.name, ref.alias
         tracking = tracking_uri(self.args)
         while not self._stop.wait(self.args.poll_interval_s):
             try:
                 version = registry_version(ref, tracking)
-                if version != self.predictor.source.version:
-                    started = time.perf_counter()
-                    new = load_predictor(self.args)
-                    self.predictor, self.swaps = new, self.swaps + 1
-                    log.info("models:/%s@%s -> version %s, swapped in %.1f s", name, alias,
-                             new.source.version, time.perf_counter() - started)
-            except Exception:  # keep serving the current model; the next poll retries
-                log.exception("checking models:/%s@%s failed; still serving version %s", name,
-                              alias, self.predictor.source.version)
+            except Exception:  # the registry is unreachable: keep serving, ask again later
+                log.exception("checking %s failed; still serving version %s",
+                              self.args.model_uri, self.predictor.source.version)
+                continue
+            failed = self.failed
+            if version == self.predictor.source.version:
+                self.failed = None  # the alias was moved back to what is served
+            elif failed is None or failed.version != version or time.monotonic() >= \
+                    failed.retry_at:
+                self._swap_to(version, failed)
+
+    def _swap_to(self, version: str, failed: FailedLoad | None) -> None:
+        started = time.perf_counter()
+        try:
+            new = load_predictor(self.args)  # cleans up its own download when it fails
+        except Exception as e:  # noqa: BLE001 (whatever a bad version raises, keep serving)
+            attempts = failed.attempts + 1 if failed and failed.version == version else 1
+            delay = min(self.args.reload_backoff_max_s,
+                        self.args.poll_interval_s * 2 ** attempts)
+            self.failed = FailedLoad(version, attempts, f"{type(e).__name__}: {e}"[:500],
+                                     time.monotonic() + delay)
+            self.load_failures.inc(tags={"model": parse_models_uri(self.args.model_uri).name})
+            log.error("%s version %s failed to load (attempt %d, next in %.0f s); still "
+                      "serving version %s: %s", self.args.model_uri, version, attempts, delay,
+                      self.predictor.source.version, self.failed.error)
+            return
+        old, self.predictor, self.swaps, self.failed = self.predictor, new, self.swaps + 1, None
+        old.source.discard()  # in-flight requests hold the old model in memory, not its files
+        log.info("%s -> version %s, swapped in %.1f s", self.args.model_uri,
+                 new.source.version, time.perf_counter() - started)
 
     def __del__(self) -> None:
         if hasattr(self, "_stop"):
@@ -267,8 +223,14 @@ class Recommender:
         p = getattr(self, "predictor", None)
         if p is None or not p.catalogs:
             return Health(status="loading")
-        return Health(status="ready", detail=f"{p.source.name} version {p.source.version}, "
-                                             f"platforms {p.platforms}")
+        serving = f"{p.source.name} version {p.source.version}, platforms {p.platforms}"
+        f = self.failed
+        if f is not None:
+            wait = max(0.0, f.retry_at - time.monotonic())
+            return Health(status="stale", detail=f"serving {serving}; version {f.version} "
+                          f"failed to load {f.attempts} time(s), next try in {wait:.0f} s: "
+                          f"{f.error}")
+        return Health(status="ready", detail=serving)
 
     def info(self) -> ModelInfo:
         return self.predictor.info()
@@ -325,19 +287,27 @@ class Gateway:
     def __init__(self, args: AppArgs, model: DeploymentHandle) -> None:
         self.args = args
         self.model = model
-        api.state.api_key = os.environ.get(args.api_key_env) or None
+        key_file = local_path(args.api_key_file) if args.api_key_file else None
+        keys = load_keys(key_file, args.api_key_env)
+        check_auth(args.auth, keys)  # fails closed: no key and no explicit auth: none
+        api.state.auth, api.state.keys = args.auth, keys
+        api.state.limiter = RateLimiter(args.rate_limit_per_s)
         api.state.max_body_bytes = args.max_body_bytes
         self.retried = Counter("recsys_gateway_retries",
                                description="model calls repeated after a replica died",
                                tag_keys=("endpoint",))
 
-    async def _call(self, method: str, *call_args: object) -> object:
+    async def _call(self, method: str, *call_args: object, caller: Caller | None = None
+                    ) -> object:
         for attempt in range(self.args.retries + 1):
             try:
                 return await getattr(self.model, method).remote(*call_args)
             except RayTaskError as e:  # the replica raised: its own errors become 404 / 503
-                if isinstance(e.cause, UnknownPlatform):
-                    raise HTTPException(404, str(e.cause)) from None
+                if isinstance(e.cause, UnknownPlatform):  # the platforms only to full keys
+                    full = caller is not None and caller.authenticated and caller.platforms \
+                        is None
+                    raise HTTPException(404, str(e.cause) if full else
+                                        f"unknown platform {e.cause.args[0]!r}") from None
                 if isinstance(e.cause, SearchUnavailable):
                     raise HTTPException(503, f"search unavailable: {e.cause}") from None
                 raise
@@ -360,32 +330,39 @@ class Gateway:
 
     @api.get("/readyz", response_model=Health, tags=["health"],
              responses={503: {"model": Health}})
-    async def readyz(self) -> Health | JSONResponse:
-        """Readiness: a model replica has the model and every platform's item matrix loaded."""
+    async def readyz(self, request: Request,
+                     key: Annotated[str | None, Depends(_api_key_header)] = None
+                     ) -> Health | JSONResponse:
+        """Readiness: a model replica has the model and every platform's item matrix loaded
+        (``stale``: it serves, but the newest champion failed to load). What is served, and
+        why it is stale, only with a key: an anonymous probe learns no platform or version."""
         try:
             health = await asyncio.wait_for(self._call("ready"), timeout=READY_TIMEOUT_S)
         except (TimeoutError, HTTPException):
             health = Health(status="loading", detail="no model replica answered")
-        if health.status != "ready":
+        caller = caller_of(request, key)
+        if caller is None or not caller.authenticated:
+            health = Health(status=health.status)
+        if health.status not in ("ready", "stale"):
             return JSONResponse(health.model_dump(), status_code=503)
         return health
 
     @api.get("/model", response_model=ModelInfo, responses=ERRORS,
-             dependencies=[Depends(require_api_key)])
+             dependencies=[Depends(authorize)])
     async def model_info(self) -> ModelInfo:
         return await self._call("info")
 
-    @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS,
-              dependencies=[Depends(require_api_key)])
-    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+    @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
+    async def recommend(self, body: RecommendRequest, caller: Authorized) -> RecommendResponse:
         """Top-k items for a user on a platform; falls back to popular items without history."""
-        return await self._call("recommend", body)
+        _check_platform(caller, body.platform)
+        return await self._call("recommend", body, caller=caller)
 
-    @api.post("/search", response_model=SearchResponse, responses=ERRORS,
-              dependencies=[Depends(require_api_key)])
-    async def search(self, body: SearchRequest) -> SearchResponse:
+    @api.post("/search", response_model=SearchResponse, responses=ERRORS)
+    async def search(self, body: SearchRequest, caller: Authorized) -> SearchResponse:
         """Items of a platform closest to a text query, in the same space as recommendations."""
-        return await self._call("search", body)
+        _check_platform(caller, body.platform)
+        return await self._call("search", body, caller=caller)
 
 
 def compose(args: AppArgs, model_options: dict | None = None,

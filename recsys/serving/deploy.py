@@ -11,6 +11,8 @@ naming the file and the key.
 from __future__ import annotations
 
 import difflib
+import os
+import secrets
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,8 @@ def deployment_options(app: ServeApplicationSchema, name: str) -> dict[str, Any]
 
 def with_env_vars(options: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """``options`` with ``env`` merged into the replicas' ``runtime_env.env_vars`` (over what the
-    config sets there); secrets such as the pseudonym key travel this way, not in the file."""
+    config sets there). Never a secret: the Ray dashboard shows a runtime_env to anyone who
+    can reach it; secrets travel as files (``secret_file``) whose paths go here."""
     if not env:
         return dict(options)
     actor = dict(options.get("ray_actor_options") or {})
@@ -74,6 +77,20 @@ def with_env_vars(options: Mapping[str, Any], env: Mapping[str, str]) -> dict[st
     runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env}
     actor["runtime_env"] = runtime_env
     return {**options, "ray_actor_options": actor}
+
+
+def secret_file(path: Path, content: str | None = None) -> tuple[Path, bool]:
+    """A file only its owner may read (0600), holding ``content``, or one random API key line
+    when ``content`` is None and the file is missing; returns (path, whether it was written)."""
+    if content is None and path.exists():
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = content if content is not None else f"default {secrets.token_urlsafe(32)}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path, True
 
 
 # -- unknown keys ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ imports mlflow at import time.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,13 @@ class ModelSource:
     name: str
     version: str | None = None
     alias: str | None = None
+    download_root: Path | None = None
+    """The directory a registry version was downloaded into (None: a local export)."""
+
+    def discard(self) -> None:
+        """Remove the downloaded files (a model that failed to load, or was swapped out)."""
+        if self.download_root is not None:
+            shutil.rmtree(self.download_root, ignore_errors=True)
 
 
 class RegistryRef(NamedTuple):
@@ -93,7 +101,14 @@ def resolve_model(uri: str, tracking_uri: str | None = None,
     version = registry_version(ref, tracking_uri)
     from recsys.tracking.registry import download_export
 
-    root = Path(download_dir or tempfile.mkdtemp(prefix="recsys-serve-"))
-    export = download_export(tracking_uri, ref.name, version, root / f"{ref.name}-v{version}")
+    if download_dir is not None:
+        Path(download_dir).mkdir(parents=True, exist_ok=True)
+    # A fresh directory per download: removed as a whole when the version is discarded.
+    root = Path(tempfile.mkdtemp(prefix=f"{ref.name}-v{version}-", dir=download_dir))
+    try:
+        export = download_export(tracking_uri, ref.name, version, root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     return ModelSource(uri=uri, export_path=export, name=ref.name, version=version,
-                       alias=ref.alias)
+                       alias=ref.alias, download_root=root)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from recsys.data.lake import check_key
 from recsys.data.pseudonym import Pseudonymizer, load_key
 from recsys.model.export import Exported, load_export
 from recsys.model.features import category_prefixes, normalise
@@ -115,8 +116,10 @@ class Predictor:
 
     def __init__(self, exported: Exported, source: ModelSource,
                  history: HistoryStore | None = None,
-                 pseudonymizer: Pseudonymizer | None = None, search: bool = True) -> None:
+                 pseudonymizer: Pseudonymizer | None = None, search: bool = True,
+                 exclude_purchased: bool = True) -> None:
         self.exported = exported
+        self.exclude_purchased = exclude_purchased
         self.source = source
         self.model = exported.model.eval()
         self.history = history or HistoryStore()
@@ -139,31 +142,40 @@ class Predictor:
     @classmethod
     def from_export(cls, path: str | Path, lake: str | Path | None = None, *,
                     source: ModelSource | None = None, search: bool = True,
-                    pseudonymizer: Pseudonymizer | None = None) -> Predictor:
+                    pseudonymizer: Pseudonymizer | None = None,
+                    exclude_purchased: bool = True) -> Predictor:
         """Load an export directory; ``lake`` supplies user histories and popular items."""
         source = source or resolve_model(str(path))
         exported = load_export(source.export_path)
         history = None
         if lake is not None:
-            history = HistoryStore.from_lake(lake, platforms=list(exported.items),
-                                             max_len=int(exported.model.config["max_len"]))
             if pseudonymizer is None:
                 key, where = load_key(create_if_missing=False)
                 log.info("pseudonym key from %s", where)
-                pseudonymizer = Pseudonymizer(key)
+                pseudonymizer = Pseudonymizer(key, where)
+            # Another key than the lake's would find no user: refuse to start (KeyMismatchError).
+            check_key(lake, pseudonymizer, list(exported.items), purpose="serve")
+            history = HistoryStore.from_lake(lake, platforms=list(exported.items),
+                                             max_len=int(exported.model.config["max_len"]))
         else:
             log.warning("no lake: no user histories, and no popular items for the fallback")
-        return cls(exported, source, history, pseudonymizer, search)
+        return cls(exported, source, history, pseudonymizer, search, exclude_purchased)
 
     @classmethod
     def from_model_uri(cls, uri: str, lake: str | Path | None = None, *,
                        tracking_uri: str | None = None, download_dir: str | Path | None = None,
-                       search: bool = True,
-                       pseudonymizer: Pseudonymizer | None = None) -> Predictor:
-        """A local export path or ``models:/name@alias`` (downloaded from the registry)."""
+                       search: bool = True, pseudonymizer: Pseudonymizer | None = None,
+                       exclude_purchased: bool = True) -> Predictor:
+        """A local export path or ``models:/name@alias`` (downloaded from the registry; the
+        download is removed again when the export does not load)."""
         source = resolve_model(uri, tracking_uri, download_dir)
-        return cls.from_export(source.export_path, lake, source=source, search=search,
-                               pseudonymizer=pseudonymizer)
+        try:
+            return cls.from_export(source.export_path, lake, source=source, search=search,
+                                   pseudonymizer=pseudonymizer,
+                                   exclude_purchased=exclude_purchased)
+        except BaseException:
+            source.discard()
+            raise
 
     @torch.inference_mode()
     def _catalog(self, name: str) -> Catalog:
@@ -173,11 +185,11 @@ class Predictor:
                                       torch.as_tensor(it.category_ids),
                                       it.platform_id) if it.text_vecs is not None else None
         if table is None:
-            raise ValueError(f"{self.exported.path}: items/{name}.npz has no text vectors")
+            raise ValueError(f"{self.exported.path}: items/{name}.safetensors has no text vectors")
         path = self.exported.path / "catalog" / f"{name}.parquet"
         cat = pq.read_table(path, columns=["item_id", "title", "brand", "category"])
         if cat["item_id"].to_pylist() != it.item_ids:
-            raise ValueError(f"{path}: item ids differ from items/{name}.npz")
+            raise ValueError(f"{path}: item ids differ from items/{name}.json")
         brands = cat["brand"].to_pylist()
         categories = cat["category"].to_pylist()
         index = {item: i + 1 for i, item in enumerate(it.item_ids)}
@@ -239,7 +251,7 @@ class Predictor:
         histories = self._histories(request.user_id)
         own = histories.get(cat.platform)
         excluded = sorted(cat.index[i] for i in own.purchased
-                          if i in cat.index) if own and request.exclude_seen else []
+                          if i in cat.index) if own and self.exclude_purchased else []
         allowed = self._allowed(cat, request)
         ids = [cat.index[i] for i in (*(own.items if own else ()), *request.recent_items)
                if i in cat.index][-self.max_len:]
@@ -307,10 +319,8 @@ class Predictor:
                 items, source = self._popular(p), "popular"
             else:
                 items, source = self._top_k(p, next(users)), "model"
-            out.append(RecommendResponse(
-                platform=p.catalog.platform, source=source, history_platforms=p.history_platforms,
-                history_length=0 if p.seq is None else int(p.seq.shape[0]), items=items,
-                model_version=version))
+            out.append(RecommendResponse(platform=p.catalog.platform, source=source, items=items,
+                                         model_version=version))
         return out
 
     @torch.inference_mode()

@@ -25,6 +25,7 @@ def _encodable(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+ItemId = Annotated[Text, Field(min_length=1, max_length=256)]
 
 
 class _Body(BaseModel):
@@ -44,13 +45,11 @@ class RecommendRequest(_Body):
     platform: str = Field(pattern=PLATFORM_PATTERN, description="the shop to recommend for")
     user_id: Text | None = Field(None, min_length=1, max_length=256,
                                 description="raw user id; pseudonymised before the lookup")
-    recent_items: list[Text] = Field(
+    recent_items: list[ItemId] = Field(
         default_factory=list, max_length=MAX_RECENT_ITEMS,
         description="item ids of this platform seen in the current session, oldest first; "
                     "appended after the stored history")
     k: int = Field(10, ge=1, le=MAX_K)
-    exclude_seen: bool = Field(True, description="never return an item the user purchased "
-                                                 "on this platform")
     filters: Filters | None = None
 
 
@@ -65,11 +64,7 @@ class Item(BaseModel):
 class RecommendResponse(BaseModel):
     platform: str
     source: Literal["model", "popular"] = Field(
-        description="model: the user tower answered; popular: no usable history anywhere")
-    history_platforms: list[str] = Field(
-        description="platforms whose items formed the history (another platform's only: "
-                    "a cross-platform answer)")
-    history_length: int
+        description="model: the user tower answered; popular: no usable history")
     items: list[Item]
     model_version: str | None = None
 
@@ -98,7 +93,8 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "ready", "loading"]
+    status: Literal["ok", "ready", "stale", "loading"] = Field(
+        description="stale: serving, but the newest champion failed to load")
     detail: str | None = None
 
 

@@ -160,5 +160,6 @@ def _write_lake(lake: Path, pseudonymizer: Pseudonymizer) -> Path:
                                      schema=ITEMS_SCHEMA)
         empty_q = pa.table({"_reason": pa.array([], pa.string())})
         write_platform(lake, platform, pa.Table.from_pylist(rows, schema=EVENTS_SCHEMA), items,
-                       empty_q, empty_q, {"source": "toy"}, num_buckets=1)
+                       empty_q, empty_q, {"source": "toy", "pseudonym_key_fingerprint":
+                                         pseudonymizer.fingerprint}, num_buckets=1)
     return lake

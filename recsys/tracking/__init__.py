@@ -13,7 +13,7 @@ from typing import Any
 _SERVER = ("LocalMlflowServer", "ensure_tracking", "ensure_experiment", "start_detached",
            "stop_detached", "read_detached")
 _RUNS = ("start_run", "end_run", "log_config", "log_metrics", "log_system_info", "log_artifacts",
-         "log_pyfunc_model", "register_model")
+         "log_pyfunc_model", "log_recommender", "register_model")
 _REGISTRY = ("set_alias", "alias_version")
 
 __all__ = [*_SERVER, *_RUNS, *_REGISTRY]

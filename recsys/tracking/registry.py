@@ -9,6 +9,13 @@ version it replaced onto the ``champion_history`` tag of the registered model (a
 (``recsys registry ...``) and the serving endpoint. This module holds the project's one alias
 lookup (``alias_version``) and its one download of a version's export (``download_export``);
 ``recsys.serving.model_source`` resolves ``models:/`` uris through them.
+
+Concurrent writers (two sweeps promoting at once, a rollback during a promotion) are safe:
+every move of ``@champion`` (``promote``, ``rollback``, ``promote_if_better``) reads the champion,
+history and generation, checks that the champion is still the one its decision was taken against,
+and writes, all under ``recsys.tracking.champion_lock`` (compare-and-set; why a lock in the
+registry itself: that module). Downloading and scoring exports happen outside the lock: when the
+champion moved meanwhile, ``promote_if_better`` scores the new one and decides again.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from recsys.tracking.champion_lock import champion_lock
+from recsys.tracking.errors import RegistryError, not_found
 from recsys.tracking.runs import _process_tracking_uri, mlflow_key
 from recsys.tracking.runs import client as _client
 
@@ -37,20 +45,14 @@ PREVIOUS = "previous_champion"
 HISTORY_TAG = "champion_history"
 HISTORY_LIMIT = 50  # tag values are limited in size; older moves are in the versions' tags
 EXPORT_ARTIFACT = "export"  # the pyfunc's artifact key (recsys.model.pyfunc)
+GENERATION_TAG = "champion_generation"  # moves of @champion so far (each one adds 1)
+MAX_ATTEMPTS = 10  # champions scored by one promote_if_better before it gives up
 
 Scorer = Callable[[Path], float]
 
 
-class RegistryError(RuntimeError):
-    pass
-
-
 def default_model_name(platform: str) -> str:
     return f"recsys-{platform}"
-
-
-def _not_found(e: MlflowException) -> bool:
-    return e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
 @dataclass
@@ -65,7 +67,9 @@ class VersionInfo:
 
 @dataclass
 class Decision:
-    """What ``promote_if_better`` did, with both validation scores."""
+    """What ``promote_if_better`` did, with both validation scores. ``extra``: ``generation``
+    (of ``@champion`` when the decision was taken), ``moved`` (whether ``@champion`` moved),
+    ``attempts`` (champions compared with), or ``rejected`` (the export did not load)."""
 
     name: str
     version: str
@@ -87,7 +91,7 @@ def list_versions(uri: str, name: str) -> list[VersionInfo]:
     try:
         aliases_of = _aliases(c, name)
     except MlflowException as e:
-        if _not_found(e):
+        if not_found(e):
             raise RegistryError(f"no registered model named {name!r} at {uri}") from None
         raise
     versions = c.search_model_versions(f"name='{name}'")
@@ -108,8 +112,7 @@ def _aliases(c: MlflowClient, name: str) -> dict[str, list[str]]:
 
 def champion_history(uri: str, name: str) -> list[str]:
     """Versions that held ``@champion`` before the current one, oldest first."""
-    tags = _client(uri).get_registered_model(name).tags or {}
-    return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+    return champion_state(uri, name).history
 
 
 def alias_version(uri: str, name: str, alias: str) -> str | None:
@@ -121,7 +124,7 @@ def alias_version(uri: str, name: str, alias: str) -> str | None:
     try:
         model = _client(uri).get_registered_model(name)
     except MlflowException as e:
-        if _not_found(e):
+        if not_found(e):
             return None
         raise
     version = (model.aliases or {}).get(alias)
@@ -146,17 +149,63 @@ def describe(uri: str, name: str) -> dict[str, Any]:
     }
 
 
-def _set_history(c: MlflowClient, name: str, history: list[str]) -> None:
+# --- moves of @champion (each one under the lock) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class ChampionState:
+    """``@champion``, the versions that held it before (oldest first) and the number of moves
+    so far: what a move reads, checks and writes under the champion lock."""
+
+    champion: str | None
+    history: list[str]
+    generation: int
+
+
+def champion_state(uri: str, name: str) -> ChampionState:
+    return _read_state(_client(uri), name)
+
+
+def _read_state(c: MlflowClient, name: str) -> ChampionState:
+    model = c.get_registered_model(name)
+    tags = model.tags or {}
+    champion = (model.aliases or {}).get(CHAMPION)
+    return ChampionState(champion=None if champion is None else str(champion),
+                         history=[str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))],
+                         generation=int(tags.get(GENERATION_TAG, "0")))
+
+
+def _move(c: MlflowClient, name: str, state: ChampionState, champion: str,
+          history: list[str]) -> int:
+    """Write a move from ``state`` (read under the lock held now); returns its generation."""
     history = history[-HISTORY_LIMIT:]
+    generation = state.generation + 1
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    c.set_registered_model_tag(name, GENERATION_TAG, str(generation))
+    c.set_registered_model_alias(name, CHAMPION, champion)
     if history:
         c.set_registered_model_alias(name, PREVIOUS, history[-1])
     else:
         try:
             c.delete_registered_model_alias(name, PREVIOUS)
         except MlflowException as e:
-            if not _not_found(e):
+            if not not_found(e):
                 raise
+    return generation
+
+
+def _promote_locked(c: MlflowClient, name: str, version: str, reason: str,
+                    state: ChampionState) -> int:
+    previous = state.champion
+    history = state.history if previous is None else [*state.history, previous]
+    generation = _move(c, name, state, version, history)
+    for k, v in {"role": CHAMPION, "promoted_at": str(int(time.time())),
+                 "promotion_reason": reason, GENERATION_TAG: str(generation)}.items():
+        c.set_model_version_tag(name, version, k, v)
+    if previous is not None:
+        c.set_model_version_tag(name, previous, "role", "former_champion")
+    log.info("%s: @champion %s -> %s (%s)", name, previous, version, reason)
+    return generation
 
 
 def promote(uri: str, name: str, version: str | int, reason: str = "manual") -> str | None:
@@ -165,35 +214,27 @@ def promote(uri: str, name: str, version: str | int, reason: str = "manual") -> 
     c = _client(uri)
     version = str(version)
     c.get_model_version(name, version)  # raises if it does not exist
-    previous = alias_version(uri, name, CHAMPION)
-    if previous == version:
-        return previous
-    c.set_registered_model_alias(name, CHAMPION, version)
-    if previous is not None:
-        _set_history(c, name, [*champion_history(uri, name), previous])
-    c.set_model_version_tag(name, version, "role", CHAMPION)
-    c.set_model_version_tag(name, version, "promoted_at", str(int(time.time())))
-    c.set_model_version_tag(name, version, "promotion_reason", reason)
-    if previous is not None:
-        c.set_model_version_tag(name, previous, "role", "former_champion")
-    log.info("%s: @champion %s -> %s (%s)", name, previous, version, reason)
-    return previous
+    with champion_lock(uri, name):
+        state = _read_state(c, name)
+        if state.champion != version:
+            _promote_locked(c, name, version, reason, state)
+    return state.champion
 
 
 def rollback(uri: str, name: str) -> str:
     """Give ``@champion`` back to the version it replaced last; returns that version."""
     c = _client(uri)
-    history = champion_history(uri, name)
-    if not history:
-        raise RegistryError(f"{name}: no previous champion to roll back to")
-    current = alias_version(uri, name, CHAMPION)
-    target = history.pop()
-    c.set_registered_model_alias(name, CHAMPION, target)
-    _set_history(c, name, history)
-    c.set_model_version_tag(name, target, "role", CHAMPION)
-    c.set_model_version_tag(name, target, "promotion_reason", f"rollback from {current}")
-    if current is not None:
-        c.set_model_version_tag(name, current, "role", "rolled_back")
+    with champion_lock(uri, name):
+        state = _read_state(c, name)
+        if not state.history:
+            raise RegistryError(f"{name}: no previous champion to roll back to")
+        current, target = state.champion, state.history[-1]
+        generation = _move(c, name, state, target, state.history[:-1])
+        for k, v in {"role": CHAMPION, "promotion_reason": f"rollback from {current}",
+                     GENERATION_TAG: str(generation)}.items():
+            c.set_model_version_tag(name, target, k, v)
+        if current is not None:
+            c.set_model_version_tag(name, current, "role", "rolled_back")
     log.info("%s: rolled @champion back %s -> %s", name, current, target)
     return target
 
@@ -216,16 +257,24 @@ def download_export(uri: str, name: str, version: str | int, dst: Path) -> Path:
 
 
 def _export_inside(model_dir: Path, what: str) -> Path:
-    """The export directory inside a downloaded pyfunc model (its ``export`` artifact)."""
+    """The export directory inside a downloaded pyfunc model (its ``export`` artifact). The path
+    comes from the model's own MLmodel file, so it is checked to stay inside ``model_dir`` (and
+    so is every file of the export: no link out of it)."""
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
         raise RegistryError(f"{what}: {model_dir} is not an MLflow model (no MLmodel file)")
-    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get(
+        "python_function", {})
     rel = flavor.get("artifacts", {}).get(EXPORT_ARTIFACT, {}).get("path")
     if rel is None:
         raise RegistryError(f"{what}: {mlmodel} has no {EXPORT_ARTIFACT!r} artifact (log the "
                             f"pyfunc with artifacts={{{EXPORT_ARTIFACT!r}: <export dir>}})")
-    export = model_dir / rel
+    root = model_dir.resolve()
+    export = (model_dir / str(rel)).resolve()
+    outside = [p for p in (export, *export.rglob("*")) if not p.resolve().is_relative_to(root)]
+    if outside:
+        raise RegistryError(f"{what}: {mlmodel} points its {EXPORT_ARTIFACT!r} artifact at "
+                            f"{outside[0]}, outside the download directory {root}; refused")
     if not (export / "export.json").is_file():
         raise RegistryError(f"{what}: no export.json in its {EXPORT_ARTIFACT!r} artifact "
                             f"({export})")
@@ -233,14 +282,15 @@ def _export_inside(model_dir: Path, what: str) -> Path:
 
 
 def _same_catalog(a: Path, b: Path, platform: str) -> bool:
-    import numpy as np
+    from recsys.model.export import item_ids
 
-    fa, fb = a / "items" / f"{platform}.npz", b / "items" / f"{platform}.npz"
-    if not (fa.exists() and fb.exists()):
-        return False
-    ia = np.load(fa, allow_pickle=True)["item_ids"]
-    ib = np.load(fb, allow_pickle=True)["item_ids"]
-    return bool(len(ia) == len(ib) and (ia == ib).all())
+    ids_a = item_ids(a, platform)
+    return ids_a is not None and ids_a == item_ids(b, platform)
+
+
+UNLOADABLE = (ValueError, OSError, RegistryError)
+"""What downloading, loading or scoring a broken or tampered export raises (``ExportError`` is a
+ValueError): the version is refused, not the caller's process."""
 
 
 def promote_if_better(uri: str, name: str, version: str | int, score: Scorer, *,
@@ -250,38 +300,117 @@ def promote_if_better(uri: str, name: str, version: str | int, score: Scorer, *,
     """Make ``version`` the champion only if ``score`` (higher is better, evaluated here on both
     exports) beats the current champion by more than ``min_improvement``; otherwise tag it a
     challenger with both scores. The champion must rank the same catalog of ``platform``: a
-    comparison on different items would not be on the same validation data."""
+    comparison on different items would not be on the same validation data.
+
+    A version whose export does not download, load or score (a pickle inside, a path out of its
+    directory, truncated weights) is refused and tagged ``role=rejected``. The decision is
+    compare-and-set: written under ``champion_lock`` only if the champion it was taken against
+    is still the champion; when another writer moved it during the (slow, unlocked) scoring,
+    the new champion is scored and the decision taken again."""
     c = _client(uri)
     version = str(version)
     metric = mlflow_key(metric)  # a tag key: MLflow rejects '@'
     with tempfile.TemporaryDirectory() as tmp:
-        mine = challenger_export or download_export(uri, name, version, Path(tmp) / "challenger")
-        mine_score = float(score(Path(mine)))
-        champion = alias_version(uri, name, CHAMPION)
+        try:
+            mine = _loaded(challenger_export
+                           or download_export(uri, name, version, Path(tmp) / "challenger"))
+            mine_score = float(score(mine))
+        except UNLOADABLE as e:
+            return _reject(c, uri, name, version, metric, e)
         c.set_model_version_tag(name, version, metric, f"{mine_score:.6f}")
-        if champion is None:
-            promote(uri, name, version, reason=f"first champion ({metric} {mine_score:.4f})")
-            return Decision(name, version, True, "no champion yet", metric, mine_score, None, None)
-        if champion == version:
-            return Decision(name, version, True, "already champion", metric, mine_score,
-                            champion, mine_score)
-        theirs = download_export(uri, name, champion, Path(tmp) / "champion")
-        if not _same_catalog(Path(mine), theirs, platform):
-            reason = (f"champion v{champion} ranks another catalog of {platform}: not comparable "
-                      "on the same validation data; promote by hand if intended")
-            _tag_challenger(c, name, version, metric, mine_score, champion, None, reason)
-            return Decision(name, version, False, reason, metric, mine_score, champion, None)
-        their_score = float(score(theirs))
-    if mine_score > their_score + min_improvement:
-        reason = f"{metric} {mine_score:.4f} > champion v{champion} {their_score:.4f}"
-        promote(uri, name, version, reason=reason)
+        scored: dict[str, _Theirs] = {}
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            champion = alias_version(uri, name, CHAMPION)
+            if champion not in (None, version) and champion not in scored:
+                scored[champion] = _score_champion(uri, name, champion, mine, score, platform,
+                                                   Path(tmp) / f"champion-v{champion}")
+            with champion_lock(uri, name):
+                state = _read_state(c, name)
+                if state.champion == champion:
+                    theirs = None if champion is None else scored.get(champion)
+                    return _decide(c, name, version, metric, mine_score, state, theirs,
+                                   min_improvement, attempt)
+            log.info("%s: @champion moved from %s to %s while v%s was compared with it; "
+                     "comparing again", name, champion, state.champion, version)
+    raise RegistryError(f"{name}: @champion moved {MAX_ATTEMPTS} times while v{version} was "
+                        "being compared with it; try again")
+
+
+@dataclass(frozen=True)
+class _Theirs:
+    """The champion's side of a comparison: its score, or why there is none."""
+
+    score: float | None
+    why_not: str = ""
+
+
+def _loaded(export: str | Path) -> Path:
+    """``export``, once it has loaded: a pickled catalog, truncated weights or a malformed file
+    raises here, before a scorer (which may not load it the same way) reads it."""
+    from recsys.model.export import load_export
+
+    load_export(export)
+    return Path(export)
+
+
+def _score_champion(uri: str, name: str, champion: str, mine: Path, score: Scorer,
+                    platform: str, dst: Path) -> _Theirs:
+    try:
+        theirs = _loaded(download_export(uri, name, champion, dst))
+        if not _same_catalog(mine, theirs, platform):
+            return _Theirs(None, f"champion v{champion} ranks another catalog of {platform}: "
+                                 "not comparable on the same validation data; promote by hand "
+                                 "if intended")
+        return _Theirs(float(score(theirs)))
+    except UNLOADABLE as e:
+        log.warning("%s: champion v%s does not load: %s", name, champion, e)
+        return _Theirs(None, f"champion v{champion} does not load ({e}): not compared; promote "
+                             "by hand if intended")
+
+
+def _decide(c: MlflowClient, name: str, version: str, metric: str, mine: float,
+            state: ChampionState, theirs: _Theirs | None, min_improvement: float,
+            attempt: int) -> Decision:
+    """The decision against ``state.champion``, written while the champion lock is held.
+    ``extra``: the generation it was taken at (a promotion makes the next one), whether
+    ``@champion`` moved, and how many champions were tried."""
+    champion = state.champion
+    extra: dict[str, Any] = {"generation": state.generation, "moved": False,
+                             "attempts": attempt}
+    if champion is None:
+        _promote_locked(c, name, version, f"first champion ({metric} {mine:.4f})", state)
+        return Decision(name, version, True, "no champion yet", metric, mine, None, None,
+                        {**extra, "moved": True})
+    if champion == version:
+        return Decision(name, version, True, "already champion", metric, mine, champion, mine,
+                        extra)
+    if theirs is None or theirs.score is None:
+        reason = theirs.why_not if theirs else f"champion v{champion} was not scored"
+        _tag_challenger(c, name, version, metric, mine, champion, None, reason)
+        return Decision(name, version, False, reason, metric, mine, champion, None, extra)
+    if mine > theirs.score + min_improvement:
+        reason = f"{metric} {mine:.4f} > champion v{champion} {theirs.score:.4f}"
+        _promote_locked(c, name, version, reason, state)
         c.set_model_version_tag(name, version, f"champion_{metric}_at_promotion",
-                                f"{their_score:.6f}")
-        return Decision(name, version, True, reason, metric, mine_score, champion, their_score)
-    reason = (f"{metric} {mine_score:.4f} does not beat champion v{champion} {their_score:.4f}"
+                                f"{theirs.score:.6f}")
+        return Decision(name, version, True, reason, metric, mine, champion, theirs.score,
+                        {**extra, "moved": True})
+    reason = (f"{metric} {mine:.4f} does not beat champion v{champion} {theirs.score:.4f}"
               + (f" by more than {min_improvement}" if min_improvement else ""))
-    _tag_challenger(c, name, version, metric, mine_score, champion, their_score, reason)
-    return Decision(name, version, False, reason, metric, mine_score, champion, their_score)
+    _tag_challenger(c, name, version, metric, mine, champion, theirs.score, reason)
+    return Decision(name, version, False, reason, metric, mine, champion, theirs.score, extra)
+
+
+def _reject(c: MlflowClient, uri: str, name: str, version: str, metric: str,
+            error: Exception) -> Decision:
+    """Refuse a version whose export does not load: tagged, never promoted."""
+    reason = f"v{version} refused: its export does not load safely ({error})"
+    tags = {"role": "rejected", "decision": reason[:4000], "rejected_at": str(int(time.time()))}
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, v)
+    log.warning("%s: %s", name, reason)
+    return Decision(name, version, False, reason, metric, None,
+                    alias_version(uri, name, CHAMPION), None, {"rejected": True})
 
 
 def _tag_challenger(c: MlflowClient, name: str, version: str, metric: str, mine: float,

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
@@ -35,9 +35,6 @@ from mlflow.utils.validation import (
 )
 
 from recsys.tracking.server import ensure_experiment
-
-if TYPE_CHECKING:
-    import mlflow.pyfunc
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +242,17 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
         yield
 
 
-def log_pyfunc_model(uri: str, run_id: str, python_model: mlflow.pyfunc.PythonModel,
+def log_pyfunc_model(uri: str, run_id: str, model_code: str | Path,
                      artifacts: Mapping[str, str], name: str = "model",
                      pip_requirements: list[str] | None = None, input_example: Any = None,
-                     step: int = 0) -> str:
-    """Log a custom pyfunc model to the run and return its ``models:/<model_id>`` URI.
+                     signature: Any = None, step: int = 0) -> str:
+    """Log a pyfunc model from code to the run and return its ``models:/<model_id>`` URI.
 
-    ``runs:/<run_id>/<name>`` resolves to the same model. ``artifacts`` are local files or dirs
-    the model reads in ``load_context``; ``pip_requirements=None`` lets MLflow infer them (slow:
-    it loads the model in a subprocess).
+    ``model_code`` is a Python file that calls ``mlflow.models.set_model(...)`` (MLflow's
+    models-from-code): a loaded version runs that file, never unpickles an object, so a registry
+    write cannot smuggle code into a serving replica. ``runs:/<run_id>/<name>`` resolves to the
+    same model. ``artifacts`` are local files or dirs the model reads in ``load_context``;
+    ``pip_requirements=None`` lets MLflow infer them (slow: it loads the model in a subprocess).
 
     Why not ``with mlflow.start_run(run_id): mlflow.pyfunc.log_model(...)``: leaving that block
     ends the run (FINISHED) while training may still be logging. Without an active run, MLflow 3
@@ -263,6 +262,9 @@ def log_pyfunc_model(uri: str, run_id: str, python_model: mlflow.pyfunc.PythonMo
     import mlflow.pyfunc
     from mlflow.models import Model
 
+    if not isinstance(model_code, str | Path) or not Path(model_code).is_file():
+        raise TypeError(f"model_code must be a models-from-code Python file, not "
+                        f"{model_code!r}: a pickled Python object is never logged")
     c = client(uri)
     run = c.get_run(run_id)
     logged = c.create_logged_model(
@@ -272,14 +274,25 @@ def log_pyfunc_model(uri: str, run_id: str, python_model: mlflow.pyfunc.PythonMo
         with _process_tracking_uri(uri):
             info = Model.log(
                 artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                model_id=logged.model_id, step=step, python_model=python_model,
+                model_id=logged.model_id, step=step, python_model=str(model_code),
                 artifacts=dict(artifacts), pip_requirements=pip_requirements,
-                input_example=input_example)
+                input_example=input_example, signature=signature)
     except BaseException:
         # Leave no PENDING model behind that looks like it might still finish uploading.
         c.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         raise
     return str(info.model_uri)
+
+
+def log_recommender(uri: str, run_id: str, export: Path, name: str = "model",
+                    pip_requirements: list[str] | None = None) -> str:
+    """Log an export as the recommender pyfunc (``recsys.model.pyfunc``): from code, with its
+    signature and an input example taken from the export."""
+    from recsys.model.pyfunc import CODE_FILE, SIGNATURE, input_example
+
+    return log_pyfunc_model(uri, run_id, CODE_FILE, artifacts={"export": str(export)},
+                            name=name, pip_requirements=pip_requirements,
+                            input_example=input_example(Path(export)), signature=SIGNATURE)
 
 
 def register_model(uri: str, model_uri: str, name: str,

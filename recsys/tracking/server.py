@@ -10,7 +10,8 @@ Two ways to run it:
   the end of a ``with`` block.
 * ``ensure_tracking(settings)``: a *detached* server under ``<work_dir>/mlflow`` that outlives the
   job so the user can open the UI afterwards. Its pid and port are in ``server.json``; the next job
-  reuses it. Stop it with ``stop_detached(root)`` (what ``recsys stop`` / ``make stop`` call).
+  reuses it, if that pid still has the recorded start time. Stop it with
+  ``stop_detached_server(root)`` (what ``recsys stop`` / ``make stop`` call).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import psutil
 
 from recsys.cluster import free_port
+from recsys.processes import StopReport, around, find_recorded, terminate, with_descendants
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,13 +108,6 @@ def _live_group_members(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue  # exited while we looked: exactly what we want
     return alive
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def stop_process_group(pgid: int, timeout: float = STOP_TIMEOUT_S,
@@ -247,8 +242,11 @@ class LocalMlflowServer:
         """Hand the running server over to ``server.json``: it keeps running after we exit."""
         if self._proc is None or self.port is None:
             raise RuntimeError("server not started")
-        info = {"pid": self._proc.pid, "port": self.port, "uri": self.uri,
-                "root": str(self.root), "started": time.time()}
+        # The start time identifies the process: a pid in a stale file may be another's now.
+        info = {"pid": self._proc.pid,
+                "create_time": psutil.Process(self._proc.pid).create_time(),
+                "port": self.port, "uri": self.uri, "root": str(self.root),
+                "started": time.time()}
         tmp = self.root / (SERVER_JSON + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.root / SERVER_JSON)
@@ -276,13 +274,28 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _server_process(info: dict[str, Any], report: StopReport) -> psutil.Process | None:
+    """The process ``server.json`` names, if it still is the server we started: its pid with
+    the recorded start time (files written before start times were recorded: a start before
+    ``started``, within the readiness timeout). A recycled pid is reported, never returned."""
+    pid = int(info["pid"])
+    if "create_time" in info:
+        created = around(float(info["create_time"]))
+    else:
+        started = float(info["started"])
+        created = (started - READY_TIMEOUT_S - 60.0, started)
+    return find_recorded(pid, created, "mlflow server", report)
+
+
 def read_detached(root: Path) -> dict[str, Any] | None:
-    """``server.json`` if the server it names is alive and healthy, else None."""
+    """``server.json`` if the server it names is alive (same pid and start time) and healthy,
+    else None."""
     path = Path(root) / SERVER_JSON
     if not path.exists():
         return None
     info = json.loads(path.read_text())
-    if _pid_alive(int(info["pid"])) and health_ok(str(info["uri"])):
+    if _server_process(info, StopReport("MLflow server")) is not None \
+            and health_ok(str(info["uri"])):
         return info
     return None
 
@@ -306,19 +319,50 @@ def start_detached(root: Path) -> str:
 
 
 def stop_detached(root: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
-    """Stop the detached server under ``root``; False if there was none running."""
+    """Stop the detached server under ``root``; False if there was none running (or it could
+    not be stopped: :func:`stop_detached_server` says why)."""
+    report = stop_detached_server(root, timeout)
+    for line in report.skipped + report.failed:
+        log.warning("%s: %s", report.what, line)
+    return bool(report.stopped) and not report.failed
+
+
+def stop_detached_server(root: Path, timeout: float = STOP_TIMEOUT_S) -> StopReport:
+    """Stop the detached server under ``root`` (what ``make stop`` calls), only if its pid is
+    still the server we started (same start time): the group it leads (the mlflow CLI and its
+    uvicorn worker). Permission errors are reported, not raised."""
     root = Path(root).resolve()
+    report = StopReport(f"MLflow server ({root})")
+    path = root / SERVER_JSON
+    if not path.exists():
+        report.note = "not running"
+        return report
     with _locked(root):
-        path = root / SERVER_JSON
-        if not path.exists():
-            return False
-        info = json.loads(path.read_text())
-        pid = int(info["pid"])
-        running = _pid_alive(pid)
-        if running:
-            stop_process_group(pid, timeout, popen=_DETACHED.pop(pid, None))
-        path.unlink()
-        return running
+        if not path.exists():  # stopped by someone else meanwhile
+            report.note = "not running"
+            return report
+        try:
+            info = json.loads(path.read_text())
+            leader = _server_process(info, report)
+            report.what = f"MLflow server {info.get('uri', root)}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            report.failed.append(f"cannot read {path} ({type(e).__name__}: {e}); look at the "
+                                 "pid it names and remove it")
+            return report
+        if leader is None:
+            if not report.failed:
+                report.note = "not running (the process server.json names is gone)"
+                path.unlink()
+            return report
+        # The leader is alive, so its pid is still the group's id: the group is the server's.
+        group = [leader, *(p for p in _live_group_members(leader.pid) if p.pid != leader.pid)]
+        terminate(with_descendants(group), report, timeout)
+        popen = _DETACHED.pop(leader.pid, None)
+        if popen is not None:  # our child (started by this process): reap it
+            popen.wait(timeout=timeout)
+        if not report.failed:
+            path.unlink()
+        return report
 
 
 def default_root(settings: Settings) -> Path:

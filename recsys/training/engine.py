@@ -6,6 +6,7 @@ here: DDP writes one copy from rank 0, DeepSpeed writes a shard from every rank.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,11 +112,18 @@ class DDPEngine(Engine):
     def step(self, history: torch.Tensor, target: torch.Tensor,
              platform: torch.Tensor) -> dict[str, float]:
         loss, stats = self.wrapped(history, target, platform)
+        # Backward first, then the checks: DDP's gradient all-reduce spreads one rank's NaN to
+        # every rank, so at the optimizer step all of them stop together (none waits in a
+        # collective for the one that raised), and the optimizer never applies it.
         (loss / self.accum).backward()
+        check_finite("training loss", stats["loss"])
         self._micro += 1
         if self._micro % self.accum == 0:
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            check_finite("gradient norm", float(norm))
             if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return stats
@@ -129,10 +137,11 @@ class DDPEngine(Engine):
         return True
 
     def load(self, directory: Path) -> TrainState:
-        blob = torch.load(directory / "ddp.pt", map_location="cpu", weights_only=False)
+        state = TrainState.read(directory)  # first: a broken state changes no weights
+        blob = torch.load(directory / "ddp.pt", map_location="cpu", weights_only=True)
         self.module.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
-        return TrainState.read(directory)
+        return state
 
 
 class DeepSpeedEngine(Engine):
@@ -162,6 +171,7 @@ class DeepSpeedEngine(Engine):
              platform: torch.Tensor) -> dict[str, float]:
         loss, stats = self.ds(history, target, platform)
         self.ds.backward(loss)
+        check_finite("training loss", stats["loss"])  # bf16/fp32: DeepSpeed would apply it
         self.ds.step()
         return stats
 
@@ -178,6 +188,13 @@ class DeepSpeedEngine(Engine):
         if client_state is None:
             raise RuntimeError(f"{directory}: DeepSpeed checkpoint has no client state")
         return TrainState.from_client_state(client_state)
+
+
+def check_finite(what: str, value: float) -> None:
+    """Stop before an optimizer step on a NaN or infinite loss or gradient: applied, it turns
+    every weight into NaN and the rest of the run trains on nothing (the loop adds the step)."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite {what} ({value})")
 
 
 def param_groups(objective: nn.Module, cfg: TrainJobConfig) -> list[dict[str, Any]]:
@@ -204,7 +221,7 @@ def make_engine(objective: nn.Module, cfg: TrainJobConfig, world_size: int,
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from a DDP or DeepSpeed (any ZeRO stage) checkpoint."""
     if (checkpoint_dir / "ddp.pt").exists():
-        blob = torch.load(checkpoint_dir / "ddp.pt", map_location="cpu", weights_only=False)
+        blob = torch.load(checkpoint_dir / "ddp.pt", map_location="cpu", weights_only=True)
         return blob["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -16,6 +16,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ import torch
 
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.logs import WORKER_CONSOLE
+from recsys.training.checkpoints import earlier_checkpoints, restore
+from recsys.training.collectives import all_reduce
 from recsys.training.config import OptimConfig, TrainJobConfig
 from recsys.training.engine import TrainState
 from recsys.training.items import ItemInputs, keep_user
@@ -80,18 +83,6 @@ def check_epoch(epoch: int, losses: list[float], skipped_steps: int,
                                  "skipped (non-finite gradients); nothing trained")
 
 
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks. NCCL reduces CUDA tensors only: there the sums make
-    the round trip through this rank's GPU."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_backend() == "nccl":
-            on_gpu = values.to(torch.device("cuda", torch.cuda.current_device()))
-            torch.distributed.all_reduce(on_gpu)
-            return on_gpu.cpu()
-        torch.distributed.all_reduce(values)
-    return values
-
-
 def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors],
                    shard: Any, cfg: TrainJobConfig, platform_ids: dict[str, int],
                    device: torch.device, part: tuple[int, int] | None = None
@@ -115,7 +106,7 @@ def evaluate_shard(model: torch.nn.Module, platforms: dict[int, PlatformTensors]
         n = len(r["rank"])
         sums[row[pid], 0] = n
         sums[row[pid], 1:] = torch.tensor([m[k] * n for k in keys], dtype=torch.float64)
-    sums = _all_reduce(sums)
+    sums = all_reduce(sums)
     out: dict[str, float] = {}
     total = sums.sum(0)
     for i_row, name in enumerate(names):
@@ -249,8 +240,7 @@ def setup(wc: WorkerConfig, entered: float) -> Worker:
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = engine.load(Path(d))
+        state = restore(engine, [checkpoint, *earlier_checkpoints(checkpoint)])
         engine.scale_lr(state.lr_scale)
         log.info("rank %d resumed after epoch %d (best %s %.4f)", rank, state.epoch, METRIC,
                  state.best)
@@ -269,19 +259,37 @@ def train_one_epoch(w: Worker, epoch: int) -> EpochTraining:
     cfg, engine = w.cfg, w.engine
     t0 = time.perf_counter()
     engine.train()
-    losses, seen, skipped_before = [], 0, engine.skipped_steps()
-    for batch in iter_batches(w.train_shard, cfg.optim.micro_batch_size,
-                              cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
-                              seed=cfg.optim.seed + epoch * 1000 + w.rank,
-                              platform_ids=w.platform_ids, device=w.device,
-                              length_buckets=cfg.optim.length_buckets):
-        stats = engine.step(batch["history"], batch["target"], batch["platform"])
-        losses.append(stats["loss"])
-        seen += len(batch["target"])
+    skipped_before = engine.skipped_steps()
+    batches = iter_batches(w.train_shard, cfg.optim.micro_batch_size,
+                           cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
+                           seed=cfg.optim.seed + epoch * 1000 + w.rank,
+                           platform_ids=w.platform_ids, device=w.device,
+                           length_buckets=cfg.optim.length_buckets)
+    losses, seen = train_steps(engine, batches, epoch)
     seconds = time.perf_counter() - t0
     skipped = engine.skipped_steps() - skipped_before
     check_epoch(epoch, losses, skipped, len(losses) // cfg.optim.grad_accum)
     return EpochTraining(losses, seen, seconds, skipped)
+
+
+def train_steps(engine: Engine, batches: Iterable[dict[str, torch.Tensor]],
+                epoch: int) -> tuple[list[float], int]:
+    """One step per micro-batch; returns the losses and the number of sequences. A NaN or
+    infinite loss or gradient fails the epoch at the step where it appears (the engine checks
+    before the optimizer applies it), naming epoch and step: the run fails instead of training
+    on NaN."""
+    losses: list[float] = []
+    seen = 0
+    for step, batch in enumerate(batches):
+        try:
+            stats = engine.step(batch["history"], batch["target"], batch["platform"])
+        except FloatingPointError as e:
+            raise FloatingPointError(f"epoch {epoch}, step {step}: {e}; the run stops rather "
+                                     "than train on it (lower optim.lr or optim.grad_clip, or "
+                                     "look for broken inputs)") from e
+        losses.append(stats["loss"])
+        seen += len(batch["target"])
+    return losses, seen
 
 
 def validate(w: Worker) -> dict[str, float]:
@@ -297,7 +305,7 @@ def validate(w: Worker) -> dict[str, float]:
 def epoch_metrics(w: Worker, epoch: int, trained: EpochTraining, valid: dict[str, float],
                   t0: float) -> dict[str, float]:
     """What an epoch reports: validation, training loss and speed (all ranks' sequences)."""
-    seen_all = float(_all_reduce(torch.tensor([float(trained.sequences)],
+    seen_all = float(all_reduce(torch.tensor([float(trained.sequences)],
                                               dtype=torch.float64))[0])
     metrics = dict(valid)
     metrics.update(epoch=epoch,

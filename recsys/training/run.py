@@ -6,6 +6,7 @@ registry is written by the driver from the result's checkpoint, never by a worke
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -26,6 +27,7 @@ from recsys.model.export import ExportedItems, ExportInfo, load_export, save_exp
 from recsys.model.features import token_batch
 from recsys.model.recommender import Recommender
 from recsys.settings import get_settings
+from recsys.training.checkpoints import CHECKPOINT_ERRORS
 from recsys.training.config import TrainJobConfig
 from recsys.training.engine import TrainState, consolidated_state_dict
 from recsys.training.loop import METRIC
@@ -56,10 +58,12 @@ def run_dir(cfg: TrainJobConfig) -> Path:
 
 
 def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
-                      metrics: dict[str, Any]) -> Path:
-    """Consolidate a (DDP or DeepSpeed) checkpoint into a serving export."""
+                      metrics: dict[str, Any],
+                      state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Consolidate a (DDP or DeepSpeed) checkpoint into a serving export (``state``: its
+    weights, when the caller has loaded them already)."""
     cfg = setup.cfg
-    state = consolidated_state_dict(checkpoint_dir)
+    state = consolidated_state_dict(checkpoint_dir) if state is None else state
     # Rebuilt exactly as the workers built it (a transfer model is grown from its init).
     init = ({"config": setup.init["config"], "state_dict": setup.init["state_dict"]}
             if setup.init else None)
@@ -152,15 +156,14 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
     started = time.perf_counter()
     if not cfg.resume:
         _start_over(cfg)
+    check_resume_config(cfg)
     setup = prepare(cfg)
     log.info("platforms: train %s, eval %s; encoder cache %s", setup.train_platforms,
              setup.eval_platforms, setup.inputs.cache_stats)
     model_uri = None
     with _tracked(cfg) as run:
         result = build_trainer(cfg, setup, run).fit()
-        with _best_checkpoint(result).as_directory() as d:
-            export = export_checkpoint(setup, Path(d), run_dir(cfg) / "export",
-                                       result.metrics or {})
+        export = _export_best(setup, result, run_dir(cfg) / "export")
         curve = _curve(result)
         report = evaluate_export(load_export(export), setup.example_set, split="test",
                                  platforms=setup.eval_platforms, run=cfg.name,
@@ -210,13 +213,103 @@ def _start_over(cfg: TrainJobConfig) -> None:
         shutil.rmtree(path)
 
 
-def _best_checkpoint(result: Any) -> Any:
-    scored = [(m.get(METRIC, -1.0), c) for c, m in (result.best_checkpoints or [])]
+RESUME_CONFIG = "resume_config.json"
+RESUMABLE = ("name", "resume", "output_dir", "optim.epochs", "optim.early_stopping_patience",
+             "optim.min_epochs", "tracking", "fault_injection", "scaling.max_failures",
+             "scaling.cpus_per_worker", "materialize_datasets", "encoder.cache_dir",
+             "encoder.encode_batch_size")
+"""Config keys (and sections) a resumed run may change: how long it trains and when it stops
+early, where it logs, its cluster placement and caches. Any other change (data, platforms,
+model, loss, learning rates, seed, engine, worker count, GPU or not) would continue the
+checkpoint's weights, optimizer state and data order under settings they were not made with,
+and mix two configs in one learning curve."""
+
+
+def resume_fingerprint(cfg: TrainJobConfig) -> dict[str, Any]:
+    """The config values a resumed run must keep, as flat ``section.key`` entries."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items()
+            if not any(k == r or k.startswith(f"{r}.") for r in RESUMABLE)}
+
+
+def check_resume_config(cfg: TrainJobConfig) -> None:
+    """Refuse to resume a run from checkpoints made under another config (naming the keys that
+    differ); otherwise record this config in the run directory (``resume_config.json``) for the
+    next resume to check."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, run = _run_storage(cfg)
+    entries = fs.get_file_info(FileSelector(run, allow_not_found=True))
+    has_checkpoint = any(e.type == FileType.Directory and e.base_name.startswith("checkpoint_")
+                         for e in entries)
+    current = resume_fingerprint(cfg)
+    path = f"{run}/{RESUME_CONFIG}"
+    if has_checkpoint and fs.get_file_info(path).type == FileType.File:
+        with fs.open_input_stream(path) as f:
+            recorded = json.loads(f.read())
+        changed = sorted(k for k in recorded.keys() | current.keys()
+                         if recorded.get(k) != current.get(k))
+        if changed:
+            what = "; ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}"
+                             for k in changed[:20])
+            raise ValueError(
+                f"run {cfg.name!r} at {run} has checkpoints made under another config "
+                f"({what}); resuming would continue them under settings they were not made "
+                f"with. Start over with resume=false (deletes that run's checkpoints), or train "
+                f"under a new name=...; a resume may change only {', '.join(RESUMABLE)}")
+    fs.create_dir(run, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(current, indent=1, sort_keys=True).encode())
+
+
+def _run_storage(cfg: TrainJobConfig) -> tuple[Any, str]:
+    """The filesystem and path of the run's Ray Train storage (``output_dir/name``; local or a
+    URI such as ``s3://``), as ``pyarrow.fs`` sees it: the same storage Ray Train writes."""
+    from pyarrow import fs
+
+    if "://" in cfg.output_dir:
+        filesystem, root = fs.FileSystem.from_uri(cfg.output_dir)
+    else:
+        filesystem, root = fs.LocalFileSystem(), str(Path(cfg.output_dir).resolve())
+    return filesystem, f"{root.rstrip('/')}/{cfg.name}"
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _export_best(setup: TrainSetup, result: Any, out: Path) -> Path:
+    """Export the best-scoring checkpoint that loads; one that does not (truncated, corrupt) is
+    passed over with a warning for the next best, as a resume passes over a broken latest one."""
+    failed: list[str] = []
+    for checkpoint in _checkpoints_by_score(result):
+        with checkpoint.as_directory() as d:
+            try:
+                state = consolidated_state_dict(Path(d))
+            except CHECKPOINT_ERRORS as e:
+                failed.append(f"{checkpoint.path}: {type(e).__name__}: {e}")
+                log.warning("checkpoint does not load, exporting the next best: %s", failed[-1])
+                continue
+            return export_checkpoint(setup, Path(d), out, result.metrics or {}, state=state)
+    raise RuntimeError("no checkpoint of this run loads: " + "; ".join(failed))
+
+
+def _checkpoints_by_score(result: Any) -> list[Any]:
+    """The run's kept checkpoints, best validation score first (the latest alone if none has
+    a score)."""
+    scored = sorted(((m.get(METRIC, -1.0), c) for c, m in (result.best_checkpoints or [])),
+                    key=lambda t: t[0], reverse=True)
     if scored:
-        return max(scored, key=lambda t: t[0])[1]
+        return [c for _, c in scored]
     if result.checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint (error: {result.error})")
-    return result.checkpoint
+    return [result.checkpoint]
 
 
 def _curve(result: Any) -> list[dict[str, float]]:
@@ -241,8 +334,6 @@ def _flat_test_metrics(report: EvalReport) -> dict[str, float]:
 
 
 def _log_model(uri: str, run_id: str, export: Path) -> str:
-    from recsys.model.pyfunc import RecommenderPyfunc
     from recsys.tracking import runs
 
-    return runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
-                                 artifacts={"export": str(export)}, name="model")
+    return runs.log_recommender(uri, run_id, export)

@@ -317,7 +317,6 @@ def register_best(cfg: SweepConfig, ctx: TrialContext, shared: Any, best: TrialR
                   ) -> tuple[Path, dict[str, Any] | None]:
     """Export the best trial's best checkpoint; with tracking, log it as a pyfunc model in the
     trial's run, register it and let ``promote_if_better`` decide on ``@champion``."""
-    from recsys.model.pyfunc import RecommenderPyfunc
     from recsys.tracking import registry, runs
     from recsys.training.run import export_checkpoint
 
@@ -330,8 +329,7 @@ def register_best(cfg: SweepConfig, ctx: TrialContext, shared: Any, best: TrialR
                                 "best_epoch": best.best_epoch or 0})
     if not (uri and best.run_id):
         return export, None
-    model_uri = runs.log_pyfunc_model(uri, best.run_id, RecommenderPyfunc(),
-                                      artifacts={"export": str(export)}, name="model")
+    model_uri = runs.log_recommender(uri, best.run_id, export)
     name = cfg.registry.model_name or registry.default_model_name(platform)
     version = runs.register_model(uri, model_uri, name, tags={
         "sweep": cfg.name, "trial_id": best.trial_id, "sweep_run_id": parent,

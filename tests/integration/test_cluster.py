@@ -24,39 +24,49 @@ def test_cluster_processes_get_this_clusters_address(ray_cluster) -> None:
     assert gcs.startswith("127.0.0.1:")
 
 
-def test_stop_local_head_stops_that_head_only(ray_cluster) -> None:
-    """`make stop` stops the demo's head, not every Ray cluster on the machine (`ray stop` did,
-    and once killed a benchmark's cluster): a second head is stopped by its GCS port while this
-    session's private cluster keeps running tasks."""
+def test_stop_leaves_a_head_it_did_not_start(ray_cluster, tmp_path) -> None:
+    """`make stop` stops only a head it started and recorded (tests/integration/
+    test_make_stop.py): a head started by hand (`ray start`) is someone else's and keeps
+    running, as does this session's private cluster."""
+    import shutil
     import socket
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
-    from recsys.cluster import loopback_env, stop_local_head
+    import psutil
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+    from recsys.cluster import free_port, loopback_env, stop_local_head
 
     port = free_port()
+    temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths must stay short
     ray_cli = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
+           "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+           "--temp-dir", temp]
     for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                  "--runtime-env-agent-port", "--metrics-export-port",
                  "--ray-client-server-port"):
         cmd += [flag, str(free_port())]
     env = {**os.environ, **loopback_env()}
     env.pop("RAY_ADDRESS", None)
-    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180,
+                             start_new_session=True)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-
-    assert stop_local_head(port) >= 2  # at least its GCS and raylet
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0, "the head's GCS still listens"
-    assert stop_local_head(port) == 0  # nothing left to stop
+    try:
+        report = stop_local_head(tmp_path / "work")  # no record there: nothing is ours
+        assert report.stopped == [] and "nothing" in report.lines()[0]
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) == 0, "the foreign head was stopped"
+    finally:  # stop it ourselves: every process under its temp dir
+        for proc in psutil.process_iter():
+            try:
+                if any(temp in a for a in proc.cmdline()):
+                    proc.kill()
+            except psutil.Error:
+                continue
+        shutil.rmtree(temp, ignore_errors=True)
 
     ray = ray_cluster
 

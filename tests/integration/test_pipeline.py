@@ -48,7 +48,8 @@ def _config(tmp: Path, tiny_encoder: str, logs: dict[str, dict[str, Path]], port
         # The sweep stage is covered by tests/integration/test_tune.py (same run_sweep).
         "skip": ["sweep"],
         "ray": {"keep_alive": False},  # the session's cluster; the module shuts Serve down
-        "deploy": {"port": port, "args": {"search": False, "poll_interval_s": 1.0}},
+        "deploy": {"port": port, "args": {"search": False, "poll_interval_s": 1.0,
+                                          "api_key_file": str(tmp / "secrets" / "api_keys")}},
         "registry": {"model_name": "it-pipeline-{platform}"},
         **extra,
     })
@@ -95,8 +96,12 @@ def test_first_run_deploys_the_champion_and_answers(first_run) -> None:
     assert smoke.source == "model" and smoke.model_version == "1"
     ids = [it.item_id for it in smoke.items]
     assert len(ids) == 5 == len(set(ids))
-    model = requests.get(f"{res.deploy.url}/model", timeout=10).json()
-    assert "shop_c" in json.dumps(model)
+    assert requests.get(f"{res.deploy.url}/model", timeout=10).status_code == 401
+    key_file = Path(res.deploy.api_key_file)  # made by the deploy stage: owner-only
+    assert key_file.stat().st_mode & 0o077 == 0
+    key = key_file.read_text().split()[1]
+    model = requests.get(f"{res.deploy.url}/model", headers={"x-api-key": key}, timeout=10)
+    assert "shop_c" in json.dumps(model.json())
 
 
 def test_second_run_with_nothing_new_runs_nothing(first_run) -> None:

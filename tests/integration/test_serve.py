@@ -22,7 +22,10 @@ from recsys.serving.schemas import RecommendRequest
 from recsys.serving.toy import ToyWorld, build_toy_world, item_title
 
 KEY_HEX = "00112233445566778899aabbccddeeff"  # the suite's pseudonym key (tests/conftest.py)
-API_KEY = "test-api-key"
+API_KEY = "test-api-key-for-every-platform"
+SHOP_A_KEY = "test-api-key-for-shop-a-only"
+SLOW_KEY = "test-api-key-two-per-second"
+KEYS = f"ops {API_KEY}\nshop_a-backend {SHOP_A_KEY} shop_a\nslow {SLOW_KEY} * 2\n"
 PREFIX = "/recsys"
 
 
@@ -50,12 +53,10 @@ def _free_port() -> int:
 
 
 def _register(uri: str, name: str, world: ToyWorld) -> str:
-    from recsys.model.pyfunc import RecommenderPyfunc
     from recsys.tracking import runs
 
     run_id = runs.start_run(uri, "serve-tests", f"{name}-{world.export.parent.name}")
-    model_uri = runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
-                                      artifacts={"export": str(world.export)},
+    model_uri = runs.log_recommender(uri, run_id, world.export,
                                       pip_requirements=["recsys"])
     runs.end_run(uri, run_id)
     return runs.register_model(uri, model_uri, name)
@@ -70,6 +71,12 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     from recsys.tracking import registry
 
     root = tmp_path_factory.mktemp("serve")
+    secrets = root / "secrets"
+    secrets.mkdir(mode=0o700)
+    key_file, pseudonym_file = secrets / "api_keys", secrets / "pseudonym.key"
+    for path, text in ((key_file, KEYS), (pseudonym_file, KEY_HEX)):
+        path.write_text(text)
+        path.chmod(0o600)
     pseudo = Pseudonymizer(bytes.fromhex(KEY_HEX))
     worlds = {"1": build_toy_world(root / "v1", tiny_encoder, pseudo, seed=0)}
     name = f"recsys-toy-{uuid.uuid4().hex[:8]}"
@@ -77,8 +84,10 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     registry.set_alias(mlflow_server.uri, name, "champion", "1")
     args = AppArgs(model_uri=f"models:/{name}@champion", lake=str(worlds["1"].lake),
                    tracking_uri=mlflow_server.uri, poll_interval_s=1.0, max_batch_size=8,
-                   download_dir=str(root / "downloads"))
-    env = {"RECSYS_PSEUDONYM_KEY": KEY_HEX, "RECSYS_API_KEY": API_KEY}
+                   download_dir=str(root / "downloads"), api_key_file=str(key_file),
+                   rate_limit_per_s=0, reload_backoff_max_s=2.0)
+    # Only file paths in the runtime_env (the dashboard shows it), never a key.
+    env = {"RECSYS_PSEUDONYM_KEY_FILE": str(pseudonym_file)}
     tier = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": env}},
             "num_replicas": 1}
     app = compose(args, model_options=tier, gateway_options=tier)
@@ -112,8 +121,70 @@ def test_health_model_and_api_key(served: Served) -> None:
     assert info["name"] == served.name and info["alias"] == "champion"
     assert info["version"] == "1" and info["platforms"] == ["shop_a", "shop_b"]
     assert Path(info["export_path"], "export.json").is_file() and info["search"] is True
-    schema = requests.get(served.base + "/openapi.json", timeout=10).json()
+    assert served.get("/openapi.json", key=None).status_code == 401
+    schema = served.get("/openapi.json").json()
     assert {"/recommend", "/search", "/model", "/healthz", "/readyz"} <= set(schema["paths"])
+
+
+def test_anonymous_callers_learn_no_platform_and_no_version(served: Served) -> None:
+    """Issue 20: /readyz, /docs, /model and 404s tell an anonymous caller nothing about what is
+    served; a key scoped to one platform cannot use or list the others."""
+    anonymous = served.get("/readyz", key=None)
+    assert anonymous.json() == {"status": "ready", "detail": None}
+    with_key = served.get("/readyz").json()
+    assert "version 1" in with_key["detail"] and "shop_a" in with_key["detail"]
+    for path in ("/docs", "/openapi.json", "/model"):
+        r = served.get(path, key=None)
+        assert r.status_code == 401 and "shop_" not in r.text, path
+    assert served.get("/docs", key=None).headers["www-authenticate"].startswith("Basic")
+    assert served.post("/recommend", {"platform": "shop_a"}, key=SHOP_A_KEY).status_code == 200
+    other = served.post("/recommend", {"platform": "shop_b"}, key=SHOP_A_KEY)
+    assert other.status_code == 403 and "shop_b" in other.json()["detail"]
+    unknown = served.post("/recommend", {"platform": "shop_q"}, key=SHOP_A_KEY)
+    assert unknown.status_code == 403 and "shop_b" not in unknown.text
+    full = served.post("/recommend", {"platform": "shop_q"})  # a key for every platform
+    assert full.status_code == 404 and "shop_b" in full.text
+    assert served.get("/nowhere", key=None).json() == {"detail": "Not Found"}
+
+
+def test_docs_are_served_offline_behind_the_key(served: Served) -> None:
+    """The Swagger page loads its assets from the endpoint itself (no CDN), and a browser opens
+    it with the key as the Basic password."""
+    page = requests.get(served.base + "/docs", auth=("any", API_KEY), timeout=10)
+    assert page.status_code == 200 and "cdn" not in page.text
+    assets = [a for a in ("swagger-ui-bundle.js", "swagger-ui.css") if a in page.text]
+    assert len(assets) == 2
+    for asset in assets:
+        r = requests.get(f"{served.base}/docs/assets/{asset}", timeout=10)
+        assert r.status_code == 200 and len(r.content) > 10_000
+    schema = requests.get(served.base + "/openapi.json", auth=("any", API_KEY), timeout=10)
+    assert schema.status_code == 200
+
+
+def test_the_api_is_no_privacy_oracle(served: Served) -> None:
+    """No response field says where a user's history came from or how long it is; no request
+    field switches off the purchase rule (comparing both answers would reveal purchases)."""
+    body = served.post("/recommend", {"platform": "shop_a", "user_id": "bob", "k": 5}).json()
+    assert set(body) == {"platform", "source", "items", "model_version"}
+    toggled = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 12,
+                                         "exclude_seen": False})
+    assert toggled.status_code == 422 and "exclude_seen" in toggled.text
+    for body in ({"platform": "shop_a", "recent_items": ["x" * 257]},
+                 {"platform": "shop_a", "user_id": "u" * 257},
+                 {"platform": "shop_b", "query": "q" * 513}):
+        path = "/search" if "query" in body else "/recommend"
+        assert served.post(path, body).status_code == 422, body
+
+
+def test_each_key_has_its_own_rate_limit(served: Served) -> None:
+    statuses = [served.post("/recommend", {"platform": "shop_a", "k": 1}, key=SLOW_KEY)
+                for _ in range(8)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited and statuses[0].status_code == 200
+    assert int(limited[0].headers["retry-after"]) >= 1
+    assert "slow" in limited[0].json()["detail"]
+    assert all(served.post("/recommend", {"platform": "shop_a", "k": 1}).status_code == 200
+               for _ in range(8))  # another key is not slowed down
 
 
 # -- recommend ------------------------------------------------------------------------------------
@@ -125,8 +196,7 @@ def test_known_user_gets_the_model_ranking_without_purchases(served: Served,
     assert r.status_code == 200, r.text
     body = r.json()
     ids = [i["item_id"] for i in body["items"]]
-    assert body["source"] == "model" and body["history_platforms"] == ["shop_a"]
-    assert body["history_length"] == 4  # funnels collapsed: items 1, 4, 7, 2
+    assert body["source"] == "model"
     assert len(ids) == len(set(ids)) == 8
     assert all(i.startswith("shop_a-") for i in ids)
     assert not {"shop_a-001", "shop_a-007"} & set(ids)  # alice bought them
@@ -135,17 +205,15 @@ def test_known_user_gets_the_model_ranking_without_purchases(served: Served,
     assert [i["score"] for i in body["items"]] == pytest.approx(
         [i.score for i in expected.items], abs=1e-5)
     assert body["items"][0]["title"] == expected.items[0].title
-    seen = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 12,
-                                      "exclude_seen": False}).json()
-    assert {"shop_a-001", "shop_a-007"} <= {i["item_id"] for i in seen["items"]}
 
 
 def test_user_known_only_elsewhere_is_served_from_the_other_platform(served: Served,
                                                                      reference: Predictor
                                                                      ) -> None:
     body = served.post("/recommend", {"platform": "shop_a", "user_id": "bob", "k": 5}).json()
-    assert body["source"] == "model" and body["history_platforms"] == ["shop_b"]
-    assert body["history_length"] == 3
+    assert body["source"] == "model"
+    assert reference.prepare(RecommendRequest(platform="shop_a", user_id="bob")
+                             ).history_platforms == ["shop_b"]
     assert all(i["item_id"].startswith("shop_a-") for i in body["items"])
     popular = served.post("/recommend", {"platform": "shop_a", "k": 5}).json()
     assert [i["item_id"] for i in body["items"]] != [i["item_id"] for i in popular["items"]]
@@ -158,12 +226,12 @@ def test_users_without_history_get_popular_items_marked_as_such(served: Served) 
                  {"platform": "shop_a", "user_id": "never-seen", "k": 3},
                  {"platform": "shop_a", "user_id": "erin", "k": 3}):  # only on shop_z
         out = served.post("/recommend", body).json()
-        assert out["source"] == "popular" and out["history_platforms"] == []
+        assert out["source"] == "popular"
         assert [i["item_id"] for i in out["items"]] == ["shop_a-003", "shop_a-006",
                                                         "shop_a-001"]
     session = served.post("/recommend", {"platform": "shop_b", "recent_items": [
         "shop_b-002", "not-an-item"], "k": 3}).json()
-    assert session["source"] == "model" and session["history_length"] == 1
+    assert session["source"] == "model"
 
 
 def test_filters_restrict_the_candidates(served: Served) -> None:
@@ -227,7 +295,8 @@ def test_schemathesis_finds_no_server_errors(served: Served) -> None:
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
-    schema = schemathesis.openapi.from_url(served.base + "/openapi.json")
+    schema = schemathesis.openapi.from_url(served.base + "/openapi.json",
+                                           headers={"x-api-key": API_KEY})
     failures: list[str] = []
     calls = 0
     for result in schema.get_all_operations():
@@ -276,15 +345,38 @@ def _stream(served: Served, stop: threading.Event, statuses: list[int],
     return threads
 
 
-def test_champion_swap_under_load_has_no_failed_request(served: Served,
-                                                         tiny_encoder: str) -> None:
+def test_without_a_key_the_endpoint_refuses_to_start(served: Served) -> None:
+    """Auth fails closed: ``auth: api_key`` (the default) and no key anywhere: the gateway
+    refuses to start instead of serving everyone."""
+    from ray import serve
+
+    from recsys.serving.app import AppArgs, compose
+
+    args = AppArgs(model_uri=str(served.worlds["1"].export), lake=None, search=False,
+                   api_key_env="RECSYS_TEST_UNSET_KEY")
+    tier = {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1}
+    try:
+        with pytest.raises(RuntimeError, match="Gateway"):
+            serve.run(compose(args, tier, tier), name="no-key", route_prefix="/no-key")
+        why = serve.status().applications["no-key"].deployments["Gateway"].message
+        assert "no API key configured" in why, why
+    finally:
+        serve.delete("no-key")
+    assert served.get("/readyz").json()["status"] == "ready"  # the other app is untouched
+
+
+def test_a_broken_champion_is_refused_under_load(served: Served, tiny_encoder: str) -> None:
+    """A champion whose weights are truncated (what a poisoned or half-written registry version
+    looks like): the replica keeps serving version 1 with no failed request, counts and retries
+    the failure with a backoff, says ``stale`` on /readyz, and leaves no downloaded files."""
     from recsys.tracking import registry
 
     root = served.worlds["1"].export.parents[1]
-    served.worlds["2"] = build_toy_world(root / "v2", tiny_encoder,
-                                         served.worlds["1"].pseudonymizer, seed=1)
-    version = _register(served.tracking_uri, served.name, served.worlds["2"])
-    assert version == "2"
+    broken = build_toy_world(root / "broken", tiny_encoder, served.worlds["1"].pseudonymizer,
+                             seed=2)
+    weights = broken.export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    version = _register(served.tracking_uri, served.name, broken)
     statuses: list[int] = []
     versions: list[str | None] = []
     stop = threading.Event()
@@ -293,7 +385,47 @@ def test_champion_swap_under_load_has_no_failed_request(served: Served,
         time.sleep(1.0)
         registry.set_alias(served.tracking_uri, served.name, "champion", version)
         deadline = time.monotonic() + 60
-        while served.get("/model").json()["version"] != "2":
+        while "failed to load 2 time(s)" not in str(served.get("/readyz").json()["detail"]):
+            assert time.monotonic() < deadline, served.get("/readyz").json()
+            time.sleep(0.5)
+        health = served.get("/readyz").json()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        registry.set_alias(served.tracking_uri, served.name, "champion", "1")
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert set(versions) == {"1"}
+    assert health["status"] == "stale" and f"version {version} failed" in health["detail"]
+    assert "ExportError" in health["detail"] and "model.safetensors" in health["detail"]
+    assert served.get("/readyz", key=None).json() == {"status": "stale", "detail": None}
+    leftovers = [p.name for p in (root / "downloads").iterdir()
+                 if p.name.startswith(f"{served.name}-v{version}-")]
+    assert leftovers == []
+    deadline = time.monotonic() + 30
+    while served.get("/readyz").json()["status"] != "ready":  # the alias moved back
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_champion_swap_under_load_has_no_failed_request(served: Served,
+                                                         tiny_encoder: str) -> None:
+    from recsys.tracking import registry
+
+    root = served.worlds["1"].export.parents[1]
+    served.worlds["2"] = build_toy_world(root / "v2", tiny_encoder,
+                                         served.worlds["1"].pseudonymizer, seed=1)
+    version = _register(served.tracking_uri, served.name, served.worlds["2"])
+    statuses: list[int] = []
+    versions: list[str | None] = []
+    stop = threading.Event()
+    threads = _stream(served, stop, statuses, versions)
+    try:
+        time.sleep(1.0)
+        registry.set_alias(served.tracking_uri, served.name, "champion", version)
+        deadline = time.monotonic() + 60
+        while served.get("/model").json()["version"] != version:
             assert time.monotonic() < deadline, "the new champion was not picked up in 60 s"
             time.sleep(0.5)
         time.sleep(1.0)
@@ -302,7 +434,7 @@ def test_champion_swap_under_load_has_no_failed_request(served: Served,
         for t in threads:
             t.join()
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
-    assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
+    assert versions[0] == "1" and versions[-1] == version and set(versions) == {"1", version}
     after = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 5}).json()
     v2 = Predictor.from_export(served.worlds["2"].export, served.worlds["2"].lake,
                                pseudonymizer=served.worlds["2"].pseudonymizer, search=False)

@@ -191,25 +191,44 @@ def test_a_training_job_that_fails_after_fit_ends_its_run_failed(
     assert run.info.run_name == "fails-after-fit" and run.info.status == "FAILED"
 
 
-class Doubler(mlflow.pyfunc.PythonModel):
-    """Multiplies by a factor read from an artifact file, as a real model reads its weights."""
+DOUBLER = """
+from pathlib import Path
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+import mlflow.models
+import mlflow.pyfunc
+
+
+class Doubler(mlflow.pyfunc.PythonModel):
+    \"\"\"Multiplies by a factor read from an artifact file, as a model reads its weights.\"\"\"
+
+    def load_context(self, context):
         self.factor = float(Path(context.artifacts["factor"]).read_text())
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
-                params: dict | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):
         return model_input * self.factor
 
 
+mlflow.models.set_model(Doubler())
+"""
+
+
 @pytest.fixture(scope="module")
-def logged_model(uri: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+def doubler(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models-from-code file: what ``log_pyfunc_model`` logs instead of a pickled object."""
+    path = tmp_path_factory.mktemp("code") / "doubler.py"
+    path.write_text(DOUBLER)
+    return path
+
+
+@pytest.fixture(scope="module")
+def logged_model(uri: str, doubler: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     factor = tmp_path_factory.mktemp("model") / "factor.txt"
     factor.write_text("2")
     run_id = runs.start_run(uri, "models", "with-model")
     runs.log_metrics(uri, run_id, {"ndcg@10": 0.3}, step=0)
     model_uri = runs.log_pyfunc_model(
-        uri, run_id, Doubler(), {"factor": str(factor)}, pip_requirements=["mlflow", "pandas"],
+        uri, run_id, doubler, {"factor": str(factor)}, pip_requirements=["mlflow", "pandas"],
         input_example=pd.DataFrame({"x": [1.0, 2.0]}))
     return run_id, model_uri
 
@@ -235,10 +254,11 @@ def test_pyfunc_model_logs_and_loads(uri: str, logged_model: tuple[str, str]) ->
     runs.end_run(uri, run_id)
 
 
-def test_failed_model_log_marks_the_model_failed(uri: str, tmp_path: Path) -> None:
+def test_failed_model_log_marks_the_model_failed(uri: str, doubler: Path,
+                                                 tmp_path: Path) -> None:
     run_id = runs.start_run(uri, "models", "bad-model")
     with pytest.raises(Exception, match="missing.txt"):
-        runs.log_pyfunc_model(uri, run_id, Doubler(), {"factor": str(tmp_path / "missing.txt")},
+        runs.log_pyfunc_model(uri, run_id, doubler, {"factor": str(tmp_path / "missing.txt")},
                               pip_requirements=["mlflow"])
     client = MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id

@@ -16,6 +16,7 @@ from recsys.config import ConfigError, load_config
 from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 from recsys.model.export import load_export
 from recsys.training.config import TrainJobConfig
+from recsys.training.engine import TrainState
 from recsys.training.run import run_training
 
 SOURCES = ["shop_a", "shop_b"]
@@ -120,6 +121,31 @@ def test_resume_continues_from_latest_checkpoint(pretrained, synthetic_examples,
     first = {int(p["epoch"]): p["valid_ndcg@10"] for p in pretrained.curve}
     second = {int(p["epoch"]): p["valid_ndcg@10"] for p in again.curve}
     assert second[0] == pytest.approx(first[0]) and second[1] == pytest.approx(first[1])
+
+
+def test_resume_with_a_changed_config_is_refused(pretrained, synthetic_examples,
+                                                 workdir: Path) -> None:
+    """Same name, another learning rate: refused before anything runs, naming the key."""
+    cfg = _cfg(synthetic_examples, workdir, "pretrain", **{"optim.epochs": 5, "optim.lr": 0.01})
+    with pytest.raises(ValueError, match=r"optim.lr: 0.003 -> 0.01.*resume=false"):
+        run_training(cfg)
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(
+        pretrained, synthetic_examples, workdir: Path) -> None:
+    """The latest checkpoint's ddp.pt cut in half: both workers resume from the checkpoint
+    before it (Ray hands over only the latest) and train on to the end."""
+    run = workdir / "runs" / "pretrain"
+    *_, before, latest = sorted(d for d in run.glob("checkpoint_*") if d.is_dir())
+    weights = latest / "ddp.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    kept = TrainState.read(before)
+    last = TrainState.read(latest).epoch
+    out = run_training(_cfg(synthetic_examples, workdir, "pretrain",
+                            **{"optim.epochs": last + 2}))
+    assert [int(p["epoch"]) for p in out.curve] == list(range(last + 2))
+    # Epochs up to the fallback's come from its saved curve; the later ones were trained again.
+    assert out.curve[:kept.epoch + 1] == [dict(p) for p in kept.curve]
 
 
 def test_killed_worker_restarts_from_checkpoint(ray_cluster, synthetic_examples,

@@ -160,7 +160,6 @@ def test_worse_challenger_keeps_champion_then_rollback(asha, tracking: str, synt
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The worst trial, exported and registered, is re-scored against the champion on the
     validation split and does not take the alias; promoted by hand, one rollback undoes it."""
-    from recsys.model.pyfunc import RecommenderPyfunc
     from recsys.training.run import export_checkpoint
     from recsys.tuning.trial import TrialContext, build_trial_config, setup_for
 
@@ -178,8 +177,7 @@ def test_worse_challenger_keeps_champion_then_rollback(asha, tracking: str, synt
     tcfg = build_trial_config(ctx, worst.params, worst.trial_id)
     setup = setup_for(tcfg, None, "")
     export = export_checkpoint(setup, Path(worst.checkpoint), out.sweep_dir / "worst", {})
-    model_uri = runs.log_pyfunc_model(tracking, worst.run_id, RecommenderPyfunc(),
-                                      artifacts={"export": str(export)},
+    model_uri = runs.log_recommender(tracking, worst.run_id, export,
                                       pip_requirements=["torch", "mlflow"])
     version = runs.register_model(tracking, model_uri, name)
     d = registry.promote_if_better(tracking, name, version,

@@ -1,4 +1,4 @@
-"""The endpoint's body-size guard (``recsys.serving.app.BodySizeLimit``, a plain ASGI middleware)
+"""The endpoint's body-size guard (``recsys.serving.http.BodySizeLimit``, a plain ASGI middleware)
 on a tiny echo app, without Ray: 413 on a declared or streamed body over the limit, the body intact
 for the app otherwise."""
 
@@ -17,7 +17,7 @@ def client():  # noqa: ANN201 - a starlette TestClient
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from recsys.serving.app import BodySizeLimit
+    from recsys.serving.http import BodySizeLimit
 
     async def echo(request: Request) -> JSONResponse:
         body = await request.body()

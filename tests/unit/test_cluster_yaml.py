@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ SERVE_CONFIG = REPO / "serve" / "config.yaml"
 GPU_TRAIN_CONFIGS = sorted(p for p in (REPO / "configs" / "train").rglob("*.yaml")
                            if load_config(TrainJobConfig, p, [f"mode={p.stem}"]).scaling.use_gpu)
 SHARED_MOUNT = "/mnt/recsys"
+SECRET_NAME = re.compile(r"KEY|TOKEN|PASSW|SECRET|CREDENTIAL", re.I)
 
 
 def _raw() -> dict[str, Any]:
@@ -96,7 +98,8 @@ def test_shared_volume_and_job_environment(cluster: dict[str, Any]) -> None:
     options = " ".join(cluster["docker"]["run_options"])
     assert f"--volume {SHARED_MOUNT}:{SHARED_MOUNT}" in options
     assert any(SHARED_MOUNT in c for c in cluster["initialization_commands"])
-    known = {f"RECSYS_{name.upper()}" for name in Settings.model_fields} | {KEY_ENV, KEY_FILE_ENV}
+    known = ({f"RECSYS_{name.upper()}" for name in Settings.model_fields}
+             | {KEY_ENV, KEY_FILE_ENV, "RAY_AUTH_MODE"})
     set_vars = {opt.split()[1].split("=")[0] for opt in cluster["docker"]["run_options"]
                 if opt.startswith("--env ")}
     assert {"RECSYS_MLFLOW_TRACKING_URI", "RECSYS_STORAGE_PATH"} <= set_vars
@@ -177,3 +180,32 @@ def test_serve_replicas_fit_head_and_cpu_workers(cluster: dict[str, Any]) -> Non
         total_cpu += res["CPU"] * count
     capacity = head["resources"]["CPU"] + cpu["resources"]["CPU"] * cpu["max_workers"]
     assert total_cpu <= capacity, f"Serve at max replicas needs {total_cpu} CPUs of {capacity}"
+
+
+def _run_env(cluster: dict[str, Any]) -> dict[str, str]:
+    """The ``--env NAME=VALUE`` options of the container on every node."""
+    return dict(opt.split(None, 1)[1].split("=", 1) for opt in cluster["docker"]["run_options"]
+                if opt.startswith("--env "))
+
+
+def test_token_auth_on_every_node_and_no_secret_inline(cluster: dict[str, Any]) -> None:
+    """Ray token authentication on every node: RAY_AUTH_MODE=token in every container's
+    environment, the token a file synced from the launching machine (its ~/.ray/auth_token, where
+    `ray get-auth-token --generate` writes it; the same file then authenticates `ray job submit`
+    there). No secret value in the file: keys are files on the nodes, named by *_FILE variables."""
+    env = _run_env(cluster)
+    assert env.get("RAY_AUTH_MODE") == "token"
+    docker = cluster["docker"]
+    assert not {"head_run_options", "worker_run_options"} & set(docker), "one env for all nodes"
+    assert all("docker" not in t for t in cluster["available_node_types"].values())
+    assert cluster["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    assert ".recsys" in cluster["rsync_exclude"], "the local demo's keys must not be synced"
+    for name, value in env.items():
+        if SECRET_NAME.search(name):
+            assert name.endswith("_FILE") and value.startswith(SHARED_MOUNT + "/secrets/"), name
+    commands = " ".join(cluster[k] if isinstance(cluster[k], str) else " ".join(cluster[k])
+                        for k in ("initialization_commands", "setup_commands",
+                                  "head_start_ray_commands", "worker_start_ray_commands"))
+    text = CLUSTER_YAML.read_text()
+    for needle in ("RAY_AUTH_TOKEN=", "RAY_AUTH_MODE=disabled", "PASSWORD="):
+        assert needle not in text and needle not in commands, needle

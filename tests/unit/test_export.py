@@ -5,6 +5,7 @@ runs (``_load`` is what ``load_context`` calls)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,13 @@ import torch
 from transformers import BertConfig, BertModel
 
 from recsys.model.encoder import TextEncoder
-from recsys.model.export import FORMAT_VERSION, ExportedItems, load_export, save_export
+from recsys.model.export import (
+    FORMAT_VERSION,
+    ExportedItems,
+    ExportError,
+    load_export,
+    save_export,
+)
 from recsys.model.pyfunc import RecommenderPyfunc
 from recsys.model.recommender import Recommender
 
@@ -153,6 +160,69 @@ def test_loading_refuses_what_is_not_an_export(tmp_path: Path) -> None:
     (path / "export.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="format 99"):
         load_export(path)
+
+
+def test_an_export_holds_no_pickle(tmp_path: Path) -> None:
+    """A model file must not run code when it is loaded (issue 20): every file of an export is
+    safetensors, JSON or Parquet."""
+    path, _, _ = make_export(tmp_path)
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".parquet"}, suffixes
+
+
+@pytest.mark.parametrize("attack", ["pickled_ids", "truncated_weights", "truncated_items",
+                                    "rows_mismatch", "pickled_encoder"])
+def test_a_tampered_export_is_refused_naming_the_file(tmp_path: Path, attack: str) -> None:
+    """What a poisoned or broken registry version may hold: each is an ExportError naming the
+    file, and nothing is unpickled on the way."""
+    path, _, items = make_export(tmp_path)
+    name = next(iter(items))
+    if attack == "pickled_ids":  # an old-style .npz with an object array in place of the JSON
+        np.savez(path / "items" / f"{name}.npz",
+                 item_ids=np.asarray(items[name].item_ids, dtype=object))
+        (path / "items" / f"{name}.json").unlink()
+        target = f"{name}.json"
+    elif attack in ("truncated_weights", "truncated_items"):
+        f = (path / "model.safetensors" if attack == "truncated_weights"
+             else path / "items" / f"{name}.safetensors")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        target = f.name
+    elif attack == "rows_mismatch":
+        ids = path / "items" / f"{name}.json"
+        raw = json.loads(ids.read_text())
+        ids.write_text(json.dumps({**raw, "item_ids": raw["item_ids"][:-1]}))
+        target = f"{name}.safetensors"
+    else:  # a fine-tuned encoder given as a pickle (pytorch_model.bin) instead of safetensors
+        meta = json.loads((path / "export.json").read_text())
+        (path / "export.json").write_text(json.dumps({**meta, "has_encoder": True}))
+        (path / "encoder").mkdir()
+        (path / "encoder" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        torch.save({"evil": _Unsafe()}, path / "encoder" / "pytorch_model.bin")
+        target = "encoder"
+    with pytest.raises(ExportError, match=re.escape(target)):
+        load_export(path)
+
+
+def test_ddp_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
+    """The DDP checkpoint (model + optimizer state) is read with ``weights_only=True``."""
+    from recsys.training.engine import consolidated_state_dict
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = sum(p.sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "ddp.pt")
+    got = consolidated_state_dict(tmp_path)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    torch.save({"model": model.state_dict(), "evil": _Unsafe()}, tmp_path / "ddp.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        consolidated_state_dict(tmp_path)
+
+
+class _Unsafe:
+    """Any class outside torch's allow-list: ``weights_only`` refuses to build it."""
 
 
 # -- the pyfunc -----------------------------------------------------------------------------------

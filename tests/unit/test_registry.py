@@ -6,9 +6,17 @@ that the registry acts on them (promote the better one, tag the worse one, roll 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -17,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from recsys.data.examples import (
     DataConfig,
@@ -28,9 +37,8 @@ from recsys.data.examples import (
 )
 from recsys.data.sequences import EXAMPLES_SCHEMA
 from recsys.model.export import ExportedItems, save_export
-from recsys.model.pyfunc import RecommenderPyfunc
 from recsys.model.recommender import Recommender
-from recsys.tracking import registry, runs
+from recsys.tracking import champion_lock, registry, runs
 
 N, H, MAX_LEN = 30, 16, 8
 PLATFORM = "shop_a"
@@ -87,19 +95,20 @@ def world(tmp_path_factory: pytest.TempPathFactory, mlflow_server):
     tmp = tmp_path_factory.mktemp("registry")
     es = _example_set(tmp / "examples")
     uri, name = mlflow_server.uri, f"recsys-test-{tmp.name}"
-    exports, versions = {}, {}
+    exports, versions, model_uris = {}, {}, {}
     for seed in range(3):
         exports[seed] = _export(tmp / f"export{seed}", es, seed)
         run_id = runs.start_run(uri, "registry-test", f"m{seed}")
-        model_uri = runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
-                                          artifacts={"export": str(exports[seed])},
+        model_uri = runs.log_recommender(uri, run_id, exports[seed],
                                           pip_requirements=["torch", "mlflow"])
         versions[seed] = runs.register_model(uri, model_uri, name, tags={"seed": seed})
+        model_uris[seed] = model_uri
         runs.end_run(uri, run_id)
     scorer = registry.valid_scorer(es, PLATFORM)
     scores = {seed: scorer(exports[seed]) for seed in exports}
     return {"uri": uri, "name": name, "es": es, "exports": exports, "versions": versions,
-            "scorer": scorer, "scores": scores, "tmp": tmp}
+            "scorer": scorer, "scores": scores, "tmp": tmp, "model_uris": model_uris,
+            "server_root": mlflow_server.root}
 
 
 def test_valid_scorer_is_a_real_evaluation(world) -> None:
@@ -154,8 +163,7 @@ def test_different_catalog_is_not_compared(world, mlflow_server) -> None:
     other = _export(world["tmp"] / "other", world["es"], 5,
                     item_ids=[f"x{i}" for i in range(1, N + 1)])
     run_id = runs.start_run(uri, "registry-test", "other")
-    model_uri = runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
-                                      artifacts={"export": str(other)},
+    model_uri = runs.log_recommender(uri, run_id, other,
                                       pip_requirements=["torch", "mlflow"])
     version = runs.register_model(uri, model_uri, name)
     before = registry.alias_version(uri, name, "champion")
@@ -169,8 +177,7 @@ def test_rollback_without_history_is_a_clear_error(world) -> None:
     uri = world["uri"]
     name = world["name"] + "-fresh"
     run_id = runs.start_run(uri, "registry-test", "fresh")
-    model_uri = runs.log_pyfunc_model(uri, run_id, RecommenderPyfunc(),
-                                      artifacts={"export": str(world["exports"][0])},
+    model_uri = runs.log_recommender(uri, run_id, world["exports"][0],
                                       pip_requirements=["torch", "mlflow"])
     version = runs.register_model(uri, model_uri, name)
     registry.promote(uri, name, version)
@@ -203,3 +210,176 @@ def test_cli_list_show_promote_rollback(world) -> None:
     r = cli("show", "--json")
     assert json.loads(r.stdout)["champion"] == champion
     assert not (world["tmp"] / "mlflow.db").exists()  # nothing resolved against a local store
+
+
+# --- integrity (issue 20): compare-and-set moves of @champion, refused versions ---------------
+
+
+def _fresh_model(world, label: str, n: int) -> tuple[str, list[str]]:
+    """A registered model of its own (history starts empty) with ``n`` versions: the world's
+    three logged models in turn."""
+    name = f"{world['name']}-{label}"
+    return name, [runs.register_model(world["uri"], world["model_uris"][i % 3], name)
+                  for i in range(n)]
+
+
+def _seed_of(world) -> Callable[[Path], int]:
+    """Which of the world's exports an export (downloaded or not) is: by its weights."""
+    def digest(export: Path) -> str:
+        return hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
+
+    seeds = {digest(e): seed for seed, e in world["exports"].items()}
+    return lambda export: seeds[digest(Path(export))]
+
+
+def test_a_champion_that_moved_while_scoring_is_scored_again(world) -> None:
+    """Another writer moves @champion while the challenger is compared with the old champion:
+    the decision is not written against a champion that is gone, the new one is scored."""
+    uri = world["uri"]
+    name, (v0, v1, v2) = _fresh_model(world, "moved", 3)
+    registry.promote(uri, name, v0)
+    seed_of, scored = _seed_of(world), []
+
+    def score(export: Path) -> float:
+        seed = seed_of(export)
+        scored.append(seed)
+        if len(scored) == 2:  # scoring champion v0 while someone promotes v1 by hand
+            registry.promote(uri, name, v1, reason="a concurrent writer")
+        return {0: 0.5, 1: 0.9, 2: 0.7}[seed]
+
+    d = registry.promote_if_better(uri, name, v2, score, platform=PLATFORM)
+    assert scored == [2, 0, 1]
+    # 0.7 beat v0 (0.5), but v0 was no longer the champion: compared with v1 (0.9) instead.
+    assert not d.promoted and d.champion_version == v1 and d.champion_score == 0.9
+    assert d.extra["attempts"] == 2
+    assert registry.champion_state(uri, name) == registry.ChampionState(v1, [v0], 2)
+
+
+def test_concurrent_promoters_keep_one_history(world) -> None:
+    """Two threads run promote_if_better against one registered model over and over (random
+    scores, random pauses while scoring). Replayed in generation order, the moves form one
+    chain: no generation taken twice or skipped, each decision taken against the champion of its
+    generation, and the history tag is exactly that chain."""
+    uri = world["uri"]
+    name, versions = _fresh_model(world, "race", 6)
+    export_of = {v: world["exports"][i % 3] for i, v in enumerate(versions)}
+
+    def promoter(seed: int) -> list[registry.Decision]:
+        rng = random.Random(seed)
+
+        def score(export: Path) -> float:
+            time.sleep(rng.uniform(0, 0.05))  # the window in which the other thread writes
+            return rng.random()
+
+        out = []
+        for _ in range(12):
+            v = rng.choice(versions)
+            out.append(registry.promote_if_better(uri, name, v, score, platform=PLATFORM,
+                                                  challenger_export=export_of[v]))
+        return out
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        decisions = [d for ds in pool.map(promoter, [1, 2]) for d in ds]
+    moves = sorted((d for d in decisions if d.extra["moved"]),
+                   key=lambda d: d.extra["generation"])
+    assert [d.extra["generation"] for d in moves] == list(range(len(moves)))
+    champion, history, champion_at = None, [], {0: None}
+    for g, d in enumerate(moves):
+        assert d.champion_version == champion, d
+        if champion is not None:
+            history.append(champion)
+        champion = champion_at[g + 1] = d.version
+    for d in decisions:
+        assert champion_at[d.extra["generation"]] == d.champion_version, d
+    assert registry.champion_state(uri, name) == registry.ChampionState(
+        champion, history, len(moves))
+    assert registry.alias_version(uri, name, "previous_champion") == history[-1]
+    retried = sum(d.extra["attempts"] > 1 for d in decisions)
+    print(f"\n{len(decisions)} decisions, {len(moves)} moves, {retried} compared again, "
+          f"{time.monotonic() - started:.1f} s")
+    assert len(moves) >= 4
+
+
+def test_concurrent_rollbacks_and_promotions_each_take_one_step(world) -> None:
+    """Started together, two rollbacks go back two steps (not both to the same version), and two
+    promotions both land on the history, in one order or the other."""
+    uri = world["uri"]
+    name, vs = _fresh_model(world, "rollback", 6)
+    for v in vs[:5]:
+        registry.promote(uri, name, v)
+    start = threading.Barrier(2)
+
+    def together(fn: Callable[[Any], Any], args: list[Any]) -> list[Any]:
+        def call(arg: Any) -> Any:
+            start.wait()
+            return fn(arg)
+
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(call, args))
+
+    back = together(lambda _: registry.rollback(uri, name), [0, 1])
+    assert sorted(back) == sorted([vs[3], vs[2]])
+    assert registry.champion_state(uri, name) == registry.ChampionState(vs[2], vs[:2], 7)
+    previous = together(lambda v: registry.promote(uri, name, v), [vs[0], vs[5]])
+    state = registry.champion_state(uri, name)
+    assert state.generation == 9 and state.champion in (vs[0], vs[5])
+    first = vs[5] if state.champion == vs[0] else vs[0]
+    assert state.history == [*vs[:2], vs[2], first]
+    assert sorted(previous) == sorted([vs[2], first])
+
+
+def test_a_lock_left_by_a_crash_is_broken_after_its_lease(world) -> None:
+    uri = world["uri"]
+    name, (v0,) = _fresh_model(world, "stale", 1)
+    c = MlflowClient(uri)
+    lock = champion_lock.lock_name(name)
+    c.create_registered_model(lock, tags={"lock_token": "dead", "lock_holder": "crashed:1",
+                                          "lock_expires": f"{time.time() + 2:.3f}"})
+    with pytest.raises(registry.RegistryError, match="held by crashed:1"):
+        with champion_lock.champion_lock(uri, name, wait_s=0.3):
+            pass
+    started = time.monotonic()
+    registry.promote(uri, name, v0)  # waits out the lease, then breaks the lock
+    assert 0.5 < time.monotonic() - started < 15
+    assert registry.alias_version(uri, name, "champion") == v0
+    left = {m.name for m in c.search_registered_models(f"name LIKE '{name}%'")}
+    assert left == {name}, "the lock (or a renamed stale one) was left behind"
+
+
+@pytest.mark.parametrize("attack", ["truncated_weights", "pickled_ids", "path_escape"])
+def test_a_broken_or_poisoned_version_is_refused(world, tmp_path: Path, attack: str) -> None:
+    """A registered version whose export is truncated, holds a pickle, or whose MLmodel points
+    outside its own directory: refused and tagged, never promoted (the champion stays)."""
+    from recsys.model.pyfunc import CODE_FILE
+
+    uri = world["uri"]
+    name, (good,) = _fresh_model(world, f"refused-{attack}", 1)
+    registry.promote(uri, name, good)
+    export = Path(shutil.copytree(world["exports"][1], tmp_path / "export"))
+    if attack == "truncated_weights":
+        weights = export / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif attack == "pickled_ids":  # an old-style .npz with an object array, not the JSON ids
+        ids = json.loads((export / "items" / f"{PLATFORM}.json").read_text())["item_ids"]
+        np.savez(export / "items" / f"{PLATFORM}.npz", item_ids=np.asarray(ids, dtype=object))
+        (export / "items" / f"{PLATFORM}.json").unlink()
+    run_id = runs.start_run(uri, "registry-test", f"tampered-{attack}")
+    model_uri = runs.log_pyfunc_model(uri, run_id, CODE_FILE, artifacts={"export": str(export)},
+                                      pip_requirements=["torch", "mlflow"])
+    runs.end_run(uri, run_id)
+    version = runs.register_model(uri, model_uri, name)
+    if attack == "path_escape":  # the stored MLmodel edited to send the export elsewhere
+        source = MlflowClient(uri).get_model_version_download_uri(name, version)
+        mlmodel = (world["server_root"] / "artifacts"
+                   / source.removeprefix("mlflow-artifacts:/") / "MLmodel")
+        text = mlmodel.read_text()
+        assert "artifacts/export" in text
+        mlmodel.write_text(text.replace("artifacts/export", "../../../../outside"))
+    d = registry.promote_if_better(uri, name, version, world["scorer"], platform=PLATFORM)
+    assert not d.promoted and d.extra == {"rejected": True}, d
+    assert "refused" in d.reason and d.challenger_score is None and d.champion_version == good
+    assert registry.alias_version(uri, name, "champion") == good
+    tags = MlflowClient(uri).get_model_version(name, version).tags
+    assert tags["role"] == "rejected" and tags["decision"] == d.reason
+    print(f"\n{attack}: {d.reason}")

@@ -52,7 +52,7 @@ def test_app_args_refuse_unknown_keys_and_bad_values() -> None:
 
 def test_registry_is_the_apps_the_environments_or_the_local_server(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from recsys.serving.app import AppArgs, tracking_uri
+    from recsys.serving.args import AppArgs, tracking_uri
 
     monkeypatch.delenv("RECSYS_MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("RECSYS_WORK_DIR", str(tmp_path))  # no runs/mlflow/server.json there

@@ -13,7 +13,9 @@ runner: the runner imports the adapters, so the import graph has no cycle.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -23,8 +25,13 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from recsys.data.pseudonym import Pseudonymizer
-from recsys.data.schema import QUARANTINE_META_COLUMNS, validate_platform_name
+from recsys.data.pseudonym import ID_PREFIX, IdKind, Pseudonymizer, identifier_kind
+from recsys.data.schema import (
+    QUARANTINE_KEY_METADATA,
+    QUARANTINE_META_COLUMNS,
+    QUARANTINE_PSEUDONYMISED_METADATA,
+    validate_platform_name,
+)
 
 SourceKind = Literal["unisrec", "uci-online-retail", "amazon-json", "recbole", "generic",
                      "synthetic"]
@@ -110,6 +117,8 @@ class RowCounts:
     quarantined: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
     frames: list[pd.DataFrame] = field(default_factory=list, repr=False)
+    # Quarantine column -> what its values were hashed as (IdKind).
+    pseudonymised: dict[str, IdKind] = field(default_factory=dict)
 
     @property
     def balanced(self) -> bool:
@@ -126,6 +135,7 @@ class RowCounts:
             "rows_filtered": sum(self.filtered.values()),
             "filtered_by_rule": dict(sorted(self.filtered.items())),
             "invariant_holds": self.balanced,
+            "quarantine_pseudonymised_columns": dict(sorted(self.pseudonymised.items())),
         }
 
 
@@ -148,8 +158,16 @@ class Ledger:
         file: str,
         row_numbers: pd.Series | np.ndarray | None = None,
         user_column: str | None = None,
+        session_columns: Iterable[str] = (),
     ) -> None:
-        """Keep rejected rows, as strings, with file/row/column/reason. Raw user ids are hashed."""
+        """Keep rejected rows, as strings, with file/row/column/reason.
+
+        Identifier columns are pseudonymised with the run's key, the way the lake hashes them:
+        ``user_column`` and ``user_id`` as user ids, ``session_columns`` and ``session_id`` as
+        session ids, and any other column whose name looks like an identifier
+        (:func:`~recsys.data.pseudonym.identifier_kind`: CustomerID, InvoiceNo, email, ...) as
+        a generic id. Everything else stays as text so that a rejected row can be diagnosed.
+        """
         if len(rows) == 0:
             return
         counts = self.events if table == "events" else self.items
@@ -157,20 +175,32 @@ class Ledger:
         out = rows.copy()
         if row_numbers is None:
             row_numbers = out["_row"] if "_row" in out else out.index.to_numpy() + 1
+        sessions = set(session_columns)
         for col in list(out.columns):
             if col.startswith("_"):
                 out = out.drop(columns=col)
-            elif col == user_column:
-                raw = out[col].astype("string")
-                hashed = self.pseudonymizer.many(None if pd.isna(v) else str(v) for v in raw)
-                out[col] = pd.array(hashed, dtype="string")
-            else:
+                continue
+            kind: IdKind | None = ("user" if col == user_column else
+                                   "session" if col in sessions else identifier_kind(str(col)))
+            if kind is None:
                 out[col] = _as_text(out[col])
+            else:
+                out[col] = self._pseudonymise(out[col], kind)
+                counts.pseudonymised[str(col)] = kind
         out.insert(0, "_reason", reason)
         out.insert(0, "_column", column)
         out.insert(0, "_row", np.asarray(row_numbers, dtype=np.int64))
         out.insert(0, "_file", file)
         counts.frames.append(out.reset_index(drop=True))
+
+    def _pseudonymise(self, values: pd.Series, kind: IdKind) -> pd.Series:
+        """Hash every non-blank value; nulls stay null, blanks become "" (not identifying)."""
+        text = _as_text(values)
+        raw = [None if pd.isna(v) else str(v) for v in text]
+        keep = [v if v is None or v.strip() else "" for v in raw]
+        hashed = self.pseudonymizer.many((v or None for v in keep), prefix=ID_PREFIX[kind])
+        return pd.Series(pd.array([h if h is not None else k for h, k in zip(hashed, keep)],
+                                  dtype="string"), index=values.index)
 
     def filter(self, table: str, count: int, rule: str) -> None:
         """Rows removed on purpose by a named rule (dedup, k-core, cancellations, ...)."""
@@ -181,11 +211,19 @@ class Ledger:
         self.quirks[name] = value
 
     def quarantine_table(self, table: str) -> pa.Table:
-        frames = (self.events if table == "events" else self.items).frames
-        if not frames:
-            return pa.table({c: pa.array([], pa.string()) for c in QUARANTINE_META_COLUMNS})
-        df = pd.concat(frames, ignore_index=True)
-        return pa.Table.from_pandas(df, preserve_index=False)
+        """The rejected rows of ``table``; the schema metadata names the pseudonymised columns
+        (column -> IdKind, JSON) and the key's fingerprint."""
+        counts = self.events if table == "events" else self.items
+        if not counts.frames:
+            out = pa.table({c: pa.array([], pa.string()) for c in QUARANTINE_META_COLUMNS})
+        else:
+            out = pa.Table.from_pandas(pd.concat(counts.frames, ignore_index=True),
+                                       preserve_index=False)
+        meta = dict(out.schema.metadata or {})
+        meta[QUARANTINE_PSEUDONYMISED_METADATA] = json.dumps(
+            dict(sorted(counts.pseudonymised.items()))).encode()
+        meta[QUARANTINE_KEY_METADATA] = self.pseudonymizer.fingerprint.encode()
+        return out.replace_schema_metadata(meta)
 
 
 @dataclass
@@ -196,6 +234,7 @@ class RowRules:
     ledger: Ledger
     rows: pd.DataFrame  # the source rows as they are quarantined, with _file and _row
     user_column: str | None = None  # raw user ids in ``rows``, hashed when quarantined
+    session_columns: tuple[str, ...] = ()  # raw session/invoice ids, hashed as session ids
     table: str = "events"
     alive: np.ndarray = field(init=False)  # (n,) bool: not yet removed by any rule
 
@@ -209,7 +248,8 @@ class RowRules:
             return
         for fname, part in self.rows[hit].groupby("_file", sort=False):
             self.ledger.quarantine(self.table, part, reason, column=column, file=str(fname),
-                                   user_column=self.user_column)
+                                   user_column=self.user_column,
+                                   session_columns=self.session_columns)
         self.alive &= ~hit
 
     def filter(self, bad: np.ndarray, rule: str) -> None:

@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from recsys.data.ingest.base import Ledger
 from recsys.data.ingest.parsing import blank
-from recsys.data.pseudonym import Pseudonymizer
+from recsys.data.pseudonym import SESSION_PREFIX, Pseudonymizer, normalise_id
 from recsys.data.schema import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA
 
 
@@ -70,7 +69,8 @@ def finalize(
 
     # --- events: required fields, known types, referential integrity with the catalog
     events["item_id"] = events["item_id"].astype("string").str.strip()
-    events["user_id"] = events["user_id"].astype("string").str.strip()
+    # The same normalisation as the hash (and as serving), before k-core and dedup count users.
+    events["user_id"] = normalised_ids(events["user_id"])
     ucol = "user_id"
     events = _take_bad(events, blank(events["user_id"]), ledger, "events", "missing_user_id",
                        "user_id", source_file, ucol)
@@ -138,12 +138,20 @@ def _events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer) -> pa.
     return pa.Table.from_pydict(cols, schema=EVENTS_SCHEMA)
 
 
+def normalised_ids(values: pd.Series) -> pd.Series:
+    """:func:`~recsys.data.pseudonym.normalise_id` of every id, once per distinct value."""
+    text = values.astype("string")
+    codes, uniques = pd.factorize(text, use_na_sentinel=True)
+    norm = np.array([normalise_id(str(v)) for v in uniques], dtype=object)
+    out = np.where(codes >= 0, norm[np.maximum(codes, 0)] if len(norm) else None, None)
+    return pd.Series(out, index=values.index, dtype="string")
+
+
 def _pseudonymize_optional(values: pd.Series, pseudo: Pseudonymizer) -> pa.Array:
     text = pa.array(values.astype("string"), pa.string())
     if text.null_count == len(text):
         return text
-    salted = pa.compute.binary_join_element_wise(pa.scalar("session:"), text, "")
-    return pseudo.array(salted)
+    return pseudo.array(text, prefix=SESSION_PREFIX)
 
 
 def _clean_category(value: Any) -> list[str] | None:

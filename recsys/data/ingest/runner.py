@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from recsys.data.ingest import amazon, generic, recbole, synthetic, uci, unisrec
 from recsys.data.ingest.base import Adapter, IngestOptions, SourceFrames, SourceKind
 from recsys.data.ingest.finalize import finalize
-from recsys.data.lake import PlatformWrite, write_platform
+from recsys.data.lake import PlatformWrite, check_key, list_platforms, write_platform
 from recsys.data.pseudonym import Pseudonymizer, load_key
 from recsys.data.schema import SCHEMA_VERSION
 
@@ -42,14 +42,21 @@ def adapter_names() -> list[str]:
 
 
 def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None,
-           key_source: str = "the caller") -> list[PlatformWrite]:
+           key_source: str | None = None) -> list[PlatformWrite]:
     """Ingest one source into the lake; returns what was written, one entry per platform.
-    ``key_source`` says where a given ``pseudonymizer``'s key came from (for the report)."""
+    ``key_source`` says where a given ``pseudonymizer``'s key came from (for the report; default
+    its ``source``). Refused (:class:`~recsys.data.lake.KeyMismatchError`) when the lake's other
+    platforms were pseudonymised with another key: users would not link across them."""
     if pseudonymizer is None:
         key, key_source = load_key()
-        pseudonymizer = Pseudonymizer(key)
+        pseudonymizer = Pseudonymizer(key, key_source)
+    key_source = key_source or pseudonymizer.source or "the caller"
+    targets = target_platforms(opts)
+    _check_other_platforms(opts.out, pseudonymizer, targets)  # before the (long) read
     started = time.perf_counter()
     frames = ADAPTERS[opts.source](opts, pseudonymizer)
+    if {fr.platform for fr in frames} != set(targets):
+        _check_other_platforms(opts.out, pseudonymizer, [fr.platform for fr in frames])
     written = []
     for fr in frames:
         events, items = finalize(
@@ -69,6 +76,22 @@ def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None,
                  opts.source, fr.platform, ev["rows_in"], ev["rows_out"], ev["rows_quarantined"],
                  ev["rows_filtered"])
     return written
+
+
+def _check_other_platforms(lake: Path, pseudo: Pseudonymizer, written: list[str]) -> None:
+    """The platforms this ingest leaves alone must share its key (those it writes are replaced
+    whole, so re-ingesting a lake's only platform with a new key is allowed)."""
+    others = sorted(set(list_platforms(lake)) - set(written))
+    if others:
+        check_key(lake, pseudo, others, purpose="ingest into")
+
+
+def target_platforms(opts: IngestOptions) -> list[str]:
+    """The platforms an ingest writes (known before reading: ``--platform``, or the synthetic
+    default names), which it replaces whole."""
+    if opts.platform:
+        return opts.platform.split(",")
+    return synthetic.default_names(opts.num_platforms) if opts.source == "synthetic" else []
 
 
 def _report(opts: IngestOptions, fr: SourceFrames, events: pa.Table, items: pa.Table,
@@ -97,7 +120,8 @@ def _report(opts: IngestOptions, fr: SourceFrames, events: pa.Table, items: pa.T
     }
 
 
-__all__ = ["ADAPTERS", "SOURCES", "IngestOptions", "adapter_names", "ingest"]
+__all__ = ["ADAPTERS", "SOURCES", "IngestOptions", "adapter_names", "ingest",
+           "target_platforms"]
 
 
 def format_ingest_summary(reports: list[dict[str, Any]], lake: Path | str) -> str:
@@ -114,6 +138,6 @@ def format_ingest_summary(reports: list[dict[str, Any]], lake: Path | str) -> st
                  f"{lake}/platform=*/quarantine/)")
     if reports:
         r = reports[0]
-        lines.append(f"user ids pseudonymised with the key from {r['pseudonym_key_source']} "
-                     f"(fingerprint {r['pseudonym_key_fingerprint']})")
+        lines.append(f"user, session and other ids pseudonymised with the key from "
+                     f"{r['pseudonym_key_source']} (fingerprint {r['pseudonym_key_fingerprint']})")
     return "\n".join(lines)

@@ -128,12 +128,14 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     prefix = f"{opts.user_namespace}:" if opts.user_namespace else ""
     customer_key = (prefix + p.customer).where(p.customer.notna())
     # The quarantine keeps the source row as read, with the customer id replaced by the same
-    # string the events hash, so that Ledger.quarantine pseudonymises it consistently.
+    # string the events hash, so that Ledger.quarantine pseudonymises it consistently; the
+    # invoice is hashed as the events' session_id is.
     qsrc = src.raw.copy()
     qsrc[cols["customer_id"]] = customer_key
     qsrc["_file"] = src.files
     qsrc["_row"] = src.rows
-    rules = RowRules(ledger, qsrc, user_column=cols["customer_id"])
+    rules = RowRules(ledger, qsrc, user_column=cols["customer_id"],
+                     session_columns=(cols["invoice"],))
 
     if recipe == "customer":
         alive = _customer_rules(p, src.raw, cols, rules)

@@ -7,9 +7,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from recsys.data.pseudonym import KEY_ENV, KEY_FILE_ENV
 from recsys.pipeline.context import Context, tracking_uri
 from recsys.pipeline.outputs import DeployOutput, SmokeOutput
 from recsys.pipeline.state import hash_tree
+
+API_KEY_FILE = Path(".recsys") / "api_keys"
+"""The demo's API key file (made on the first deploy with ``auth: api_key``)."""
+SERVE_PSEUDONYM_KEY = Path(".recsys") / "serve-pseudonym.key"
+"""Where a pseudonym key given as ``$RECSYS_PSEUDONYM_KEY`` is written for the replicas."""
 
 
 def stage_deploy(ctx: Context) -> None:
@@ -21,7 +27,12 @@ def stage_deploy(ctx: Context) -> None:
     from recsys.cluster import LOOPBACK, init_ray
     from recsys.logs import route_library_loggers
     from recsys.serving.app import AppArgs, compose
-    from recsys.serving.deploy import deployment_options, load_serve_config, with_env_vars
+    from recsys.serving.deploy import (
+        deployment_options,
+        load_serve_config,
+        secret_file,
+        with_env_vars,
+    )
     from recsys.tracking import registry
 
     t, d = ctx.cfg.transfer, ctx.cfg.deploy
@@ -40,9 +51,19 @@ def stage_deploy(ctx: Context) -> None:
                                    "model_uri": f"models:/{name}@champion",
                                    "lake": str(Path(ctx.cfg.data.lake).resolve()),
                                    "tracking_uri": uri})
-    # Secrets reach the replicas through their environment, merged over the config's env_vars.
-    env = {k: os.environ[k] for k in ("RECSYS_PSEUDONYM_KEY", "RECSYS_API_KEY")
-           if k in os.environ}
+    # Secrets reach the replicas as 0600 files whose paths (never the secrets: the dashboard
+    # shows a runtime_env) go into their environment. Without a key the demo makes one.
+    if args.auth == "api_key":
+        key_file, made = secret_file(Path(args.api_key_file or API_KEY_FILE).resolve())
+        args = args.model_copy(update={"api_key_file": str(key_file)})
+        if made:
+            print(f"API key created in {key_file} (send it as the x-api-key header)")
+    env = {}
+    if os.environ.get(KEY_ENV):  # the key that pseudonymised the lake, given in this process
+        path, _ = secret_file(SERVE_PSEUDONYM_KEY.resolve(), os.environ[KEY_ENV])
+        env[KEY_FILE_ENV] = str(path)
+    elif os.environ.get(KEY_FILE_ENV):
+        env[KEY_FILE_ENV] = str(Path(os.environ[KEY_FILE_ENV]).resolve())
     configured = {tier: deployment_options(app_cfg, tier) for tier in tiers}
     options = {tier: with_env_vars(opts, env) for tier, opts in configured.items()}
     started = time.perf_counter()
@@ -52,6 +73,7 @@ def stage_deploy(ctx: Context) -> None:
     url = f"http://{LOOPBACK}:{port}{prefix}"
     key = f"deploy/{target}"
     inputs = {"args": args.model_dump(mode="json"), "options": configured, "port": port,
+              "env": env,
               "champion": champion, "serve_config": hash_tree(d.config)}
     gone = None if _app_running(app_cfg.name) else f"app {app_cfg.name!r} not running"
     if ctx.needed(key, "deploy", inputs, [], DeployOutput, also=gone):
@@ -60,7 +82,8 @@ def stage_deploy(ctx: Context) -> None:
                   name=app_cfg.name, route_prefix=route_prefix)
         route_library_loggers()  # Serve's driver-side logger, to the job's log file
         ctx.finish(key, DeployOutput(url=url, model=f"models:/{name}@champion",
-                                     version=champion, app=app_cfg.name),
+                                     version=champion, app=app_cfg.name,
+                                     api_key_file=args.api_key_file),
                    time.perf_counter() - started)
         print(f"deployed {app_cfg.name} serving {name} v{champion} (@champion) at {url}")
     ctx.result.deploy = ctx.recorded(key, DeployOutput).output
@@ -78,7 +101,6 @@ def _app_running(name: str) -> bool:
 
 def stage_smoke(ctx: Context) -> None:
     """One real request to the endpoint: a user history from the test split."""
-    import os
 
     import pyarrow.parquet as pq
     import requests
@@ -100,8 +122,7 @@ def stage_smoke(ctx: Context) -> None:
     ids = dict(zip(catalog["item_idx"], catalog["item_id"], strict=True))
     history = [ids[i] for i in table.column("history")[0].as_py()][-5:]  # oldest first
     url, deadline = deployed.url, time.monotonic() + ctx.cfg.smoke.timeout_s
-    key = os.environ.get("RECSYS_API_KEY")
-    headers = {"x-api-key": key} if key else {}
+    headers = {"x-api-key": key} if (key := _client_key(deployed.api_key_file)) else {}
     with requests.Session() as client:
         client.headers.update(headers)
         while True:
@@ -120,3 +141,11 @@ def stage_smoke(ctx: Context) -> None:
     ctx.result.smoke = SmokeOutput(platform=target, recent_items=history, response=body)
     print(f"smoke: POST {url}/recommend {{platform: {target}, recent_items: {history}}} -> "
           f"{body.source}: " + "; ".join(f"{it.title} ({it.score:.3f})" for it in body.items[:3]))
+
+
+def _client_key(key_file: str | None) -> str | None:
+    """A key the smoke request can send: the endpoint's first key (None: ``auth: none``)."""
+    from recsys.serving.access import load_keys
+
+    keys = load_keys(key_file, "RECSYS_API_KEY") if key_file else []
+    return keys[0].secret if keys else None

@@ -1,0 +1,102 @@
+"""The app's ``args`` (serve/config.yaml) and what a replica builds from them: the predictor
+of the configured model, with the lake's histories and the pseudonym key."""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from recsys.config import StrictModel
+from recsys.data.pseudonym import DEFAULT_KEY_FILE, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key
+from recsys.serving.model_source import is_registry_uri
+from recsys.serving.predictor import Predictor
+from recsys.settings import get_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class AppArgs(StrictModel):
+    """The app's ``args`` in serve/config.yaml (or ``serve run ... key=value``)."""
+
+    model_uri: str = Field(
+        "models:/recsys-shop_c@champion",
+        description="models:/<name>@<alias> / models:/<name>/<version> in the MLflow registry, "
+                    "or a training run's export dir (relative paths: to the repo root)")
+    lake: str | None = Field("runs/demo/lake", description="lake with the users' events "
+                             "(histories, purchases, popular items); null: none")
+    tracking_uri: str | None = Field(None, description="MLflow server for models:/ uris "
+                                     "(default: $RECSYS_MLFLOW_TRACKING_URI, else the local "
+                                     "server the jobs started under runs/mlflow)")
+    poll_interval_s: float = Field(30.0, ge=0, description="how often a replica checks the "
+                                   "alias for a new version (0: never); swaps without downtime")
+    search: bool = Field(True, description="load the text encoder for /search")
+    max_batch_size: int = Field(16, ge=1, le=256, description="user-tower batch (1: no "
+                                "batching)")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1.0)
+    torch_threads: int = Field(1, ge=0, description="intra-op threads per replica (0: torch's "
+                               "default)")
+    auth: Literal["api_key", "none"] = Field(
+        "api_key", description="api_key: every endpoint but /healthz and /readyz needs a key, "
+        "and the app refuses to start without one; none: no keys (a loopback demo only)")
+    api_key_file: str | None = Field(None, description="file of API keys, mode 0600 (format: "
+                                     "recsys.serving.access), e.g. a mounted k8s Secret")
+    api_key_env: str = Field("RECSYS_API_KEY", description="environment variable with one "
+                             "more key (the process's own env, never a runtime_env)")
+    rate_limit_per_s: float = Field(50.0, ge=0, description="requests per second per key and "
+                                    "gateway replica (0: none); a key file line may set its own")
+    exclude_purchased: bool = Field(True, description="never recommend what the user bought "
+                                    "on the platform: a server rule, so that no caller can "
+                                    "switch it off and back on to learn what a user bought")
+    reload_backoff_max_s: float = Field(600.0, ge=0, description="longest wait before a "
+                                        "replica tries again a champion that failed to load")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    download_dir: str | None = Field(None, description="where registry models are downloaded "
+                                     "(default: a temporary directory)")
+    retries: int = Field(2, ge=0, le=5, description="times the gateway repeats a model call "
+                         "whose replica died mid-request (reads only, so safe to repeat)")
+
+
+def local_path(path: str) -> Path:
+    """Relative paths in the config mean the repo root (replicas may run elsewhere), unless
+    they exist relative to the current directory."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return REPO_ROOT / p
+
+
+def tracking_uri(args: AppArgs) -> str | None:
+    """The registry to read: the app's ``tracking_uri``, ``$RECSYS_MLFLOW_TRACKING_URI``, else
+    the local server that the jobs started (``<work_dir>/mlflow/server.json``), if it is up.
+    Never starts a server: a replica must not own the registry."""
+    from recsys.tracking.server import default_root, read_detached
+
+    settings = get_settings()
+    uri = args.tracking_uri or settings.mlflow_tracking_uri
+    if uri:
+        return uri
+    info = read_detached(local_path(str(default_root(settings))))
+    return str(info["uri"]) if info else None
+
+
+def load_predictor(args: AppArgs) -> Predictor:
+    """What a replica serves, from the app args (a registry uri is resolved and downloaded)."""
+    tracking = tracking_uri(args)
+    lake = local_path(args.lake) if args.lake else None
+    pseudonymizer = None
+    if lake is not None:
+        # The key that pseudonymised the lake: $RECSYS_PSEUDONYM_KEY, $RECSYS_PSEUDONYM_KEY_FILE,
+        # else the repo's .recsys/pseudonym.key (a replica's working directory may be elsewhere).
+        key_file = None
+        if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
+            key_file = local_path(str(DEFAULT_KEY_FILE))
+        pseudonymizer = Pseudonymizer(*load_key(create_if_missing=False, key_file=key_file))
+    if is_registry_uri(args.model_uri):
+        return Predictor.from_model_uri(args.model_uri, lake, tracking_uri=tracking,
+                                        download_dir=args.download_dir, search=args.search,
+                                        pseudonymizer=pseudonymizer,
+                                        exclude_purchased=args.exclude_purchased)
+    return Predictor.from_export(local_path(args.model_uri), lake, search=args.search,
+                                 pseudonymizer=pseudonymizer,
+                                 exclude_purchased=args.exclude_purchased)
