@@ -23,6 +23,23 @@ TINY_TRAIN = {"model.dim": 16, "model.num_layers": 1, "model.num_heads": 2,
 FirstRun = tuple[PipelineConfig, PipelineResult, Path]
 
 
+def as_emails(logs_dir: Path) -> None:
+    """Make the raw logs' user and session ids e-mail-like (``jane.doe+17@example.com``), what
+    no file after ingest may hold (issue 20: pseudonyms everywhere)."""
+    import pandas as pd
+
+    for path in logs_dir.rglob("events-*.parquet"):
+        events = pd.read_parquet(path)
+        events["user_id"] = events["user_id"].map(lambda u: f"jane.doe+{u}@example.com")
+        events["session_id"] = events["session_id"].map(
+            lambda s: None if s is None else f"visit.{s}@sessions.example.org")
+        events.to_parquet(path, index=False)
+    for path in (logs_dir / ".holdback").glob("*.parquet"):
+        events = pd.read_parquet(path)
+        events["user_id"] = events["user_id"].map(lambda u: f"jane.doe+{u}@example.com")
+        events.to_parquet(path, index=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,6 +80,7 @@ def first_run(ray_cluster, tiny_encoder: str, mlflow_server,
     tmp = tmp_path_factory.mktemp("pipeline")
     logs = write_logs(tmp / "logs", num_platforms=3, scale=0.2, seed=11,
                       holdback={"shop_c": 0.3})
+    as_emails(tmp / "logs")
     cfg = _config(tmp, tiny_encoder, logs, _free_port())
     try:
         yield cfg, run_pipeline(cfg), tmp
@@ -102,6 +120,19 @@ def test_first_run_deploys_the_champion_and_answers(first_run) -> None:
     key = key_file.read_text().split()[1]
     model = requests.get(f"{res.deploy.url}/model", headers={"x-api-key": key}, timeout=10)
     assert "shop_c" in json.dumps(model.json())
+
+
+def test_no_raw_identifier_leaves_ingest(first_run, mlflow_server) -> None:
+    """Issue 20: the raw logs hold e-mail-like user and session ids; nothing the pipeline wrote
+    (lake, quarantine, example set, reports, pipeline state, the job logs) nor the MLflow
+    server (its database and artifacts) holds one. The same scan finds them in the raw logs."""
+    from recsys.data.audit import scan
+
+    cfg, _, tmp = first_run
+    assert len(scan([tmp / "logs"])) > 100, "the scan cannot find what it looks for"
+    roots = [tmp / "lake", tmp / "examples", cfg.root, Path(cfg.work_dir), mlflow_server.root]
+    hits = scan(roots)
+    assert hits == [], hits[:5]
 
 
 def test_second_run_with_nothing_new_runs_nothing(first_run) -> None:
