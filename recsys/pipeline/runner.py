@@ -76,6 +76,8 @@ def format_summary(cfg: PipelineConfig, res: PipelineResult) -> str:
         d = res.deploy
         links.append(("Serve endpoint", f"{d.url}/recommend  (docs: {d.url}/docs; "
                                         f"serving {d.model} = v{d.version})"))
+        if d.api_key_file:
+            links.append(("API key", f"x-api-key header, from {d.api_key_file} (mode 0600)"))
     if cfg.tracking and {"pretrain", "transfer", "sweep", "register"} & set(cfg.active):
         links.append(("MLflow UI", tracking_uri()))
     if ray.is_initialized():

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,6 +346,23 @@ def _stream(served: Served, stop: threading.Event, statuses: list[int],
     return threads
 
 
+@contextmanager
+def under_load(served: Served) -> Iterator[tuple[list[int], list[str | None]]]:
+    """Four clients streaming /recommend for the block (after a second of warm-up): each
+    answer's status and the model version that answered."""
+    statuses: list[int] = []
+    versions: list[str | None] = []
+    stop = threading.Event()
+    threads = _stream(served, stop, statuses, versions)
+    try:
+        time.sleep(1.0)
+        yield statuses, versions
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def test_without_a_key_the_endpoint_refuses_to_start(served: Served) -> None:
     """Auth fails closed: ``auth: api_key`` (the default) and no key anywhere: the gateway
     refuses to start instead of serving everyone."""
@@ -377,23 +395,16 @@ def test_a_broken_champion_is_refused_under_load(served: Served, tiny_encoder: s
     weights = broken.export / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     version = _register(served.tracking_uri, served.name, broken)
-    statuses: list[int] = []
-    versions: list[str | None] = []
-    stop = threading.Event()
-    threads = _stream(served, stop, statuses, versions)
     try:
-        time.sleep(1.0)
-        registry.set_alias(served.tracking_uri, served.name, "champion", version)
-        deadline = time.monotonic() + 60
-        while "failed to load 2 time(s)" not in str(served.get("/readyz").json()["detail"]):
-            assert time.monotonic() < deadline, served.get("/readyz").json()
-            time.sleep(0.5)
-        health = served.get("/readyz").json()
-        time.sleep(1.0)
+        with under_load(served) as (statuses, versions):
+            registry.set_alias(served.tracking_uri, served.name, "champion", version)
+            deadline = time.monotonic() + 60
+            while "failed to load 2 time(s)" not in str(served.get("/readyz").json()["detail"]):
+                assert time.monotonic() < deadline, served.get("/readyz").json()
+                time.sleep(0.5)
+            health = served.get("/readyz").json()
+            time.sleep(1.0)
     finally:
-        stop.set()
-        for t in threads:
-            t.join()
         registry.set_alias(served.tracking_uri, served.name, "champion", "1")
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
     assert set(versions) == {"1"}
@@ -417,22 +428,13 @@ def test_champion_swap_under_load_has_no_failed_request(served: Served,
     served.worlds["2"] = build_toy_world(root / "v2", tiny_encoder,
                                          served.worlds["1"].pseudonymizer, seed=1)
     version = _register(served.tracking_uri, served.name, served.worlds["2"])
-    statuses: list[int] = []
-    versions: list[str | None] = []
-    stop = threading.Event()
-    threads = _stream(served, stop, statuses, versions)
-    try:
-        time.sleep(1.0)
+    with under_load(served) as (statuses, versions):
         registry.set_alias(served.tracking_uri, served.name, "champion", version)
         deadline = time.monotonic() + 60
         while served.get("/model").json()["version"] != version:
             assert time.monotonic() < deadline, "the new champion was not picked up in 60 s"
             time.sleep(0.5)
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
     assert versions[0] == "1" and versions[-1] == version and set(versions) == {"1", version}
     after = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 5}).json()
