@@ -3,7 +3,7 @@
 Parallel over (platform, user bucket) with no shuffle (a user's events share one bucket file).
 Writes, into a staging directory swapped in at the end::
 
-    OUT/train/*.parquet, OUT/valid/*.parquet, OUT/test/*.parquet   (schema: EXAMPLES_SCHEMA)
+    OUT/train/*.parquet, OUT/valid/*.parquet, OUT/test/*.parquet   (schema: examples_schema())
     OUT/catalog/<platform>.parquet    item_idx, item_id, title, ..., text, text_hash
     OUT/tokens.parquet                text_hash -> token_ids, one row per distinct item text
     OUT/manifest.json                 config, counts per platform, input fingerprint
@@ -31,11 +31,12 @@ from recsys.data.catalog import TextConfig, build_catalog, tokenize_batch, uniqu
 from recsys.data.lake import event_files, list_platforms, platform_dir, read_items, read_report
 from recsys.data.schema import EVENTS_SCHEMA, check_schema
 from recsys.data.sequences import (
-    EXAMPLES_SCHEMA,
     SPLITS,
     SequenceConfig,
     build_examples,
+    examples_schema,
     item_index,
+    user_sequences,
 )
 from recsys.data.staging import staged_dir
 
@@ -153,18 +154,19 @@ COUNTS_SCHEMA = pa.schema([("platform", pa.string()), ("split", pa.string()),
                            ("rows", pa.int64()), ("history_items", pa.int64())])
 
 
-def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any], out: str) -> pa.Table:
+def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any], out: str,
+                     platforms: list[str]) -> pa.Table:
     """Ray Data task body: one (platform, bucket file) -> its examples, written straight to
-    ``out/<split>/<platform>-<bucket>.parquet``; returns only per-split counts (a few rows)."""
+    ``out/<split>/<platform>-<bucket>.parquet``; returns only per-split counts (a few rows).
+    With ``cross_platform`` the task also reads the same users' events on ``platforms``."""
     cfg = SequenceConfig.model_validate(seq_cfg)
     counts = []
     for platform, path in zip(batch["platform"].to_pylist(), batch["path"].to_pylist()):
-        events = pq.read_table(path)
-        check_schema(events.schema, EVENTS_SCHEMA, path)
-        _check_required(events, path)
-        catalog = pq.read_table(platform_dir(lake, platform) / "items" / "items.parquet",
-                                columns=["item_id"])["item_id"]
-        table, _ = build_examples(events, item_index(catalog), cfg, platform)
+        events = _read_events(path)
+        if cfg.cross_platform:
+            table = _cross_examples(lake, platform, path, events, cfg, platforms)
+        else:
+            table, _ = build_examples(events, _catalog(lake, platform), cfg, platform)
         for split in SPLITS:
             part = _select_split(table, split)
             if part.num_rows:
@@ -173,6 +175,56 @@ def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any], out: s
             counts.append({"platform": platform, "split": split, "rows": part.num_rows,
                            "history_items": int(hist or 0)})
     return pa.Table.from_pylist(counts, schema=COUNTS_SCHEMA)
+
+
+def _read_events(path: str | Path, users: pa.Array | None = None) -> pa.Table:
+    events = pq.read_table(path)
+    check_schema(events.schema, EVENTS_SCHEMA, str(path))
+    if users is not None:
+        events = events.filter(pc.is_in(events["user_id"], value_set=users))
+    _check_required(events, str(path))
+    return events
+
+
+def _catalog(lake: str, platform: str) -> pa.Array:
+    return item_index(pq.read_table(platform_dir(lake, platform) / "items" / "items.parquet",
+                                    columns=["item_id"])["item_id"])
+
+
+def same_user_files(path: str | Path, files: list[Path], other: list[Path]) -> list[Path]:
+    """The event files of another platform that can hold users of bucket file ``path`` (one of
+    ``files``). A user's bucket is ``h % n`` for one hash ``h`` (``lake.user_bucket``), so bucket
+    ``b`` of ``n`` and bucket ``i`` of ``m`` share users only if ``i = b (mod gcd(n, m))``: with
+    equal bucket counts that is one file. Files not named ``bucket-<i>``: all of them."""
+    import math
+
+    def number(p: Path) -> int | None:
+        tail = p.stem.rpartition("-")[2]
+        return int(tail) if p.stem.startswith("bucket-") and tail.isdigit() else None
+
+    b, nums = number(Path(path)), [number(f) for f in other]
+    if b is None or None in nums or any(number(f) is None for f in files):
+        return list(other)
+    g = math.gcd(len(files), len(other))
+    return [f for f, i in zip(other, nums) if i is not None and i % g == b % g]
+
+
+def _cross_examples(lake: str, platform: str, path: str, events: pa.Table, cfg: SequenceConfig,
+                    platforms: list[str]) -> pa.Table:
+    """Examples of one bucket of ``platform`` whose histories merge in the same users' events on
+    the other platforms (``recsys.data.crossplatform``)."""
+    from recsys.data.crossplatform import build_cross_examples
+
+    users = pc.unique(events["user_id"])
+    files = event_files(lake, platform)
+    seqs = {platform: user_sequences(events, _catalog(lake, platform), cfg)}
+    for other in platforms:
+        if other == platform:
+            continue
+        parts = [_read_events(f, users)
+                 for f in same_user_files(path, files, event_files(lake, other))]
+        seqs[other] = user_sequences(pa.concat_tables(parts), _catalog(lake, other), cfg)
+    return build_cross_examples(seqs, platform, cfg, platforms)[0]
 
 
 def _check_required(events: pa.Table, path: str) -> None:
@@ -193,7 +245,11 @@ def _select_split(batch: pa.Table, split: str) -> pa.Table:
 def input_fingerprint(lake: str | Path, platforms: list[str], cfg: DataConfig) -> str:
     """Hash of the lake's reports (they change on every ingest) and of the config, not of
     where the output goes: same inputs, same fingerprint."""
-    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"examples"}),
+    # A new option at its default leaves the fingerprint as it was (no rebuild of old sets).
+    exclude: dict[str, Any] = {"examples": True}
+    if not cfg.sequences.cross_platform:
+        exclude["sequences"] = {"cross_platform"}
+    h = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=exclude),
                                   sort_keys=True).encode())
     for p in platforms:
         h.update(p.encode())
@@ -243,7 +299,7 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             _bucket_examples, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"lake": str(cfg.lake), "seq_cfg": cfg.sequences.model_dump(),
-                       "out": str(staging)},
+                       "out": str(staging), "platforms": list(platforms)},
         )
         counts = _count_rows(pa.concat_tables([COUNTS_SCHEMA.empty_table()]
                                               + ray.get(ds.to_arrow_refs())))
@@ -294,7 +350,8 @@ def load_example_set(path: str | Path) -> ExampleSet:
 
 def read_split(example_set: ExampleSet, split: str) -> pa.Table:
     """A whole split as one Arrow table (evaluation, tests, small data)."""
+    schema = examples_schema(example_set.manifest.config.sequences.cross_platform)
     files = sorted(example_set.split_path(split).glob("*.parquet"))
     if not files:
-        return EXAMPLES_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=EXAMPLES_SCHEMA) for f in files])
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])

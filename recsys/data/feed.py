@@ -9,9 +9,10 @@ keeps its part of the users (:func:`user_part`), which saves a coordinator proce
 
 from __future__ import annotations
 
+import hashlib
 import zlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,8 @@ import pyarrow.compute as pc
 import torch
 
 from recsys.data.examples import ExampleSet
+
+Temperature = float | Literal["uniform"]
 
 SPLIT_DATASETS = ("train",)
 """Datasets Ray Train splits across workers (``DataConfig(datasets_to_split=...)``)."""
@@ -59,7 +62,9 @@ def collate(batch: dict[str, np.ndarray], max_len: int,
 
     Returns ``history`` (B, T) int64 with T = min(max_len, longest history of the batch),
     ``target`` (B,) int64, ``length`` (B,) int64 and,
-    given ``platform_ids``, ``platform`` (B,) int64 (the model's platform index).
+    given ``platform_ids``, ``platform`` (B,) int64 (the model's platform index) and, for a
+    cross-platform example set, ``history_platform`` (B, T) int64: the model's platform index
+    of each history item (the row's own on padding).
     """
     histories = batch["history"]
     n = len(histories)
@@ -79,13 +84,27 @@ def collate(batch: dict[str, np.ndarray], max_len: int,
         "length": torch.from_numpy(lengths),
     }
     if platform_ids is not None:
-        try:
-            pids = [platform_ids[p] for p in batch["platform"]]
-        except KeyError as exc:
-            raise KeyError(f"platform {exc.args[0]!r} is not one of the model's platforms "
-                           f"{sorted(platform_ids)}") from None
+        pids = _platform_ids(batch["platform"], platform_ids)
         result["platform"] = torch.as_tensor(pids, dtype=torch.int64)
+        if "history_platform" in batch:
+            hp = np.repeat(pids[:, None], max_len, axis=1)  # (B, T) padding: the row's own
+            for i, names in enumerate(batch["history_platform"]):
+                if lengths[i]:
+                    hp[i, max_len - lengths[i]:] = _platform_ids(
+                        np.asarray(names)[-max_len:], platform_ids)
+            result["history_platform"] = torch.from_numpy(hp)
     return result
+
+
+def _platform_ids(names: Any, platform_ids: dict[str, int]) -> np.ndarray:
+    """Model platform ids of platform names (each distinct name looked up once)."""
+    uniq, inverse = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
+    try:
+        ids = np.array([platform_ids[u] for u in uniq.tolist()], dtype=np.int64)
+    except KeyError as exc:
+        raise KeyError(f"platform {exc.args[0]!r} is not one of the model's platforms "
+                       f"{sorted(platform_ids)}") from None
+    return ids[inverse.reshape(-1)] if len(uniq) else np.zeros(0, np.int64)
 
 
 def iter_batches(shard: Any, batch_size: int, max_len: int, *, shuffle_buffer: int = 0,
@@ -131,3 +150,51 @@ def length_batches(histories: Any, batch_size: int, buckets: int,
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     rng.shuffle(batches)  # long and short batches interleaved, not a curriculum
     return batches
+
+
+# -- temperature sampling of platforms ---------------------------------------------------------
+
+
+def platform_shares(rows: Mapping[str, int], temperature: Temperature) -> dict[str, float]:
+    """Share of each platform in a pooled epoch: ``n_p ** (1 / T)`` normalised, where ``n_p``
+    is the platform's training rows. T = 1: proportional to size (plain pooling); larger T
+    flattens it; ``"uniform"`` (T -> infinity): every platform alike. A platform without rows
+    gets none."""
+    if temperature != "uniform" and (not isinstance(temperature, (int, float))
+                                     or temperature < 1):
+        raise ValueError(f"temperature must be >= 1 or 'uniform', got {temperature!r}")
+    weight = {p: (0.0 if n <= 0 else 1.0 if temperature == "uniform"
+                  else float(n) ** (1.0 / float(temperature))) for p, n in rows.items()}
+    total = sum(weight.values())
+    if total <= 0:
+        raise ValueError(f"no training rows to sample from: {dict(rows)}")
+    return {p: w / total for p, w in weight.items()}
+
+
+def platform_rates(rows: Mapping[str, int], temperature: Temperature) -> dict[str, float]:
+    """Expected copies of each training row of platform p in an epoch, ``q_p * N / n_p``: the
+    epoch keeps its size N (all rows) and platform p fills share ``q_p`` of it
+    (:func:`platform_shares`); < 1 subsamples a large platform, > 1 repeats a small one."""
+    shares = platform_shares(rows, temperature)
+    total = sum(rows.values())
+    return {p: (shares[p] * total / n if n > 0 else 0.0) for p, n in rows.items()}
+
+
+def sample_platforms(table: pa.Table, rates: Mapping[str, float], seed: int) -> pa.Table:
+    """Ray Data batch function: each row of platform p taken ``floor(r_p)`` times and once more
+    with probability ``frac(r_p)`` (``rates``: :func:`platform_rates`). The draw is a seeded
+    hash of the row (platform, user, split, target, history length), so it is the same at any
+    batch size, block split or worker count."""
+    if table.num_rows == 0:
+        return table
+    platforms = table["platform"].to_pylist()
+    keys = zip(platforms, table["user_id"].to_pylist(), table["split"].to_pylist(),
+               table["target"].to_pylist(),
+               pc.list_value_length(table["history"]).to_pylist())
+    copies = np.empty(table.num_rows, np.int64)
+    for i, key in enumerate(keys):
+        rate = rates.get(key[0], 1.0)
+        h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+        u = int.from_bytes(h, "little") / 2**64
+        copies[i] = int(rate) + (u < rate - int(rate))
+    return table.take(pa.array(np.repeat(np.arange(table.num_rows), copies)))

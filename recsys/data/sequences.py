@@ -7,6 +7,7 @@ events: one sort, one vectorised catalog lookup, one pass over users.
 Example rows (one schema for every split)::
 
     platform, user_id, split ("train" | "valid" | "test"), history: list<int32>, target: int32
+    [, history_platform: list<string>]   (``cross_platform``: the platform of each history item)
 
 Item indices are 1..N in the order of the platform's sorted catalog; 0 is padding. For a user
 with chronological items s[0..n-1] (n >= min_seq_len): test = (s[:-1], s[-1]), valid =
@@ -14,6 +15,9 @@ with chronological items s[0..n-1] (n >= min_seq_len): test = (s[:-1], s[-1]), v
 A training row (history, target) is a sequence: a model may train on every position of
 ``history + [target]`` with next-item targets (SASRec); long train sequences are cut into
 windows that overlap by one item so that every transition is trained exactly once.
+
+With ``cross_platform`` a history also holds the user's events on the other platforms (same
+pseudonym), merged by time: see :mod:`recsys.data.crossplatform`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,17 @@ EXAMPLES_SCHEMA = pa.schema([
     pa.field("target", pa.int32(), nullable=False),
 ])
 
+CROSS_EXAMPLES_SCHEMA = EXAMPLES_SCHEMA.append(
+    pa.field("history_platform", pa.list_(pa.string()), nullable=False))
+"""``cross_platform`` example sets: ``history_platform[i]`` is the platform of ``history[i]``
+(an item index into *that* platform's catalog)."""
+
 SPLITS = ("train", "valid", "test")
+
+
+def examples_schema(cross_platform: bool) -> pa.Schema:
+    """The schema of an example set's split files."""
+    return CROSS_EXAMPLES_SCHEMA if cross_platform else EXAMPLES_SCHEMA
 
 
 class SequenceConfig(StrictModel):
@@ -53,6 +67,11 @@ class SequenceConfig(StrictModel):
     """Merge consecutive events on the same item (a view->click->cart->purchase funnel)."""
     train_windows: bool = True
     """Cut long train sequences into windows so every transition is trained (else last only)."""
+    cross_platform: bool = False
+    """Histories also hold the user's events on the other platforms of the example set (same
+    pseudonym), strictly earlier than the target, merged by time, each marked with its platform
+    (``history_platform``). Targets and rows are the same as without it. Decided when the
+    example set is built: training and evaluation follow the example set's manifest."""
 
     @model_validator(mode="after")
     def _check(self) -> SequenceConfig:
@@ -86,10 +105,26 @@ def item_index(catalog_item_ids: pa.Array) -> pa.Array:
     return pc.unique(catalog_item_ids).sort()
 
 
-def build_examples(
-    events: pa.Table, catalog: pa.Array, cfg: SequenceConfig, platform: str
-) -> tuple[pa.Table, BucketStats]:
-    """Examples of one platform bucket. ``catalog`` is :func:`item_index` of the platform."""
+@dataclass
+class UserSequences:
+    """One platform bucket's interactions as per-user chronological runs: user ``k`` is
+    ``items[starts[k]:ends[k]]`` (item indices 1..N, oldest first) at ``times`` (UTC us)."""
+
+    items: np.ndarray  # (E,) int32
+    times: np.ndarray  # (E,) int64
+    starts: np.ndarray  # (U,) int64
+    ends: np.ndarray  # (U,) int64
+    users: np.ndarray  # (U,) object: user id of each run
+    stats: BucketStats
+
+    def by_user(self) -> dict[str, int]:
+        """User id -> run number."""
+        return {u: k for k, u in enumerate(self.users.tolist())}
+
+
+def user_sequences(events: pa.Table, catalog: pa.Array, cfg: SequenceConfig) -> UserSequences:
+    """Filter, sort and index one bucket's events (the shared first half of every builder).
+    ``catalog`` is :func:`item_index` of the platform."""
     stats = BucketStats(events_in=events.num_rows)
     if cfg.event_types is not None:
         keep = pc.is_in(events["event_type"], pa.array(cfg.event_types))
@@ -105,13 +140,15 @@ def build_examples(
 
     items = (idx.to_numpy(zero_copy_only=False).astype(np.int32) + 1) if len(idx) else \
         np.zeros(0, np.int32)
+    times = events["timestamp"].cast(pa.int64()).to_numpy(zero_copy_only=False) if len(idx) \
+        else np.zeros(0, np.int64)
     users = events["user_id"].combine_chunks().dictionary_encode()
     ucodes = users.indices.to_numpy(zero_copy_only=False)
     if cfg.collapse_repeats and len(items):
         same = np.zeros(len(items), bool)
         same[1:] = (items[1:] == items[:-1]) & (ucodes[1:] == ucodes[:-1])
         stats.repeats_collapsed = int(same.sum())
-        items, ucodes = items[~same], ucodes[~same]
+        items, times, ucodes = items[~same], times[~same], ucodes[~same]
     stats.events_used = len(items)
 
     # Users are contiguous after the sort: starts/ends of each run.
@@ -122,22 +159,30 @@ def build_examples(
     else:
         starts = ends = np.zeros(0, np.int64)
     stats.users = len(starts)
-    user_names = users.dictionary.to_numpy(zero_copy_only=False)
+    names = users.dictionary.to_numpy(zero_copy_only=False)
+    run_users = names[ucodes[starts]] if len(starts) else np.zeros(0, object)
+    return UserSequences(items, times, starts, ends, run_users, stats)
 
+
+def build_examples(
+    events: pa.Table, catalog: pa.Array, cfg: SequenceConfig, platform: str
+) -> tuple[pa.Table, BucketStats]:
+    """Examples of one platform bucket. ``catalog`` is :func:`item_index` of the platform."""
+    seqs = user_sequences(events, catalog, cfg)
+    stats, items = seqs.stats, seqs.items
     L = cfg.max_seq_len
     take: list[np.ndarray] = []          # indices into `items` of each history
     targets: list[int] = []
     row_user: list[int] = []
     row_split: list[str] = []
-    for s, e in zip(starts.tolist(), ends.tolist()):
+    for k, (s, e) in enumerate(zip(seqs.starts.tolist(), seqs.ends.tolist())):
         if e - s < cfg.min_seq_len:
             stats.users_too_short += 1
             continue
-        u = ucodes[s]
         for split, t in (("test", e - 1), ("valid", e - 2)):
             take.append(np.arange(max(s, t - L), t))
             targets.append(t)
-            row_user.append(u)
+            row_user.append(k)
             row_split.append(split)
         # train: windows of <= L+1 items ending at e-3, stepping back by L (overlap of one item)
         end = e - 3  # position of the last train target
@@ -145,7 +190,7 @@ def build_examples(
             start = max(s, end - L)
             take.append(np.arange(start, end))
             targets.append(end)
-            row_user.append(u)
+            row_user.append(k)
             row_split.append("train")
             if not cfg.train_windows:
                 break
@@ -159,7 +204,7 @@ def build_examples(
     table = pa.Table.from_arrays(
         [
             pa.array(np.full(len(take), platform, dtype=object), pa.string()),
-            pa.array(user_names[np.asarray(row_user)], pa.string()),
+            pa.array(seqs.users[np.asarray(row_user)], pa.string()),
             pa.array(row_split, pa.string()),
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
             pa.array(items[np.asarray(targets)], pa.int32()),

@@ -3,6 +3,7 @@
 One function for validation inside training and for the test split in ``jobs.evaluate``. The
 item table of a platform is computed once per call; each batch then runs the user tower once
 and scores every item of the platform (full ranking, nothing masked: RecBole's protocol).
+A cross-platform history (``history_platform``) embeds each item with its own platform's table.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from recsys.evaluation.metrics import rank_of_target
+from recsys.model.history import own_items
 from recsys.model.recommender import Recommender
 from recsys.training.objective import PlatformTensors
 
@@ -28,16 +30,22 @@ def rank_batches(model: Recommender, platforms: dict[int, PlatformTensors],
     out: dict[int, dict[str, list[np.ndarray]]] = {}
     for batch in batches:
         history, target, platform = batch["history"], batch["target"], batch["platform"]
-        for pid in platform.unique().tolist():
-            rows = platform == pid
+        hp = batch.get("history_platform")  # (B, L) a cross-platform history's item platforms
+        needed = platform.unique() if hp is None else torch.cat([platform, hp.flatten()])
+        for pid in needed.unique().tolist():
             if pid not in tables:
                 tables[pid] = platforms[pid].item_table(model)  # (N+1, D)
-            scores = model.score(history[rows], platform[rows], tables[pid])  # (b, N+1)
+        for pid in platform.unique().tolist():
+            rows = platform == pid
+            hp_rows = None if hp is None else hp[rows]
+            scores = model.score(history[rows], platform[rows], tables[pid],
+                                 history_platforms=hp_rows, item_tables=tables)  # (b, N+1)
             acc = out.setdefault(pid, {"rank": [], "target": [], "rank_excl": []})
             acc["rank"].append(rank_of_target(scores, target[rows]).cpu().numpy())
             acc["target"].append(target[rows].cpu().numpy())
-            if with_history_excluded:
-                seen = [h[h > 0].cpu().numpy() for h in history[rows]]
+            if with_history_excluded:  # the platform's own items only
+                own = own_items(history[rows], platform[rows], hp_rows)
+                seen = [h[h > 0].cpu().numpy() for h in own]
                 acc["rank_excl"].append(
                     rank_of_target(scores, target[rows], exclude=seen).cpu().numpy())
     model.train(was_training)

@@ -8,6 +8,7 @@ of a new shop without having seen them.
     ItemTower         text (N, H) + brand + cat -> item vectors (N, D)   (PlatformAdapter inside)
                       [+ item id]                                        (optional, transductive)
     UserTower         history item vectors      -> user states (B, L, D) (causal, SASRec-style)
+                      [+ each item's platform]                           (cross-platform history)
     score             user (B, D) . items       -> (B, N+1) full-catalog scores (retrieval)
                       [+ repeat bias on seen]                            (optional, per platform)
     CTRHead           [user; item; user*item]   -> click logit (B,)      (ranking)
@@ -23,7 +24,7 @@ the loss), no Ray. ``Recommender.config`` holds the constructor arguments, so
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch import nn
 # The LoRA helpers and the loader are re-exported (``__all__``) for callers that import them here.
 from recsys.model.encoder import TextEncoder, apply_lora, load_text_encoder, merge_lora
 from recsys.model.features import token_batch
+from recsys.model.history import history_vectors, own_items
 from recsys.model.tables import ItemIdEmbedding, grow_embedding
 
 # -------------------------------------------------------------------------------------------------
@@ -139,6 +141,10 @@ class UserTower(nn.Module):
     Positions count back from the most recent item (the last column always has position
     ``max_len - 1``), so left padding never shifts a real item's position: a history gives the
     same states however much padding its batch needs.
+
+    Every position adds the embedding of the platform the user is on; an item from another
+    platform (cross-platform history) also adds *that* platform's: "seen elsewhere, there".
+    A history of the platform's own items gives the same states with or without it.
     """
 
     def __init__(self, dim: int, max_len: int, num_platforms: int, num_layers: int,
@@ -158,14 +164,19 @@ class UserTower(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(dim),
                                              enable_nested_tensor=False)
 
-    def forward(self, seq: torch.Tensor, valid: torch.Tensor,
-                platform_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, valid: torch.Tensor, platform_ids: torch.Tensor,
+                history_platforms: torch.Tensor | None = None) -> torch.Tensor:
+        """States (B, L, D) of item vectors ``seq``; ``valid`` (B, L) marks real items,
+        ``history_platforms`` (B, L) each item's platform (None: all the target's own)."""
         B, L, D = seq.shape
         if L > self.max_len:
             raise ValueError(f"history length {L} > max_len {self.max_len}: cut histories to "
                              "the most recent max_len items")
         pos = torch.arange(self.max_len - L, self.max_len, device=seq.device)   # (L,)
         x = seq + self.position(pos) + self.platform(platform_ids).unsqueeze(1)  # (B, L, D)
+        if history_platforms is not None:
+            elsewhere = valid & (history_platforms != platform_ids.unsqueeze(1))  # (B, L)
+            x = x + self.platform(history_platforms) * elsewhere.unsqueeze(-1)   # (B, L, D)
         x = self.dropout(x) * valid.unsqueeze(-1)                                # (B, L, D)
         x = self.encoder(x, mask=self._attention_mask(valid))                    # (B, L, D)
         return x * valid.unsqueeze(-1)  # padding positions carry no state
@@ -317,31 +328,42 @@ class Recommender(nn.Module):
     # -- users ------------------------------------------------------------------------------------
 
     def user_states(self, history: torch.Tensor, item_table: torch.Tensor,
-                    platform_ids: torch.Tensor) -> torch.Tensor:
-        """States (B, L, D) of left-padded histories (B, L); state t summarises items <= t."""
-        seq = F.embedding(history, item_table)                               # (B, L, D)
-        return self.user_tower(seq, history != 0, platform_ids)              # (B, L, D)
+                    platform_ids: torch.Tensor, history_platforms: torch.Tensor | None = None,
+                    item_tables: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """States (B, L, D) of left-padded histories (B, L); state t summarises items <= t.
+        A cross-platform history gives each item's platform id ``history_platforms`` (B, L)
+        and those platforms' ``item_tables`` (see :func:`history_vectors`)."""
+        seq = history_vectors(history, item_table, platform_ids, history_platforms,
+                              item_tables)                                    # (B, L, D)
+        return self.user_tower(seq, history != 0, platform_ids, history_platforms)
 
     def user_vector(self, history: torch.Tensor, item_table: torch.Tensor,
-                    platform_ids: torch.Tensor) -> torch.Tensor:
+                    platform_ids: torch.Tensor, history_platforms: torch.Tensor | None = None,
+                    item_tables: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         """User vector (B, D): the state at the last (most recent) position."""
-        return self.user_states(history, item_table, platform_ids)[:, -1]   # (B, D)
+        return self.user_states(history, item_table, platform_ids, history_platforms,
+                                item_tables)[:, -1]                           # (B, D)
 
     # -- scores -----------------------------------------------------------------------------------
 
     def score(self, history: torch.Tensor, platform_ids: torch.Tensor, item_table: torch.Tensor,
-              *, user: torch.Tensor | None = None) -> torch.Tensor:
+              *, user: torch.Tensor | None = None,
+              history_platforms: torch.Tensor | None = None,
+              item_tables: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Scores (B, N+1) of left-padded histories (B, L) against a whole catalog
         ``item_table`` (N+1, D): similarity, plus the platform's repeat bias on the items of
         each history; padding column 0 is -inf. The one scoring path of validation, offline
         evaluation, the pyfunc and serving.
 
         ``user`` (B, D): user vectors computed elsewhere (serving runs one user-tower batch over
-        histories from several platforms); ``history`` then only marks the items seen here.
+        histories from several platforms); ``history`` then only marks the items seen here (in
+        a cross-platform history, ``history_platforms``, only this platform's items count).
         """
         if user is None:
-            user = self.user_vector(history, item_table, platform_ids)        # (B, D)
-        seen = seen_items(history, item_table.shape[0])                       # (B, N+1)
+            user = self.user_vector(history, item_table, platform_ids, history_platforms,
+                                    item_tables)                              # (B, D)
+        seen = seen_items(own_items(history, platform_ids, history_platforms),
+                          item_table.shape[0])                                # (B, N+1)
         return mask_padding(self.score_items(user, item_table, seen, platform_ids))
 
     def score_items(self, user: torch.Tensor, items: torch.Tensor, seen: torch.Tensor,
@@ -423,6 +445,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "CTRHead", "ItemIdEmbedding", "ItemTower", "PlatformAdapter", "Recommender", "TextEncoder",
     "UserTower",
-    "apply_lora", "count_parameters", "load_text_encoder", "mask_padding", "merge_lora",
-    "seen_items",
+    "apply_lora", "count_parameters", "history_vectors", "load_text_encoder", "mask_padding",
+    "merge_lora", "own_items", "seen_items",
 ]

@@ -61,7 +61,7 @@ class EvaluateStage(StrictModel):
 class SweepStage(StrictModel):
     config: str = "tune/sweeps/demo_transfer.yaml"
     """Sweep YAML; the pipeline points its trials at its example set and pretrained model,
-    and registers the best trial for ``transfer.targets[0]``."""
+    and runs one sweep per target in ``transfer.targets``, each registering its best trial."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted sweep-config overrides, e.g. ``{num_samples: 2}``."""
     train_overrides: dict[str, Any] = Field(default_factory=dict)

@@ -86,11 +86,13 @@ class RegisterOutput(StageOutput):
 
 
 class DeployOutput(StageOutput):
-    """``deploy/<target>``: the Serve application answering for the target's champion."""
+    """``deploy``: the Serve application answering for every target's champion."""
 
     url: str
     model: str
-    version: str
+    """The model uri template (``models:/<name>-{platform}@champion``)."""
+    versions: dict[str, str]
+    """Target -> the champion version it was deployed with (replicas follow the aliases)."""
     app: str
     api_key_file: str | None = None
     """Where the endpoint's API keys are (a path, never a key); None: ``auth: none``."""
@@ -116,7 +118,8 @@ class PipelineResult:
     transfer: dict[str, dict[str, Recorded[TrainOutput]]] = field(default_factory=dict)
     """Target -> run label (``scratch`` or a strategy) -> its training run."""
     evaluate: dict[str, EvaluateOutput] = field(default_factory=dict)
-    sweep: SweepOutput | None = None
+    sweep: dict[str, SweepOutput] = field(default_factory=dict)
+    """Target -> its sweep."""
     register: dict[str, RegisterOutput] = field(default_factory=dict)
     deploy: DeployOutput | None = None
     smoke: SmokeOutput | None = None

@@ -74,8 +74,9 @@ def format_summary(cfg: PipelineConfig, res: PipelineResult) -> str:
     links: list[tuple[str, str]] = []
     if res.deploy is not None:
         d = res.deploy
+        served = ", ".join(f"{p} v{v}" for p, v in d.versions.items())
         links.append(("Serve endpoint", f"{d.url}/recommend  (docs: {d.url}/docs; "
-                                        f"serving {d.model} = v{d.version})"))
+                                        f"serving {d.model}: {served})"))
         if d.api_key_file:
             links.append(("API key", f"x-api-key header, from {d.api_key_file} (mode 0600)"))
     if cfg.tracking and {"pretrain", "transfer", "sweep", "register"} & set(cfg.active):

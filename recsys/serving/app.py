@@ -20,10 +20,9 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
@@ -36,7 +35,6 @@ from ray.serve.metrics import Counter, Histogram
 from recsys.serving.access import ANONYMOUS, Caller, RateLimiter, check_auth, identify, load_keys
 from recsys.serving.args import AppArgs, load_predictor, local_path, tracking_uri
 from recsys.serving.http import BodySizeLimit, swagger_assets
-from recsys.serving.model_source import is_registry_uri, parse_models_uri, registry_version
 from recsys.serving.predictor import (
     Predictor,
     Prepared,
@@ -45,6 +43,7 @@ from recsys.serving.predictor import (
     set_torch_threads,
 )
 from recsys.serving.schemas import (
+    PLATFORM_PATTERN,
     ErrorBody,
     Health,
     ModelInfo,
@@ -52,6 +51,13 @@ from recsys.serving.schemas import (
     RecommendResponse,
     SearchRequest,
     SearchResponse,
+)
+from recsys.serving.slots import (
+    PLATFORM_FIELD,
+    SINGLE_MODEL_ID,
+    ModelSlot,
+    model_id,
+    uri_of,
 )
 
 log = logging.getLogger("recsys.serve")
@@ -130,27 +136,17 @@ def swagger_ui(request: Request) -> HTMLResponse:
 api.add_middleware(BodySizeLimit)
 
 
-@dataclass(frozen=True)
-class FailedLoad:
-    """A champion version this replica could not load (it keeps serving the one it has)."""
-
-    version: str
-    attempts: int
-    error: str
-    retry_at: float  # time.monotonic() of the next try
-
-
 @serve.deployment(name="Recommender", max_ongoing_requests=64)
 class Recommender:
-    """The model tier: one replica holds a Predictor (item matrices computed once at start) and
-    swaps it in place when the registry alias moves. Called by the Gateway through a handle,
-    never over HTTP; this is the deployment that autoscales with load."""
+    """The model tier: a replica holds up to ``max_models_per_replica`` models, one
+    ``ModelSlot`` per platform's champion (``recsys/serving/slots.py``: why Serve's model
+    multiplexing), each swapped in place when its own alias moves. Called by the Gateway through
+    a handle, never over HTTP; this is the deployment that autoscales with load."""
 
     def __init__(self, args: AppArgs) -> None:
         self._stop = threading.Event()
         self.args = args
         set_torch_threads(args.torch_threads)
-        self.predictor: Predictor = load_predictor(args)
         self._recommend_batch.set_max_batch_size(args.max_batch_size)
         self._recommend_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         self.served = Counter("recsys_recommendations", description="answered recommendations",
@@ -161,57 +157,54 @@ class Recommender:
         self.load_failures = Counter("recsys_model_load_failures", description="champion "
                                      "versions that failed to load (the replica kept its own)",
                                      tag_keys=("model",))
-        self.swaps = 0
-        self.failed: FailedLoad | None = None
-        if args.poll_interval_s > 0 and is_registry_uri(args.model_uri) \
-                and parse_models_uri(args.model_uri).alias is not None:
-            threading.Thread(target=self._watch_alias, name="alias-watch", daemon=True).start()
+        self.slots: dict[str, ModelSlot] = {}
+        self._unknown: dict[str, float] = {}  # platform -> until when it is known not to exist
+        async def load(model: str) -> ModelSlot:  # a plain function: Serve keeps its cache on it
+            return await self._load_slot(model)
 
-    # -- champion changes -------------------------------------------------------------------------
+        self._slot = serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)(
+            load)
+        preload = args.platforms if PLATFORM_FIELD in args.model_uri else [SINGLE_MODEL_ID]
+        for model in dict.fromkeys(preload):
+            self.slots[model] = self._new_slot(model)
+        if args.poll_interval_s > 0:
+            threading.Thread(target=self._poll, name="alias-watch", daemon=True).start()
 
-    def _watch_alias(self) -> None:
-        """Poll the alias; on a new version load it beside the current predictor, then swap the
-        reference: requests keep being answered by the old model until the new one is ready.
+    # -- the models -------------------------------------------------------------------------------
 
-        A version that fails to load (a poisoned or broken export: pickle, path escape,
-        truncated weights, a catalog that does not match) is counted, its downloaded files are
-        removed, and it is tried again after an exponential backoff; meanwhile the replica
-        serves what it has and ``ready()`` says it is stale."""
-        ref = parse_models_uri(self.args.model_uri)
+    def _new_slot(self, model: str) -> ModelSlot:
+        uri = uri_of(self.args.model_uri, model)
+        try:
+            return ModelSlot(model, uri, lambda u: load_predictor(self.args, u),
+                             lambda name: self.load_failures.inc(tags={"model": name}))
+        except LookupError:  # no such registered model or alias: not a platform we serve
+            self._unknown[model] = time.monotonic() + max(self.args.poll_interval_s, 1.0)
+            raise UnknownPlatform(model, [m for m in self.slots if m != SINGLE_MODEL_ID]) \
+                from None
+
+    async def _load_slot(self, model: str) -> ModelSlot:
+        """Serve's multiplexing calls this for a model id not in its cache (LRU beyond
+        ``max_models_per_replica``); a preloaded or still-held slot is reused."""
+        slot = self.slots.get(model)
+        if slot is None or slot.retired:
+            if self._unknown.get(model, 0.0) > time.monotonic():
+                raise UnknownPlatform(model, [m for m in self.slots if m != SINGLE_MODEL_ID])
+            slot = await asyncio.to_thread(self._new_slot, model)  # seconds: off the loop
+            self.slots[model] = slot
+        return slot
+
+    async def _predictor(self, platform: str) -> Predictor:
+        return (await self._slot(model_id(self.args.model_uri, platform))).predictor
+
+    def _poll(self) -> None:
+        """Every ``poll_interval_s``: each held slot checks its alias (``ModelSlot.poll``)."""
         tracking = tracking_uri(self.args)
         while not self._stop.wait(self.args.poll_interval_s):
-            try:
-                version = registry_version(ref, tracking)
-            except Exception:  # the registry is unreachable: keep serving, ask again later
-                log.exception("checking %s failed; still serving version %s",
-                              self.args.model_uri, self.predictor.source.version)
-                continue
-            failed = self.failed
-            if version == self.predictor.source.version:
-                self.failed = None  # the alias was moved back to what is served
-            elif failed is None or failed.version != version or time.monotonic() >= \
-                    failed.retry_at:
-                self._swap_to(version, failed)
-
-    def _swap_to(self, version: str, failed: FailedLoad | None) -> None:
-        started = time.perf_counter()
-        try:
-            new = load_predictor(self.args)  # cleans up its own download when it fails
-        except Exception as e:  # noqa: BLE001 (whatever a bad version raises, keep serving)
-            attempts = failed.attempts + 1 if failed and failed.version == version else 1
-            delay = min(self.args.reload_backoff_max_s,
-                        self.args.poll_interval_s * 2 ** attempts)
-            self.failed = FailedLoad(version, attempts, f"{type(e).__name__}: {e}"[:500],
-                                     time.monotonic() + delay)
-            self.load_failures.inc(tags={"model": parse_models_uri(self.args.model_uri).name})
-            log.error("%s version %s failed to load (attempt %d, next in %.0f s); still "
-                      "serving version %s: %s", self.args.model_uri, version, attempts, delay,
-                      self.predictor.source.version, self.failed.error)
-            return
-        old, self.predictor, self.swaps, self.failed = self.predictor, new, self.swaps + 1, None
-        old.source.discard()  # in-flight requests hold the old model in memory, not its files
-        log.info("%s -> version %s, swapped in %.1f s", self.args.model_uri,
-                 new.source.version, time.perf_counter() - started)
+            for model, slot in list(self.slots.items()):
+                if slot.retired:
+                    self.slots.pop(model, None)
+                    continue
+                slot.poll(tracking, self.args.poll_interval_s, self.args.reload_backoff_max_s)
 
     def __del__(self) -> None:
         if hasattr(self, "_stop"):
@@ -220,25 +213,25 @@ class Recommender:
     # -- what the gateway calls -------------------------------------------------------------------
 
     def ready(self) -> Health:
-        p = getattr(self, "predictor", None)
-        if p is None or not p.catalogs:
-            return Health(status="loading")
-        serving = f"{p.source.name} version {p.source.version}, platforms {p.platforms}"
-        f = self.failed
-        if f is not None:
-            wait = max(0.0, f.retry_at - time.monotonic())
-            return Health(status="stale", detail=f"serving {serving}; version {f.version} "
-                          f"failed to load {f.attempts} time(s), next try in {wait:.0f} s: "
-                          f"{f.error}")
-        return Health(status="ready", detail=serving)
+        """``ready`` when every held model serves its alias' version, ``stale`` when one
+        serves an older one because the newer failed to load."""
+        held = {m: s.status() for m, s in self.slots.items() if not s.retired}
+        if not held:
+            return Health(status="ready", detail="no model loaded yet: each platform's model "
+                                                 "loads on its first request")
+        status = "stale" if any(st == "stale" for st, _ in held.values()) else "ready"
+        detail = "; ".join(f"{m}: {d}" if m != SINGLE_MODEL_ID else d
+                           for m, (_, d) in held.items())
+        platforms = sorted({p for s in self.slots.values() for p in s.predictor.platforms})
+        return Health(status=status, detail=f"{detail}; platforms {platforms}")
 
-    def info(self) -> ModelInfo:
-        return self.predictor.info()
+    async def info(self, platform: str) -> ModelInfo:
+        return (await self._predictor(platform)).info()
 
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         """Raises UnknownPlatform (the gateway answers 404)."""
         started = time.perf_counter()
-        predictor = self.predictor  # one model for the whole request, even across a swap
+        predictor = await self._predictor(body.platform)  # one model for the whole request
         prepared = predictor.prepare(body)
         if self.args.max_batch_size > 1:
             out = await self._recommend_batch((predictor, prepared))
@@ -263,10 +256,10 @@ class Recommender:
                 out[i] = res
         return out  # type: ignore[return-value]
 
-    def search(self, body: SearchRequest) -> SearchResponse:
+    async def search(self, body: SearchRequest) -> SearchResponse:
         """Raises UnknownPlatform / SearchUnavailable (the gateway answers 404 / 503)."""
         started = time.perf_counter()
-        out = self.predictor.search(body)
+        out = (await self._predictor(body.platform)).search(body)
         self.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": "search"})
         return out
 
@@ -297,11 +290,15 @@ class Gateway:
                                description="model calls repeated after a replica died",
                                tag_keys=("endpoint",))
 
-    async def _call(self, method: str, *call_args: object, caller: Caller | None = None
-                    ) -> object:
+    async def _call(self, method: str, *call_args: object, caller: Caller | None = None,
+                    platform: str | None = None) -> object:
+        """The model tier's ``method``; with ``platform``, routed to replicas that hold that
+        platform's model (Serve's multiplexed model id)."""
+        handle = self.model if platform is None else self.model.options(
+            multiplexed_model_id=model_id(self.args.model_uri, platform))
         for attempt in range(self.args.retries + 1):
             try:
-                return await getattr(self.model, method).remote(*call_args)
+                return await getattr(handle, method).remote(*call_args)
             except RayTaskError as e:  # the replica raised: its own errors become 404 / 503
                 if isinstance(e.cause, UnknownPlatform):  # the platforms only to full keys
                     full = caller is not None and caller.authenticated and caller.platforms \
@@ -347,22 +344,31 @@ class Gateway:
             return JSONResponse(health.model_dump(), status_code=503)
         return health
 
-    @api.get("/model", response_model=ModelInfo, responses=ERRORS,
-             dependencies=[Depends(authorize)])
-    async def model_info(self) -> ModelInfo:
-        return await self._call("info")
+    @api.get("/model", response_model=ModelInfo, responses=ERRORS)
+    async def model_info(self, caller: Authorized,
+                         platform: Annotated[str | None, Query(pattern=PLATFORM_PATTERN)] = None
+                         ) -> ModelInfo:
+        """The model that serves ``platform`` (required when each platform has its own)."""
+        if platform is None:
+            if PLATFORM_FIELD in self.args.model_uri:
+                raise HTTPException(422, "each platform has its own model: ask for one "
+                                         "with ?platform=<name>")
+            platform = SINGLE_MODEL_ID
+        else:
+            _check_platform(caller, platform)
+        return await self._call("info", platform, caller=caller, platform=platform)
 
     @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(self, body: RecommendRequest, caller: Authorized) -> RecommendResponse:
         """Top-k items for a user on a platform; falls back to popular items without history."""
         _check_platform(caller, body.platform)
-        return await self._call("recommend", body, caller=caller)
+        return await self._call("recommend", body, caller=caller, platform=body.platform)
 
     @api.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, body: SearchRequest, caller: Authorized) -> SearchResponse:
         """Items of a platform closest to a text query, in the same space as recommendations."""
         _check_platform(caller, body.platform)
-        return await self._call("search", body, caller=caller)
+        return await self._call("search", body, caller=caller, platform=body.platform)
 
 
 def compose(args: AppArgs, model_options: dict | None = None,

@@ -3,7 +3,7 @@ of the configured model, with the lake's histories and the pseudonym key."""
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -11,6 +11,8 @@ from recsys.config import StrictModel
 from recsys.data.pseudonym import DEFAULT_KEY_FILE, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key
 from recsys.serving.model_source import is_registry_uri
 from recsys.serving.predictor import Predictor
+from recsys.serving.rules import ServingRules
+from recsys.serving.schemas import PLATFORM_PATTERN
 from recsys.settings import get_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,9 +22,17 @@ class AppArgs(StrictModel):
     """The app's ``args`` in serve/config.yaml (or ``serve run ... key=value``)."""
 
     model_uri: str = Field(
-        "models:/recsys-shop_c@champion",
+        "models:/recsys-{platform}@champion",
         description="models:/<name>@<alias> / models:/<name>/<version> in the MLflow registry, "
-                    "or a training run's export dir (relative paths: to the repo root)")
+                    "or a training run's export dir (relative paths: to the repo root); with "
+                    "{platform} in it, each platform is served by its own model (its own "
+                    "champion), loaded on the platform's first request")
+    platforms: list[Annotated[str, Field(pattern=PLATFORM_PATTERN)]] = Field(
+        default_factory=list, description="platforms whose models "
+                                 "every replica loads at start (/readyz waits for them); others "
+                                 "load on their first request")
+    max_models_per_replica: int = Field(4, ge=1, le=64, description="models one replica holds "
+                                        "at most; the least recently used is unloaded beyond")
     lake: str | None = Field("runs/demo/lake", description="lake with the users' events "
                              "(histories, purchases, popular items); null: none")
     tracking_uri: str | None = Field(None, description="MLflow server for models:/ uris "
@@ -45,9 +55,11 @@ class AppArgs(StrictModel):
                              "more key (the process's own env, never a runtime_env)")
     rate_limit_per_s: float = Field(50.0, ge=0, description="requests per second per key and "
                                     "gateway replica (0: none); a key file line may set its own")
-    exclude_purchased: bool = Field(True, description="never recommend what the user bought "
-                                    "on the platform: a server rule, so that no caller can "
-                                    "switch it off and back on to learn what a user bought")
+    rules: ServingRules = Field(default_factory=ServingRules, description="ranking rules per "
+                                "platform, `default` for the others (recsys.serving.rules: "
+                                "session items, repurchase, reasons): server rules, never request "
+                                "fields, so that no caller can switch one off and compare the "
+                                "answers to learn what a user bought")
     reload_backoff_max_s: float = Field(600.0, ge=0, description="longest wait before a "
                                         "replica tries again a champion that failed to load")
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
@@ -80,8 +92,10 @@ def tracking_uri(args: AppArgs) -> str | None:
     return str(info["uri"]) if info else None
 
 
-def load_predictor(args: AppArgs) -> Predictor:
-    """What a replica serves, from the app args (a registry uri is resolved and downloaded)."""
+def load_predictor(args: AppArgs, uri: str | None = None) -> Predictor:
+    """The model ``uri`` (default: the app's ``model_uri``) with the app's lake, key and rules
+    (a registry uri is resolved and downloaded)."""
+    uri = uri or args.model_uri
     tracking = tracking_uri(args)
     lake = local_path(args.lake) if args.lake else None
     pseudonymizer = None
@@ -92,11 +106,9 @@ def load_predictor(args: AppArgs) -> Predictor:
         if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
             key_file = local_path(str(DEFAULT_KEY_FILE))
         pseudonymizer = Pseudonymizer(*load_key(create_if_missing=False, key_file=key_file))
-    if is_registry_uri(args.model_uri):
-        return Predictor.from_model_uri(args.model_uri, lake, tracking_uri=tracking,
+    if is_registry_uri(uri):
+        return Predictor.from_model_uri(uri, lake, tracking_uri=tracking,
                                         download_dir=args.download_dir, search=args.search,
-                                        pseudonymizer=pseudonymizer,
-                                        exclude_purchased=args.exclude_purchased)
-    return Predictor.from_export(local_path(args.model_uri), lake, search=args.search,
-                                 pseudonymizer=pseudonymizer,
-                                 exclude_purchased=args.exclude_purchased)
+                                        pseudonymizer=pseudonymizer, rules=args.rules)
+    return Predictor.from_export(local_path(uri), lake, search=args.search,
+                                 pseudonymizer=pseudonymizer, rules=args.rules)

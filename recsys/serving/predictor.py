@@ -30,9 +30,11 @@ from recsys.model.export import Exported, load_export
 from recsys.model.features import category_prefixes, normalise
 from recsys.serving.history import HistoryStore, UserHistory
 from recsys.serving.model_source import ModelSource, resolve_model
+from recsys.serving.rules import QUERY, PlatformRules, ServingRules, explain, popular
 from recsys.serving.schemas import (
     Item,
     ModelInfo,
+    Reason,
     RecommendRequest,
     RecommendResponse,
     SearchRequest,
@@ -109,6 +111,8 @@ class Prepared:
     excluded: list[int]                  # item indices never to return
     allowed: np.ndarray | None           # item indices allowed by the filters (None: all)
     seen: list[int] = field(default_factory=list)  # this catalog's history item indices
+    rules: PlatformRules = field(default_factory=PlatformRules)
+    history: list[tuple[str, int]] = field(default_factory=list)  # seq's rows: (platform, index)
 
 
 class Predictor:
@@ -117,9 +121,8 @@ class Predictor:
     def __init__(self, exported: Exported, source: ModelSource,
                  history: HistoryStore | None = None,
                  pseudonymizer: Pseudonymizer | None = None, search: bool = True,
-                 exclude_purchased: bool = True) -> None:
+                 rules: ServingRules | None = None) -> None:
         self.exported = exported
-        self.exclude_purchased = exclude_purchased
         self.source = source
         self.model = exported.model.eval()
         self.history = history or HistoryStore()
@@ -128,6 +131,10 @@ class Predictor:
         self.normalize = bool(self.model.config.get("normalize", True))
         started = time.perf_counter()
         self.catalogs = {name: self._catalog(name) for name in exported.items}
+        rules = rules or ServingRules()
+        self.rules = {name: rules.of(name) for name in self.catalogs}  # a server rule per shop
+        if unknown := set(rules.platforms()) - set(self.catalogs):
+            log.warning("rules for %s, which this model does not serve", sorted(unknown))
         self.encoder, self.tokenizer, self.search_error = (None, None, None)
         if search:
             self._load_text_encoder()
@@ -143,7 +150,7 @@ class Predictor:
     def from_export(cls, path: str | Path, lake: str | Path | None = None, *,
                     source: ModelSource | None = None, search: bool = True,
                     pseudonymizer: Pseudonymizer | None = None,
-                    exclude_purchased: bool = True) -> Predictor:
+                    rules: ServingRules | None = None) -> Predictor:
         """Load an export directory; ``lake`` supplies user histories and popular items."""
         source = source or resolve_model(str(path))
         exported = load_export(source.export_path)
@@ -159,20 +166,19 @@ class Predictor:
                                              max_len=int(exported.model.config["max_len"]))
         else:
             log.warning("no lake: no user histories, and no popular items for the fallback")
-        return cls(exported, source, history, pseudonymizer, search, exclude_purchased)
+        return cls(exported, source, history, pseudonymizer, search, rules)
 
     @classmethod
     def from_model_uri(cls, uri: str, lake: str | Path | None = None, *,
                        tracking_uri: str | None = None, download_dir: str | Path | None = None,
                        search: bool = True, pseudonymizer: Pseudonymizer | None = None,
-                       exclude_purchased: bool = True) -> Predictor:
+                       rules: ServingRules | None = None) -> Predictor:
         """A local export path or ``models:/name@alias`` (downloaded from the registry; the
         download is removed again when the export does not load)."""
         source = resolve_model(uri, tracking_uri, download_dir)
         try:
             return cls.from_export(source.export_path, lake, source=source, search=search,
-                                   pseudonymizer=pseudonymizer,
-                                   exclude_purchased=exclude_purchased)
+                                   pseudonymizer=pseudonymizer, rules=rules)
         except BaseException:
             source.discard()
             raise
@@ -246,20 +252,26 @@ class Predictor:
         return self.recommend_many([self.prepare(request)])[0]
 
     def prepare(self, request: RecommendRequest) -> Prepared:
-        """Resolve the user's history to item vectors; raises UnknownPlatform before any work."""
+        """Resolve the user's history to item vectors and the platform's rules to excluded
+        items (the session's, and what the user bought unless the shop allows repurchase);
+        raises UnknownPlatform before any work."""
         cat = self.catalog(request.platform)
+        rules = self.rules[cat.platform]
         histories = self._histories(request.user_id)
         own = histories.get(cat.platform)
-        excluded = sorted(cat.index[i] for i in own.purchased
-                          if i in cat.index) if own and self.exclude_purchased else []
+        excluded = {cat.index[i] for i in own.purchased
+                    if i in cat.index} if own and not rules.repurchase else set()
+        if rules.exclude_session_items:
+            excluded.update(cat.index[i] for i in request.recent_items if i in cat.index)
         allowed = self._allowed(cat, request)
         ids = [cat.index[i] for i in (*(own.items if own else ()), *request.recent_items)
                if i in cat.index][-self.max_len:]
         if ids:
-            seq, used = cat.table[ids], [cat.platform]
+            seq, used, rows = cat.table[ids], [cat.platform], [(cat.platform, i) for i in ids]
         else:
-            seq, used = self._cross_platform(cat.platform, histories)
-        return Prepared(request, cat, seq, used, excluded, allowed, seen=ids)
+            seq, used, rows = self._cross_platform(cat.platform, histories)
+        return Prepared(request, cat, seq, used, sorted(excluded), allowed, seen=ids,
+                        rules=rules, history=rows)
 
     def _histories(self, user_id: str | None) -> dict[str, UserHistory]:
         if user_id is None or self.pseudonymizer is None:
@@ -267,17 +279,17 @@ class Predictor:
         return self.history.lookup(self.pseudonymizer.one(user_id))
 
     def _cross_platform(self, target: str, histories: dict[str, UserHistory]
-                        ) -> tuple[torch.Tensor | None, list[str]]:
+                        ) -> tuple[torch.Tensor | None, list[str], list[tuple[str, int]]]:
         """The user's items on the other platforms, merged by time, each embedded with its own
         platform's item table (one space for all platforms: the point of the item tower)."""
         events = [(t, p, self.catalogs[p].index[i])
                   for p, h in histories.items() if p != target and p in self.catalogs
                   for i, t in zip(h.items, h.times_us) if i in self.catalogs[p].index]
         if not events:
-            return None, []
+            return None, [], []
         events = sorted(events)[-self.max_len:]
         seq = torch.stack([self.catalogs[p].table[i] for _, p, i in events])  # (L, D)
-        return seq, sorted({p for _, p, _ in events})
+        return seq, sorted({p for _, p, _ in events}), [(p, i) for _, p, i in events]
 
     @staticmethod
     def _allowed(cat: Catalog, request: RecommendRequest) -> np.ndarray | None:
@@ -331,11 +343,18 @@ class Predictor:
         seen = torch.as_tensor(p.seen, dtype=torch.long)[None]                  # (1, S)
         scores = self.model.score(seen, torch.tensor([cat.platform_id]), cat.table,
                                   user=user[None])[0]                           # (N+1,)
-        return self._rank(cat, scores, p.request.k, p.excluded, p.allowed)
+        idx, values = self._rank(scores, p.request.k, p.excluded, p.allowed)
+        # Why: per item, the history item most like it (cosine; O(k L D), once per request),
+        # named only when it is this platform's: other shops' items are never named here.
+        reasons = explain(cat.platform, cat.titles, cat.item_ids, p.seq, p.history,
+                          cat.table[idx]) if p.rules.reasons else [None] * len(idx)
+        return [self._item(cat, i, s, r) for i, s, r in zip(idx, values, reasons)]
 
-    def _rank(self, cat: Catalog, scores: torch.Tensor, k: int, excluded: list[int],
-              allowed: np.ndarray | None) -> list[Item]:
-        """Top k of the catalog: padding, excluded and filtered-out items never appear."""
+    @staticmethod
+    def _rank(scores: torch.Tensor, k: int, excluded: list[int], allowed: np.ndarray | None
+              ) -> tuple[list[int], list[float]]:
+        """Top k item indices of the catalog and their scores: padding, excluded and
+        filtered-out items never appear."""
         if allowed is not None:
             keep = torch.zeros_like(scores, dtype=torch.bool)
             keep[torch.as_tensor(allowed, dtype=torch.long)] = True
@@ -346,24 +365,25 @@ class Predictor:
             scores[torch.as_tensor(excluded)] = float("-inf")
         n = int(torch.isfinite(scores).sum())
         top = torch.topk(scores, min(k, n))
-        return [self._item(cat, i, s) for i, s in zip(top.indices.tolist(), top.values.tolist())]
+        return top.indices.tolist(), top.values.tolist()
 
     def _popular(self, p: Prepared) -> list[Item]:
         excluded = set(p.excluded)
         allowed = None if p.allowed is None else set(p.allowed.tolist())
+        reason = popular(p.catalog.platform) if p.rules.reasons else None
         out = []
         for i, count in p.catalog.popular:
             if i in excluded or (allowed is not None and i not in allowed):
                 continue
-            out.append(self._item(p.catalog, i, float(count)))
+            out.append(self._item(p.catalog, i, float(count), reason))
             if len(out) == p.request.k:
                 break
         return out
 
     @staticmethod
-    def _item(cat: Catalog, i: int, score: float) -> Item:
+    def _item(cat: Catalog, i: int, score: float, reason: Reason | None = None) -> Item:
         return Item(item_id=cat.item_ids[i - 1], title=cat.titles[i - 1] or "", score=score,
-                    brand=cat.brands[i - 1], category=cat.categories[i - 1])
+                    brand=cat.brands[i - 1], category=cat.categories[i - 1], reason=reason)
 
     # -- search ----------------------------------------------------------------------------------
 
@@ -390,7 +410,9 @@ class Predictor:
         vec = self.query_vector(request.platform, request.query)
         if self.normalize:
             vec = F.normalize(vec, dim=-1)
-        items = self._rank(cat, cat.scoring @ vec, request.k, [], None)
+        idx, values = self._rank(cat.scoring @ vec, request.k, [], None)
+        reason = QUERY if self.rules[cat.platform].reasons else None
+        items = [self._item(cat, i, s, reason) for i, s in zip(idx, values)]
         return SearchResponse(platform=cat.platform, query=request.query, items=items,
                               model_version=self.source.version)
 

@@ -53,12 +53,25 @@ class RecommendRequest(_Body):
     filters: Filters | None = None
 
 
+class Reason(BaseModel):
+    model_config = ConfigDict(frozen=True)  # shared by the items of one answer
+
+    text: str = Field(description="why, in a few words: 'because you viewed <title>', 'based on "
+                                  "your activity', 'popular on <platform>', 'matches your query'")
+    item_id: str | None = Field(None, description="the item of the user's history on this "
+                                "platform that the recommended one is most like (never an item "
+                                "of another platform)")
+    platform: str | None = Field(None, description="the platform of item_id")
+
+
 class Item(BaseModel):
     item_id: str
     title: str
     score: float = Field(description="cosine similarity (model, search) or event count (popular)")
     brand: str | None = None
     category: list[str] | None = None
+    reason: Reason | None = Field(None, description="why this item (none when the platform's "
+                                  "rules switch reasons off)")
 
 
 class RecommendResponse(BaseModel):

@@ -31,6 +31,7 @@ from recsys.model.features import FeatureVocab
 from recsys.model.recommender import Recommender, load_text_encoder
 
 PLATFORMS = {"shop_a": 12, "shop_b": 9}
+THIRD_PLATFORM = {"shop_c": 7}  # ``build_toy_world(..., third_platform=True)``: three shops
 MAX_LEN = 6
 ADJECTIVES = ["red", "steel", "wooden", "silk", "smart", "tiny", "golden", "soft", "fast"]
 NOUNS = ["shirt", "knife", "chair", "scarf", "watch", "lamp", "ring", "pillow", "kettle",
@@ -48,7 +49,8 @@ USERS: dict[str, dict[str, list[tuple[int, str]]]] = {
 }
 # Extra anonymous traffic that makes popularity unambiguous: item 3 of each shop is the most
 # popular, then item 6.
-CROWD = {"shop_a": [3] * 6 + [6] * 4, "shop_b": [3] * 6 + [6] * 4, "shop_z": [1]}
+CROWD = {"shop_a": [3] * 6 + [6] * 4, "shop_b": [3] * 6 + [6] * 4, "shop_c": [3] * 6 + [6] * 4,
+         "shop_z": [1]}
 
 
 @dataclass
@@ -86,10 +88,14 @@ def _encode(texts: list[str], encoder: str, max_tokens: int) -> np.ndarray:
 
 
 def build_toy_world(root: str | Path, encoder: str, pseudonymizer: Pseudonymizer,
-                    seed: int = 0, max_tokens: int = 32) -> ToyWorld:
-    """Write ``root/export`` (model seeded by ``seed``) and ``root/lake``; returns their paths."""
+                    seed: int = 0, max_tokens: int = 32,
+                    third_platform: bool = False) -> ToyWorld:
+    """Write ``root/export`` (model seeded by ``seed``) and ``root/lake``; returns their paths.
+    ``third_platform``: the model and the lake have ``shop_c`` too (7 items, crowd traffic
+    only), for serving one model per platform."""
     root = Path(root)
-    catalogs = {p: _catalog_rows(p, n) for p, n in PLATFORMS.items()}
+    platforms = {**PLATFORMS, **(THIRD_PLATFORM if third_platform else {})}
+    catalogs = {p: _catalog_rows(p, n) for p, n in platforms.items()}
     vocab = FeatureVocab.build([pa.Table.from_pylist(rows) for rows in catalogs.values()])
     text_dim = None
     items: dict[str, ExportedItems] = {}
@@ -118,22 +124,22 @@ def build_toy_world(root: str | Path, encoder: str, pseudonymizer: Pseudonymizer
             "price": [r["price"] for r in rows], "text": texts,
             "text_hash": [f"{platform}{i}" for i in range(n)]}), catalog_files[platform])
     torch.manual_seed(seed)
-    model = Recommender(text_dim=int(text_dim), dim=16, num_platforms=len(PLATFORMS),
+    model = Recommender(text_dim=int(text_dim), dim=16, num_platforms=len(platforms),
                         num_brands=vocab.num_brands, num_categories=vocab.num_categories,
                         max_len=MAX_LEN, num_layers=1, num_heads=2, dropout=0.1, num_experts=2)
     with torch.no_grad():  # untrained gates are uniform and platform tables zero: move them
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    meta = {"platforms": list(PLATFORMS), "platforms_with_items": list(PLATFORMS),
+    meta = {"platforms": list(platforms), "platforms_with_items": list(platforms),
             "vocab": vocab.to_dict(), "encoder": encoder, "max_tokens": max_tokens,
             "mode": "toy", "seed": seed}
     export = save_export(root / "export", model.eval(), model.state_dict(), meta, items,
                          catalog_files)
-    return ToyWorld(export=export, lake=_write_lake(root / "lake", pseudonymizer),
+    return ToyWorld(export=export, lake=_write_lake(root / "lake", pseudonymizer, platforms),
                     pseudonymizer=pseudonymizer)
 
 
-def _write_lake(lake: Path, pseudonymizer: Pseudonymizer) -> Path:
+def _write_lake(lake: Path, pseudonymizer: Pseudonymizer, platforms: dict[str, int]) -> Path:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     events: dict[str, list[dict]] = {}
     step = 0
@@ -147,14 +153,16 @@ def _write_lake(lake: Path, pseudonymizer: Pseudonymizer) -> Path:
                      "timestamp": t0 + timedelta(minutes=step), "quantity": None,
                      "price": None, "session_id": None, "event_index": step})
     for platform, ns in CROWD.items():
+        if platform not in platforms and platform != "shop_z":
+            continue
         for j, n in enumerate(ns):
             step += 1
-            events[platform].append(
+            events.setdefault(platform, []).append(
                 {"platform": platform, "user_id": pseudonymizer.one(f"crowd-{j}"),
                  "item_id": ToyWorld.item_id(platform, n), "event_type": "view",
                  "timestamp": t0 + timedelta(minutes=step), "quantity": None, "price": None,
                  "session_id": None, "event_index": step})
-    sizes = {**PLATFORMS, "shop_z": 3}
+    sizes = {**platforms, "shop_z": 3}
     for platform, rows in events.items():
         items = pa.Table.from_pylist(_catalog_rows(platform, sizes[platform]),
                                      schema=ITEMS_SCHEMA)

@@ -7,7 +7,7 @@ One schema; the job's ``mode`` and ``transfer.strategy`` say what is trained. De
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -97,6 +97,11 @@ class OptimConfig(StrictModel):
     leaves the validation score bouncing around its plateau; a smaller step settles it."""
     lr_decay_patience: int = Field(2, ge=1)
     seed: int = 0
+    platform_temperature: Annotated[float, Field(ge=1)] | Literal["uniform"] = 1.0
+    """Pooled training over uneven platforms: an epoch draws platform p's rows with share
+    ``n_p ** (1 / T)`` (normalised; ``n_p`` its training rows) and keeps its size. 1:
+    proportional to size (plain pooling, no resampling); larger: flatter; ``uniform``: every
+    platform alike. The draw is seeded (``seed``) and fixed for the run."""
 
 
 class DeepSpeedConfig(StrictModel):

@@ -62,8 +62,9 @@ class Engine:
     module: nn.Module
     optimizer: torch.optim.Optimizer
 
-    def step(self, history: torch.Tensor, target: torch.Tensor,
-             platform: torch.Tensor) -> dict[str, float]:
+    def step(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
+             history_platform: torch.Tensor | None = None) -> dict[str, float]:
+        """One micro-batch (``history_platform``: a cross-platform history's item platforms)."""
         raise NotImplementedError
 
     def save(self, directory: Path, state: TrainState, rank: int) -> bool:
@@ -109,9 +110,9 @@ class DDPEngine(Engine):
         self.accum = cfg.optim.grad_accum
         self._micro = 0
 
-    def step(self, history: torch.Tensor, target: torch.Tensor,
-             platform: torch.Tensor) -> dict[str, float]:
-        loss, stats = self.wrapped(history, target, platform)
+    def step(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
+             history_platform: torch.Tensor | None = None) -> dict[str, float]:
+        loss, stats = self.wrapped(history, target, platform, history_platform)
         # Backward first, then the checks: DDP's gradient all-reduce spreads one rank's NaN to
         # every rank, so at the optimizer step all of them stop together (none waits in a
         # collective for the one that raised), and the optimizer never applies it.
@@ -167,9 +168,9 @@ class DeepSpeedEngine(Engine):
     def skipped_steps(self) -> int:
         return int(self.ds.skipped_steps)
 
-    def step(self, history: torch.Tensor, target: torch.Tensor,
-             platform: torch.Tensor) -> dict[str, float]:
-        loss, stats = self.ds(history, target, platform)
+    def step(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
+             history_platform: torch.Tensor | None = None) -> dict[str, float]:
+        loss, stats = self.ds(history, target, platform, history_platform)
         self.ds.backward(loss)
         check_finite("training loss", stats["loss"])  # bf16/fp32: DeepSpeed would apply it
         self.ds.step()

@@ -44,6 +44,8 @@ class ItemInputs:
     vocab: FeatureVocab
     items: dict[str, PlatformItems] = field(default_factory=dict)
     cache_stats: dict[str, int] = field(default_factory=dict)
+    train_rows: dict[str, int] = field(default_factory=dict)
+    """Training rows of each platform (after the user subsample)."""
 
 
 def keep_user(user_ids: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -61,14 +63,33 @@ def keep_user(user_ids: list[str], fraction: float, seed: int) -> np.ndarray:
 def training_popularity(train: pa.Table, platform: str, num_items: int,
                         user_fraction: float = 1.0, seed: int = 0) -> np.ndarray:
     """Counts of each item in a platform's training rows (targets and histories); ``train`` is
-    the whole train split, read once by the caller for all platforms."""
+    the whole train split, read once by the caller for all platforms. In a cross-platform
+    example set only the history positions of this platform count (the others are indices into
+    other catalogs, and their events are counted in their own platform's rows)."""
     train = train.filter(pc.equal(train["platform"], platform))
     if user_fraction < 1:
         train = train.filter(keep_user(train["user_id"].to_pylist(), user_fraction, seed))
+    history = pc.list_flatten(train["history"]).to_numpy()
+    if "history_platform" in train.column_names and len(history):
+        own = pc.list_flatten(train["history_platform"]).to_numpy(zero_copy_only=False)
+        history = history[own == platform]
     counts = np.zeros(num_items + 1, np.float64)
-    for arr in (train["target"].to_numpy(), pc.list_flatten(train["history"]).to_numpy()):
+    for arr in (train["target"].to_numpy(), history):
         np.add.at(counts, arr, 1)
     return counts
+
+
+def train_rows(train: pa.Table, platforms: list[str], user_fraction: float = 1.0,
+               seed: int = 0) -> dict[str, int]:
+    """Training rows per platform (after the seeded user subsample): what temperature sampling
+    weighs (``recsys.data.feed.platform_shares``)."""
+    out = {}
+    for name in platforms:
+        rows = train.filter(pc.equal(train["platform"], name))
+        if user_fraction < 1:
+            rows = rows.filter(keep_user(rows["user_id"].to_pylist(), user_fraction, seed))
+        out[name] = rows.num_rows
+    return out
 
 
 def prepare_item_inputs(example_set: ExampleSet, platforms: list[str],
@@ -102,4 +123,5 @@ def prepare_item_inputs(example_set: ExampleSet, platforms: list[str],
         )
     if cache is not None:
         out.cache_stats = {"hits": cache.hits, "misses": cache.misses}
+    out.train_rows = train_rows(train, list(platforms), user_fraction, seed)
     return out

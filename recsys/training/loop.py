@@ -282,7 +282,8 @@ def train_steps(engine: Engine, batches: Iterable[dict[str, torch.Tensor]],
     seen = 0
     for step, batch in enumerate(batches):
         try:
-            stats = engine.step(batch["history"], batch["target"], batch["platform"])
+            stats = engine.step(batch["history"], batch["target"], batch["platform"],
+                                batch.get("history_platform"))
         except FloatingPointError as e:
             raise FloatingPointError(f"epoch {epoch}, step {step}: {e}; the run stops rather "
                                      "than train on it (lower optim.lr or optim.grad_clip, or "

@@ -10,6 +10,10 @@ input ``history`` (B, L), labels ``history[:, 1:] ++ target``. Two softmax varia
   expectation. Needed when the text encoder runs in the step (full fine-tune, LoRA).
 
 Plus the CTR head's BCE: the next item (label 1) against a popularity-sampled item (label 0).
+
+Cross-platform histories (``history_platform``): every item is embedded with its own platform's
+table; positions whose next item is another platform's are inputs only (no label here), and only
+the row's own items count as seen (the repeat bias).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.model.history import own_items
 from recsys.model.recommender import Recommender, mask_padding
 from recsys.training.config import LossConfig
 from recsys.training.items import PlatformItems
@@ -87,20 +92,33 @@ class RecommenderObjective(nn.Module):
         self.cfg = loss
         self.platforms = platforms
 
-    def forward(self, history: torch.Tensor, target: torch.Tensor,
-                platform: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
+                history_platform: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of a batch: ``history`` (B, L) left-padded, ``target`` (B,), ``platform`` (B,)
+        model platform ids; ``history_platform`` (B, L): the platform id of each history item
+        (a cross-platform history; None: all the row's own). Only positions whose next item is
+        the row's platform's are trained (the softmax is over that platform's catalog)."""
         labels = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, L)
+        label_pf = None if history_platform is None else torch.cat(
+            [history_platform[:, 1:], platform[:, None]], dim=1)  # (B, L) platform of each label
         losses, ctr_losses, n_pos = [], [], 0
         for pid in platform.unique().tolist():
             rows = platform == pid
             p = self.platforms[pid]
             hist, lab = history[rows], labels[rows]
+            hp = None if history_platform is None else history_platform[rows]
             valid = hist > 0  # (b, L) positions with an input item
+            own = hist if hp is None else own_items(hist, platform[rows], hp)  # (b, L)
+            if label_pf is not None:
+                valid = valid & (label_pf[rows] == pid)  # next item is this platform's
             pids = platform[rows][0].expand(int(valid.sum()))  # (P,) this platform
-            seen_rows, seen_items = prefix_items(hist, valid)
+            seen_rows, seen_items = prefix_items(own, valid)
+            others = self._other_tables(hist, hp, pid)
             if self.cfg.kind == "full_softmax":
                 table = p.item_table(self.model)  # (N+1, D) once per step
-                states = self.model.user_states(hist, table, platform[rows])  # (b, L, D)
+                states = self.model.user_states(hist, table, platform[rows], hp,
+                                                others)  # (b, L, D)
                 u = states[valid]  # (P, D)
                 y = lab[valid]  # (P,)
                 seen = torch.zeros(len(y), table.shape[0], dtype=torch.bool, device=y.device)
@@ -112,8 +130,8 @@ class RecommenderObjective(nn.Module):
                 neg_ids = self._sample(p, len(y))
                 neg_vec = table[neg_ids]
             else:
-                cand, y_idx, table_hist = self._candidates(p, hist, lab, valid)
-                states = self.model.user_states(hist, table_hist, platform[rows])
+                cand, y_idx, table_hist = self._candidates(p, own, lab, valid)
+                states = self.model.user_states(hist, table_hist, platform[rows], hp, others)
                 u = states[valid]
                 cand_vec = table_hist[cand]  # (M, D), already encoded in _candidates
                 # (P, M) candidates already at or before each position (cand is sorted)
@@ -143,6 +161,24 @@ class RecommenderObjective(nn.Module):
         return loss, {"loss": float(loss.detach()), "rec_loss": float(rec.detach()),
                       "ctr_loss": float(ctr.detach()), "positions": n_pos}
 
+    def _other_tables(self, hist: torch.Tensor, hp: torch.Tensor | None,
+                      pid: int) -> dict[int, torch.Tensor]:
+        """Item tables of the other platforms in cross-platform histories, holding only the
+        items these histories use (each encoded once), keyed by platform id."""
+        if hp is None:
+            return {}
+        elsewhere = (hist > 0) & (hp != pid)
+        out = {}
+        for q in hp[elsewhere].unique().tolist():
+            if q not in self.platforms:
+                raise KeyError(f"a history holds items of platform id {q}, which has no item "
+                               f"inputs in this run (known: {sorted(self.platforms)})")
+            ids = hist[elsewhere & (hp == q)].unique()
+            vecs = self.platforms[q].item_table(self.model, ids)  # (M, D)
+            out[q] = vecs.new_zeros((self.platforms[q].num_items + 1, vecs.shape[1])
+                                    ).index_copy(0, ids, vecs)
+        return out
+
     def _sample(self, p: PlatformTensors, n: int) -> torch.Tensor:
         probs = p.sample_logp.exp()
         return torch.multinomial(probs, n, replacement=True)
@@ -153,9 +189,10 @@ class RecommenderObjective(nn.Module):
 
         Returns (cand (M,), index of each valid position's label in cand (P,), a sparse item
         table (N+1, D) holding the vectors of the candidates and of the histories' items).
+        ``hist``: this platform's items only (``own_items``).
         """
         negs = self._sample(p, self.cfg.num_negatives)
-        needed = torch.cat([lab[valid], negs, hist[valid]]).unique()  # sorted, unique
+        needed = torch.cat([lab[valid], negs, hist[hist > 0]]).unique()  # sorted, unique
         vecs = p.item_table(self.model, needed)  # each distinct item encoded once
         table = vecs.new_zeros((p.num_items + 1, vecs.shape[1])).index_copy(0, needed, vecs)
         cand = torch.cat([lab[valid], negs]).unique()

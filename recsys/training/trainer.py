@@ -61,6 +61,13 @@ def training_datasets(setup: TrainSetup) -> dict[str, Any]:
         datasets["train"] = datasets["train"].map_batches(
             _filter_users, batch_format="pyarrow",
             fn_kwargs={"fraction": cfg.user_fraction, "seed": cfg.optim.seed})
+    rates = platform_sampling(setup)
+    if rates is not None:
+        from recsys.data.feed import sample_platforms
+
+        datasets["train"] = datasets["train"].map_batches(
+            sample_platforms, batch_format="pyarrow",
+            fn_kwargs={"rates": rates, "seed": cfg.optim.seed})
     if cfg.materialize_datasets:
         # Read and filter once into the object store; otherwise every epoch re-executes the
         # read (seconds per epoch on 2 cores, more than the training step on small data).
@@ -68,8 +75,30 @@ def training_datasets(setup: TrainSetup) -> dict[str, Any]:
     return datasets
 
 
+def platform_sampling(setup: TrainSetup) -> dict[str, float] | None:
+    """Copies per training row of each platform under ``optim.platform_temperature`` (None:
+    no resampling, i.e. T = 1 or a single train platform)."""
+    from recsys.data.feed import platform_rates, platform_shares
+
+    temperature = setup.cfg.optim.platform_temperature
+    rows = {p: setup.inputs.train_rows.get(p, 0) for p in setup.train_platforms}
+    if temperature == 1 or len(rows) < 2:
+        return None
+    log.info("platform temperature %s: shares %s (rows %s)", temperature,
+             {p: round(q, 3) for p, q in platform_shares(rows, temperature).items()}, rows)
+    return platform_rates(rows, temperature)
+
+
+def history_platforms(es: ExampleSet) -> list[str]:
+    """Platforms whose items a history of the example set may hold: every platform of a
+    cross-platform set (``data.sequences.cross_platform``), else none beyond the row's own."""
+    return list(es.manifest.platforms) if es.manifest.config.sequences.cross_platform else []
+
+
 def resolve_platforms(cfg: TrainJobConfig, es: ExampleSet,
                       init: dict[str, Any] | None) -> tuple[list[str], list[str], list[str]]:
+    """Train, eval and model platforms. The model also knows the platforms that histories
+    draw from (a cross-platform example set): their items are embedded with their own tables."""
     available = list(es.manifest.platforms)
     train = cfg.train_platforms or available
     evals = cfg.eval_platforms or train
@@ -78,7 +107,8 @@ def resolve_platforms(cfg: TrainJobConfig, es: ExampleSet,
         raise ValueError(f"platform(s) {missing} are not in the example set {es.path} "
                          f"(it has {available})")
     known = list(init["platforms"]) if init else []
-    model_platforms = known + [p for p in dict.fromkeys(train + evals) if p not in known]
+    wanted = dict.fromkeys(train + evals + history_platforms(es))
+    model_platforms = known + [p for p in wanted if p not in known]
     return train, evals, model_platforms
 
 
@@ -105,7 +135,7 @@ def prepare(cfg: TrainJobConfig) -> TrainSetup:
     es = load_example_set(cfg.data.examples)
     init = load_init(cfg.transfer.init_from) if cfg.mode == "transfer" else None
     train, evals, model_platforms = resolve_platforms(cfg, es, init)
-    platforms = list(dict.fromkeys(train + evals))
+    platforms = list(dict.fromkeys(train + evals + history_platforms(es)))
     inputs = prepare_item_inputs(
         es, platforms, platform_ids={p: model_platforms.index(p) for p in platforms},
         encoder=cfg.data.text.encoder, max_tokens=cfg.data.text.max_tokens,

@@ -133,3 +133,53 @@ def test_ray_train_workers_get_disjoint_shards(ray_cluster, example_set, tmp_pat
     expected = sorted(f"{h}|{t}" for h, t in zip(train["history"].to_pylist(),
                                                  train["target"].to_pylist()))
     assert sorted(r0 + r1) == expected
+
+
+def test_cross_platform_histories_built_by_ray_data_match_the_whole_lake_build(
+        ray_cluster, lake: Path, example_set, tmp_path: Path) -> None:
+    """Each Ray Data task reads one bucket of its platform and only the buckets of the other
+    platforms that can hold the same users: the result equals building from whole platforms,
+    the rows and targets equal the own-history set's, and no history item from elsewhere is
+    at or after its target's time."""
+    from recsys.data.crossplatform import build_cross_examples, history_elsewhere
+    from recsys.data.lake import list_platforms, read_events, read_items
+    from recsys.data.sequences import item_index, user_sequences
+
+    cfg = example_set.manifest.config.model_copy(update={
+        "examples": str(tmp_path / "cross"),
+        "sequences": example_set.manifest.config.sequences.model_copy(
+            update={"cross_platform": True})})
+    cross = build_example_set(cfg)
+    assert cross.manifest.input_fingerprint != example_set.manifest.input_fingerprint
+    platforms = list_platforms(lake)
+    seqs = {p: user_sequences(read_events(lake, p), item_index(read_items(lake, p)["item_id"]),
+                              cfg.sequences) for p in platforms}
+    whole = pa.concat_tables([build_cross_examples(seqs, p, cfg.sequences, platforms)[0]
+                              for p in platforms])
+    built = pa.concat_tables([read_split(cross, s) for s in SPLITS])
+    assert _sorted(built).equals(_sorted(whole))
+    for split in ("valid", "test"):
+        own, mine = read_split(example_set, split), read_split(cross, split)
+        assert sorted(zip(own["platform"].to_pylist(), own["user_id"].to_pylist(),
+                          own["target"].to_pylist())) == \
+            sorted(zip(mine["platform"].to_pylist(), mine["user_id"].to_pylist(),
+                       mine["target"].to_pylist()))
+    test = read_split(cross, "test")
+    assert history_elsewhere(test).mean() > 0.2  # synthetic shops share many users
+    # times: every item from elsewhere was taken by this user strictly before the target
+    first: dict[tuple[str, str, int], int] = {}
+    last: dict[tuple[str, str, int], int] = {}
+    for p, s in seqs.items():
+        for k, (a, b) in enumerate(zip(s.starts.tolist(), s.ends.tolist())):
+            for j in range(a, b):
+                key = (p, s.users[k], int(s.items[j]))
+                first[key] = min(first.get(key, 2**62), int(s.times[j]))
+                last[key] = max(last.get(key, 0), int(s.times[j]))
+    checked = 0
+    for r in test.to_pylist():
+        t = last[(r["platform"], r["user_id"], r["target"])]
+        for item, q in zip(r["history"], r["history_platform"]):
+            if q != r["platform"]:
+                assert first[(q, r["user_id"], item)] < t
+                checked += 1
+    assert checked > 0

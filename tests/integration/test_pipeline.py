@@ -109,16 +109,18 @@ def test_first_run_deploys_the_champion_and_answers(first_run) -> None:
 
     _, res, _ = first_run
     assert res.deploy is not None and res.smoke is not None
-    assert res.deploy.model == "models:/it-pipeline-shop_c@champion"
+    assert res.deploy.model == "models:/it-pipeline-{platform}@champion"
+    assert res.deploy.versions == {"shop_c": "1"}
     smoke = res.smoke.response
     assert smoke.source == "model" and smoke.model_version == "1"
     ids = [it.item_id for it in smoke.items]
     assert len(ids) == 5 == len(set(ids))
-    assert requests.get(f"{res.deploy.url}/model", timeout=10).status_code == 401
+    assert requests.get(f"{res.deploy.url}/model?platform=shop_c", timeout=10).status_code == 401
     key_file = Path(res.deploy.api_key_file)  # made by the deploy stage: owner-only
     assert key_file.stat().st_mode & 0o077 == 0
     key = key_file.read_text().split()[1]
-    model = requests.get(f"{res.deploy.url}/model", headers={"x-api-key": key}, timeout=10)
+    model = requests.get(f"{res.deploy.url}/model?platform=shop_c", headers={"x-api-key": key},
+                         timeout=10)
     assert "shop_c" in json.dumps(model.json())
 
 

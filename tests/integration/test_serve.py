@@ -318,6 +318,43 @@ def test_schemathesis_finds_no_server_errors(served: Served) -> None:
     assert failures == []
 
 
+def test_session_items_are_never_returned_and_each_item_says_why(served: Served,
+                                                                reference: Predictor) -> None:
+    """Issue 21: a request's session items (recent_items) never come back, whoever asks; each
+    item carries a reason naming only a history item of the request's platform (a user's items
+    on other platforms are other shops' data); no request field switches a rule off."""
+    session = ["shop_a-002", "shop_a-003", "shop_a-005"]
+    stored = {"alice": {"shop_a-001", "shop_a-004", "shop_a-007", "shop_a-002"}}
+    for key, user in ((API_KEY, "alice"), (SHOP_A_KEY, "alice"), (API_KEY, None),
+                      (SHOP_A_KEY, "bob")):
+        body = {"platform": "shop_a", "user_id": user, "recent_items": session, "k": 12}
+        r = served.post("/recommend", body, key=key)
+        assert r.status_code == 200, r.text
+        items = r.json()["items"]
+        ids = [i["item_id"] for i in items]
+        assert ids and not set(session) & set(ids), (user, ids)
+        expected = reference.recommend(RecommendRequest(**body))
+        assert ids == [i.item_id for i in expected.items]
+        assert [i["reason"] for i in items] == [i.reason.model_dump() for i in expected.items]
+        for item in items:
+            reason = item["reason"]
+            assert reason["platform"] == "shop_a", reason
+            assert reason["item_id"] in set(session) | stored.get(user or "", set()), reason
+            assert reason["text"].startswith("because you viewed ")
+    cross = served.post("/recommend", {"platform": "shop_a", "user_id": "bob", "k": 5},
+                        key=SHOP_A_KEY).json()
+    assert cross["source"] == "model" and cross["items"]
+    assert {json.dumps(i["reason"]) for i in cross["items"]} == {json.dumps(
+        {"text": "based on your activity", "item_id": None, "platform": None})}
+    assert "shop_b" not in json.dumps(cross)
+    popular = served.post("/recommend", {"platform": "shop_a", "k": 3}).json()
+    assert {i["reason"]["text"] for i in popular["items"]} == {"popular on shop_a"}
+    for field in ("exclude_session_items", "repurchase", "reasons", "rules"):
+        toggled = served.post("/recommend", {"platform": "shop_a", "user_id": "alice",
+                                             "recent_items": session, field: False})
+        assert toggled.status_code == 422 and field in toggled.text, field
+
+
 # -- champion swap (last: it moves the alias) -----------------------------------------------------
 
 

@@ -201,6 +201,29 @@ def test_evaluate_job_writes_transfer_report(pretrained, synthetic_examples, wor
     assert "freeze_encoder" in text and TARGET in text
 
 
+def test_cross_platform_histories_with_a_platform_temperature(synthetic_examples,
+                                                             workdir: Path) -> None:
+    """Pooled training on a cross-platform example set (each history item embedded with its own
+    platform's table, through DDP) with platforms drawn uniformly: it trains, exports every
+    platform a history can hold, and reports users with and without history elsewhere."""
+    from recsys.data.examples import build_example_set
+    from recsys.evaluation.offline import ELSEWHERE, OWN_ONLY
+
+    data = synthetic_examples.manifest.config
+    cross = build_example_set(data.model_copy(update={
+        "examples": str(workdir / "cross_examples"),
+        "sequences": data.sequences.model_copy(update={"cross_platform": True})}))
+    out = run_training(_cfg(cross, workdir, "cross", **{
+        "optim.platform_temperature": "uniform", "optim.epochs": 1}))
+    exported = load_export(out.export_dir)
+    assert set(exported.items) == {*SOURCES, TARGET}  # TARGET's items are in histories
+    assert set(out.report.platforms) == set(SOURCES)
+    for res in out.report.platforms.values():
+        assert res.subsets[ELSEWHERE]["count"] > 0 and res.subsets[OWN_ONLY]["count"] > 0
+        assert res.subsets[ELSEWHERE]["count"] + res.subsets[OWN_ONLY]["count"] == res.users
+        assert 0 < res.metrics["ndcg@10"] <= 1
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("optim: {lr: 0.1, lrr: 1}\n")

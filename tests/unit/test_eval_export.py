@@ -1,6 +1,7 @@
 """``evaluate_export`` on a hand-written example set (docs/data_format.md, "Examples"): one row
 per platform, every test user counted, metrics in range, an oracle scores perfectly, the
-cold-start subset is the targets unseen in training, and batching does not change a number."""
+cold-start subset is the targets unseen in training, and batching does not change a number;
+with cross-platform histories, users with and without history elsewhere reported apart."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from recsys.data.examples import (
     TextCounts,
     load_example_set,
 )
-from recsys.data.sequences import EXAMPLES_SCHEMA
+from recsys.data.sequences import CROSS_EXAMPLES_SCHEMA, EXAMPLES_SCHEMA, SequenceConfig
 from recsys.evaluation.metrics import COLD_START
-from recsys.evaluation.offline import evaluate_export
+from recsys.evaluation.offline import ELSEWHERE, OWN_ONLY, evaluate_export
 from recsys.model.export import Exported, ExportedItems, load_export, save_export
 from recsys.model.recommender import Recommender
 
@@ -153,8 +154,8 @@ def test_an_oracle_scores_perfectly(setup: tuple[Exported, ExampleSet],
     exported, es = setup
     model = exported.model
 
-    def oracle(history: torch.Tensor, table: torch.Tensor, platform: torch.Tensor
-               ) -> torch.Tensor:
+    def oracle(history: torch.Tensor, table: torch.Tensor, platform: torch.Tensor,
+               *cross_platform: object) -> torch.Tensor:
         n = table.shape[0] - 1
         return table[history[:, -1] % n + 1]
 
@@ -188,3 +189,50 @@ def test_a_split_without_rows_for_a_platform_is_left_out(
     assert res.users == 1
     # With one user the bootstrap interval collapses onto the value; nothing is NaN.
     assert not any(math.isnan(v) for v in res.ci["ndcg@10"])
+
+
+# -- cross-platform histories ---------------------------------------------------------------------
+
+
+def cross_example_set(root: Path, own: ExampleSet) -> ExampleSet:
+    """``own`` with cross-platform histories: shop_a's first two test users also hold two
+    shop_b items (as a cross-platform example set would), every other row its own items."""
+    import shutil
+
+    shutil.copytree(own.path, root)
+    for split in ("train", "valid", "test"):
+        for f in (root / split).glob("*.parquet"):
+            rows = pq.read_table(f).to_pylist()
+            for r in rows:
+                r["history_platform"] = [r["platform"]] * len(r["history"])
+                if split == "test" and r["user_id"] in ("shop_a-u0", "shop_a-u1"):
+                    r["history"] = [3, 4] + r["history"]
+                    r["history_platform"] = ["shop_b", "shop_b"] + r["history_platform"]
+            pq.write_table(pa.Table.from_pylist(rows, schema=CROSS_EXAMPLES_SCHEMA), f)
+    manifest = own.manifest.model_copy(update={"config": DataConfig(
+        sequences=SequenceConfig(cross_platform=True))})
+    manifest.write(root)
+    return load_example_set(root)
+
+
+def test_users_with_and_without_history_elsewhere_are_reported_apart(
+        setup: tuple[Exported, ExampleSet], tmp_path: Path) -> None:
+    exported, es = setup
+    cross = cross_example_set(tmp_path / "cross", es)
+    ranks: dict[str, np.ndarray] = {}
+    users: dict[str, np.ndarray] = {}
+    report = evaluate_export(exported, cross, ranks_out=ranks, users_out=users)
+    a = report.platforms["shop_a"]
+    assert a.subsets[ELSEWHERE]["count"] == 2
+    assert a.subsets[OWN_ONLY]["count"] == len(TEST_USERS["shop_a"]) - 2
+    assert report.platforms["shop_b"].subsets[ELSEWHERE]["count"] == 0
+    assert sorted(users["shop_a"]) == [f"shop_a-u{i}" for i in range(5)]
+    # the own-history model's users split the same way, by user id
+    own = evaluate_export(exported, es, elsewhere_from=cross)
+    assert own.platforms["shop_a"].subsets[ELSEWHERE]["count"] == 2
+    assert ELSEWHERE not in evaluate_export(exported, es).platforms["shop_a"].subsets
+    # the rows without items from elsewhere rank exactly as in the own-history set
+    own_ranks: dict[str, np.ndarray] = {}
+    evaluate_export(exported, es, ranks_out=own_ranks)
+    assert np.array_equal(ranks["shop_b"], own_ranks["shop_b"])
+    assert np.array_equal(ranks["shop_a"][2:], own_ranks["shop_a"][2:])

@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from recsys.data.pseudonym import Pseudonymizer
 from recsys.serving.model_source import parse_models_uri, resolve_model
 from recsys.serving.predictor import Predictor, SearchUnavailable, UnknownPlatform
+from recsys.serving.rules import ServingRules
 from recsys.serving.schemas import RecommendRequest, SearchRequest
-from recsys.serving.toy import ToyWorld, build_toy_world, item_title
+from recsys.serving.toy import USERS, ToyWorld, build_toy_world, item_title
 
 PSEUDO = Pseudonymizer(bytes.fromhex("00112233445566778899aabbccddeeff"))
 
@@ -57,10 +58,14 @@ def reference_scores(p: Predictor, platform: str, seq: torch.Tensor) -> torch.Te
 
 @pytest.fixture(scope="module")
 def keeping(world: ToyWorld) -> Predictor:
-    """A predictor configured to return purchased items too (``exclude_purchased: false``, a
-    server rule, not a request field)."""
+    """A predictor configured to return purchased items too (``repurchase: true``, a server
+    rule, not a request field)."""
     return Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False,
-                                 exclude_purchased=False)
+                                 rules=rules({"default": {"repurchase": True}}))
+
+
+def rules(raw: dict) -> ServingRules:
+    return ServingRules.model_validate(raw)
 
 
 def test_known_user_ranking_matches_the_model_and_skips_purchases(predictor: Predictor,
@@ -88,18 +93,27 @@ def test_recent_items_extend_the_history(predictor: Predictor) -> None:
                        recent_items=["shop_a-005", "unknown-id", "shop_b-001"])
     history = [cat.index[f"shop_a-{n:03d}"] for n in (1, 4, 7, 2, 5)]
     ref = reference_scores(predictor, "shop_a", cat.table[history])
-    ref[[0, cat.index["shop_a-001"], cat.index["shop_a-007"]]] = float("-inf")
+    # Never returned: padding, alice's purchases (001, 007) and the session's item (005).
+    ref[[0, cat.index["shop_a-001"], cat.index["shop_a-007"], cat.index["shop_a-005"]]] = \
+        float("-inf")
     assert ids == [cat.item_ids[i - 1] for i in torch.topk(ref, 3).indices.tolist()]
     out = predictor.recommend(RecommendRequest(platform="shop_b", recent_items=["shop_b-002"]))
     assert out.source == "model"
     assert history_length(predictor, platform="shop_b", recent_items=["shop_b-002"]) == 1
 
 
-def test_histories_longer_than_max_len_keep_the_most_recent(predictor: Predictor) -> None:
+def test_histories_longer_than_max_len_keep_the_most_recent(predictor: Predictor,
+                                                            world: ToyWorld) -> None:
     recent = [f"shop_a-{n:03d}" for n in range(1, 13)]
-    out = predictor.recommend(RecommendRequest(platform="shop_a", recent_items=recent))
+    # The whole catalog is in the session: by default nothing is left to recommend.
+    assert predictor.recommend(RecommendRequest(platform="shop_a", recent_items=recent)
+                               ).items == []
     assert history_length(predictor, platform="shop_a", recent_items=recent) \
         == predictor.max_len == 6
+    session_ok = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO,
+                                       search=False,
+                                       rules=rules({"shop_a": {"exclude_session_items": False}}))
+    out = session_ok.recommend(RecommendRequest(platform="shop_a", recent_items=recent))
     cat = predictor.catalogs["shop_a"]
     ref = reference_scores(predictor, "shop_a", cat.table[list(range(7, 13))])
     ref[0] = float("-inf")
@@ -230,9 +244,9 @@ def test_unknown_platform_survives_pickling() -> None:
 
 def test_repeat_bias_moves_the_users_seen_items_as_in_training(world: ToyWorld) -> None:
     """A model's learned repeat bias is applied to the items of the user's history on this
-    platform (here with exclude_purchased off, so they can be returned at all)."""
-    p = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO,
-                              exclude_purchased=False)
+    platform (here with repurchase allowed, so they can be returned at all)."""
+    p = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False,
+                              rules=rules({"default": {"repurchase": True}}))
     cat = p.catalogs["shop_a"]
     seen = {cat.index[f"shop_a-{n:03d}"] for n in (1, 4, 7, 2)}  # alice's history
     p.model.enable_repeat_bias()
@@ -242,3 +256,155 @@ def test_repeat_bias_moves_the_users_seen_items_as_in_training(world: ToyWorld) 
         _, ids, _, _ = rec(p, platform="shop_a", user_id="alice", k=12)
         head = {cat.index[i] for i in (ids[:4] if bias > 0 else ids[-4:])}
         assert head == seen
+
+
+# -- serving rules (server config, per platform) and reasons (issue 21) -------------------------
+
+
+def shop_item(platform: str, n: int) -> str:
+    return ToyWorld.item_id(platform, n)
+
+
+@pytest.mark.parametrize(("platform", "user"), [
+    ("shop_a", "alice"), ("shop_a", "bob"), ("shop_a", None), ("shop_b", "bob"),
+    ("shop_b", "dave")])
+def test_session_items_are_never_returned_by_default(predictor: Predictor, platform: str,
+                                                     user: str | None) -> None:
+    n_items = predictor.catalogs[platform].num_items
+    session = [shop_item(platform, n) for n in (2, 3, 6)]  # 3 and 6: the most popular too
+    source, ids, _, _ = rec(predictor, platform=platform, user_id=user, k=n_items,
+                            recent_items=session)
+    assert source == "model" and ids and not set(session) & set(ids)
+    bought = {shop_item(platform, n) for n, kind in USERS.get(user or "", {}).get(platform, [])
+              if kind == "purchase"}
+    assert len(ids) == n_items - len(set(session) | bought)  # everything else still comes back
+
+
+def test_session_rule_off_returns_session_items(world: ToyWorld) -> None:
+    p = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False,
+                              rules=rules({"default": {"exclude_session_items": False}}))
+    session = ["shop_a-002", "shop_a-005"]
+    _, ids, _, _ = rec(p, platform="shop_a", user_id="alice", k=12, recent_items=session)
+    assert set(session) <= set(ids) and not {"shop_a-001", "shop_a-007"} & set(ids)
+
+
+def test_repurchase_is_a_per_platform_rule_and_entries_inherit_the_default(
+        world: ToyWorld) -> None:
+    """shop_b re-buys (a grocery-like shop): bob's purchase there may come back; shop_a keeps
+    the default (alice's purchases never return); shop_b inherits the default's session rule."""
+    p = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False,
+                              rules=rules({"default": {"exclude_session_items": False},
+                                           "shop_b": {"repurchase": True}}))
+    assert p.rules["shop_b"].repurchase and not p.rules["shop_b"].exclude_session_items
+    assert not p.rules["shop_a"].repurchase
+    _, b_ids, _, _ = rec(p, platform="shop_b", user_id="bob", k=9, recent_items=["shop_b-001"])
+    assert sorted(b_ids) == sorted(p.catalogs["shop_b"].item_ids)  # 005 (bought) and 001 too
+    _, a_ids, _, _ = rec(p, platform="shop_a", user_id="alice", k=12)
+    assert len(a_ids) == 10 and not {"shop_a-001", "shop_a-007"} & set(a_ids)
+
+
+def test_rules_are_validated_and_round_trip() -> None:
+    from recsys.serving.args import AppArgs
+
+    for bad, message in (({"shop_a": {"repurchse": True}}, "repurchse"),
+                         ({"Shop A": {}}, "rules.Shop A: platform name"),
+                         ({"default": {"reasons": "sometimes"}}, "reasons")):
+        with pytest.raises(ValidationError, match=message):
+            AppArgs.model_validate({"rules": bad})
+    with pytest.raises(ValidationError, match="exclude_purchased"):  # replaced by rules
+        AppArgs.model_validate({"exclude_purchased": True})
+    args = AppArgs.model_validate({"rules": {"default": {"reasons": False},
+                                             "grocer": {"repurchase": True}}})
+    grocer = args.rules.of("grocer")
+    assert grocer.repurchase and not grocer.reasons and args.rules.of("other").reasons is False
+    assert AppArgs.model_validate(args.model_dump(mode="json")).rules == args.rules
+    assert AppArgs().rules.of("anything") == ServingRules().of("x")
+    assert ServingRules().of("x").exclude_session_items and not ServingRules().of("x").repurchase
+
+
+@pytest.mark.parametrize("field", ["exclude_session_items", "repurchase", "reasons", "rules",
+                                   "exclude_purchased", "exclude_seen"])
+def test_no_request_field_toggles_a_rule(field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        RecommendRequest.model_validate({"platform": "shop_a", field: False})
+
+
+def expected_reasons(p: Predictor, platform: str, history: list[str], ids: list[str]
+                     ) -> list[str]:
+    """For each returned item, the history item (of ``platform``) with the highest cosine,
+    computed here from the item matrix."""
+    cat = p.catalogs[platform]
+    h = F.normalize(cat.table[[cat.index[i] for i in history]], dim=-1)       # (L, D)
+    out = []
+    for item in ids:
+        v = F.normalize(cat.table[cat.index[item]], dim=-1)                   # (D,)
+        out.append(history[int(torch.argmax(h @ v))])
+    return out
+
+
+def test_reasons_name_the_most_similar_history_item(predictor: Predictor) -> None:
+    history = ["shop_a-001", "shop_a-004", "shop_a-007", "shop_a-002", "shop_a-005"]
+    out = predictor.recommend(RecommendRequest(platform="shop_a", user_id="alice", k=12,
+                                               recent_items=["shop_a-005"]))
+    ids = [i.item_id for i in out.items]
+    named = expected_reasons(predictor, "shop_a", history, ids)
+    assert len(set(named)) > 1  # the test would not tell argmax from a constant otherwise
+    for item, expected in zip(out.items, named):
+        n = int(expected.rsplit("-", 1)[1])
+        assert item.reason is not None
+        assert (item.reason.item_id, item.reason.platform) == (expected, "shop_a")
+        assert item.reason.text == f"because you viewed {item_title('shop_a', n)}"
+    # A session-only user: the session's items are the history named.
+    session = ["shop_b-002", "shop_b-007"]
+    out = predictor.recommend(RecommendRequest(platform="shop_b", recent_items=session, k=9))
+    assert [i.reason.item_id for i in out.items] == expected_reasons(
+        predictor, "shop_b", session, [i.item_id for i in out.items])
+
+
+def test_reasons_never_name_another_platforms_item(predictor: Predictor) -> None:
+    """bob is known only on shop_b: on shop_a his answer comes from shop_b's items, which are
+    another shop's data: "based on your activity", nothing named."""
+    out = predictor.recommend(RecommendRequest(platform="shop_a", user_id="bob", k=12))
+    assert out.source == "model" and len(out.items) == 12
+    for item in out.items:
+        assert item.reason is not None
+        assert item.reason.model_dump() == {"text": "based on your activity", "item_id": None,
+                                            "platform": None}
+    # A history mixing platforms: a shop_b row that is the closest to shop_a-005 (its very
+    # vector) is the top contributor there and stays unnamed; the shop_a rows are named.
+    cat, b = predictor.catalogs["shop_a"], predictor.catalogs["shop_b"]
+    p = predictor.prepare(RecommendRequest(platform="shop_a", user_id="dave", k=12))
+    p.seq = torch.cat([p.seq, cat.table[[cat.index["shop_a-005"]]]])
+    p.history = [*p.history, ("shop_b", b.index["shop_b-003"])]
+    items = predictor.recommend_many([p])[0].items
+    reasons = {i.item_id: i.reason for i in items}
+    assert reasons["shop_a-005"].text == "based on your activity"
+    assert reasons["shop_a-005"].item_id is None
+    texts = " ".join(r.text for r in reasons.values())
+    assert "shop_b" not in texts and item_title("shop_b", 3) not in texts
+    assert {r.item_id for r in reasons.values()} - {None} <= {"shop_a-009", "shop_a-010"}
+    assert any(r.item_id is not None for r in reasons.values())
+
+
+def test_popular_search_and_switched_off_reasons(predictor: Predictor, world: ToyWorld) -> None:
+    out = predictor.recommend(RecommendRequest(platform="shop_a", k=3))
+    assert out.source == "popular"
+    assert {i.reason.text for i in out.items} == {"popular on shop_a"}
+    found = predictor.search(SearchRequest(platform="shop_b", query="red shirt", k=2))
+    assert {i.reason.text for i in found.items} == {"matches your query"}
+    quiet = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False,
+                                  rules=rules({"shop_a": {"reasons": False}}))
+    for request in (RecommendRequest(platform="shop_a", user_id="alice"),
+                    RecommendRequest(platform="shop_a")):
+        assert all(i.reason is None for i in quiet.recommend(request).items)
+    assert all(i.reason is not None
+               for i in quiet.recommend(RecommendRequest(platform="shop_b")).items)
+
+
+def test_a_long_title_is_cut_in_the_reason() -> None:
+    from recsys.serving.rules import MAX_TITLE, viewed
+
+    reason = viewed("x" * 300, "i1", "shop_a")
+    assert reason.text.startswith("because you viewed x") and reason.text.endswith("…")
+    assert len(reason.text) == len("because you viewed ") + MAX_TITLE
+    assert viewed("  ", "i1", "shop_a").text == "because you viewed i1"

@@ -21,12 +21,13 @@ def test_shipped_serve_config_is_valid() -> None:
     (app,) = config.applications
     assert app.import_path == "serve.app:build_app"
     args = AppArgs.model_validate(app.args)
-    # It serves the champion that the demo pipeline registers for its first target.
+    # It serves each platform's champion as the demo pipeline registers them, its targets
+    # loaded at start.
     from recsys.pipeline import load_pipeline_config
 
     demo = load_pipeline_config(REPO / "configs" / "pipeline" / "demo.yaml")
-    name = demo.registry.model_name.format(platform=demo.transfer.targets[0])
-    assert args.model_uri == f"models:/{name}@champion"
+    assert args.model_uri == f"models:/{demo.model_name('{platform}')}@champion"
+    assert args.platforms == demo.transfer.targets
     deps = {d.name: d for d in app.deployments}
     assert set(deps) == {"Gateway", "Recommender"}  # the two tiers compose() builds
     auto = deps["Recommender"].autoscaling_config

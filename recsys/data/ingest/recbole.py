@@ -12,6 +12,14 @@ genres; a value containing commas is split on commas instead), description/brand
 fields exist. The event type is ``rating`` when there is a rating field, else ``view``. Timestamps
 are epoch seconds; without a timestamp field they are synthesised from row order. User ids are
 dataset-local, so they are hashed as ``<user_namespace or platform>:<id>``.
+
+Recipe ``genre-half-0`` / ``genre-half-1`` (``--recipe``, with ``--seed``): one of two platforms
+cut from one catalog by genre, so that the same users appear on both (ingest both halves with the
+same ``--user-namespace``). The rule (:func:`genre_halves`): the distinct genres of the item file,
+sorted, are shuffled by ``numpy.random.default_rng(seed)`` and the first ceil(G/2) form half 0,
+the rest half 1; a movie belongs to the half of its *first-listed* genre. Items of the other half
+and their events are filtered (counted as ``genre_other_half``); items without a genre are
+filtered from both halves (``genre_missing``).
 """
 
 from __future__ import annotations
@@ -87,7 +95,51 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     ledger.quirk("user_ids", f"dataset-local ids, hashed as '{ns}:<id>'")
 
     items = _read_items(item_p, ledger)
+    if opts.recipe is not None:
+        events, items = _genre_half(opts.recipe, opts.seed, events, items, ledger, str(item_p))
     return [SourceFrames(platform, events, items, ledger, str(inter_p))]
+
+
+GENRE_HALF = re.compile(r"^genre-half-([01])$")
+
+
+def genre_halves(genres: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """The seeded partition of ``genres`` into two halves (sorted within each half): sorted,
+    shuffled by ``numpy.random.default_rng(seed)``, the first ceil(G/2) are half 0."""
+    names = sorted(set(genres))
+    order = np.random.default_rng(seed).permutation(len(names))
+    cut = (len(names) + 1) // 2
+    return sorted(names[i] for i in order[:cut]), sorted(names[i] for i in order[cut:])
+
+
+def _genre_half(recipe: str, seed: int, events: pd.DataFrame, items: pd.DataFrame,
+                ledger: Ledger, item_path: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the items (and their events) of one half of the genre partition."""
+    m = GENRE_HALF.match(recipe)
+    if m is None:
+        raise IngestError(item_path, f"unknown recipe {recipe!r} for recbole; known: "
+                          "genre-half-0, genre-half-1")
+    if "category" not in items:
+        raise IngestError(item_path, "recipe genre-half needs a genre field "
+                          f"(one of {list(CATEGORY_FIELDS)})")
+    half = int(m.group(1))
+    first = items["category"].map(lambda g: g[0] if isinstance(g, list) and g else None)
+    halves = genre_halves([g for gs in items["category"] if isinstance(gs, list) for g in gs],
+                          seed)
+    mine = set(halves[half])
+    keep = first.isin(mine).to_numpy()
+    missing = first.isna().to_numpy()
+    ledger.filter("items", int(missing.sum()), "genre_missing")
+    ledger.filter("items", int((~keep & ~missing).sum()), "genre_other_half")
+    ev_keep = events["item_id"].isin(set(items.loc[keep, "item_id"])).to_numpy()
+    ev_missing = events["item_id"].isin(set(items.loc[missing, "item_id"])).to_numpy()
+    known = events["item_id"].isin(set(items["item_id"])).to_numpy()  # others: quarantined later
+    ledger.filter("events", int(ev_missing.sum()), "genre_missing")
+    ledger.filter("events", int((~ev_keep & ~ev_missing & known).sum()), "genre_other_half")
+    ledger.quirk("genre_half", {"half": half, "seed": seed, "genres": halves[half],
+                                "other_half": halves[1 - half],
+                                "rule": "the half of the movie's first-listed genre"})
+    return events[ev_keep | ~known].reset_index(drop=True), items[keep].reset_index(drop=True)
 
 
 def _locate(path: Path, items_path: Path | None) -> tuple[Path, Path]:

@@ -16,13 +16,19 @@ from recsys.tracking.registry import Decision
 
 
 def stage_sweep(ctx: Context) -> None:
-    """A small Tune sweep of transfer runs for the first target."""
+    """A small Tune sweep of transfer runs for every target; each registers its best trial."""
+    t = ctx.cfg.transfer
+    assert t is not None  # PipelineConfig refuses the stage without its section
+    for target in t.targets:
+        _sweep(ctx, target)
+
+
+def _sweep(ctx: Context, target: str) -> None:
     from recsys.tuning.config import SweepConfig
     from recsys.tuning.sweep import run_sweep
 
     t, sw = ctx.cfg.transfer, ctx.cfg.sweep
-    assert t is not None  # PipelineConfig refuses the stage without its section
-    target = t.targets[0]
+    assert t is not None
     pre = pretrained(ctx)
     probe = load_config(SweepConfig, sw.config, values=sw.overrides)
     # The trials' base config: the sweep's own, then this pipeline's data, target and
@@ -54,7 +60,7 @@ def stage_sweep(ctx: Context) -> None:
             registered=Decision(**out.registered) if out.registered else None,
             table=str(out.files.get("md", ""))), time.perf_counter() - started)
     swept = ctx.recorded(key, SweepOutput).output
-    ctx.result.sweep = swept
+    ctx.result.sweep[target] = swept
     print(f"sweep {target}: {swept.trials} trials, best {_fmt(swept.best_metric)}; registry: "
           f"{swept.registered.reason if swept.registered else '-'}")
 

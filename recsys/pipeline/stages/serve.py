@@ -1,11 +1,13 @@
-"""Serving stages: ``deploy`` the Serve app with the first target's champion, then ``smoke``
-it with one real request. Replicas follow later promotions by themselves (they poll the
-alias), so a new champion does not need a redeploy."""
+"""Serving stages: ``deploy`` the Serve app with every target's champion (one model per
+platform, ``models:/<name>-{platform}@champion``), then ``smoke`` it with one real request per
+target. Replicas follow later promotions by themselves (they poll each alias), so a new
+champion does not need a redeploy, nor does a platform added later."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from recsys.data.pseudonym import KEY_ENV, KEY_FILE_ENV
 from recsys.pipeline.context import Context, tracking_uri
@@ -19,7 +21,7 @@ SERVE_PSEUDONYM_KEY = Path(".recsys") / "serve-pseudonym.key"
 
 
 def stage_deploy(ctx: Context) -> None:
-    """Deploy the Serve app (serve/config.yaml) with the first target's champion."""
+    """Deploy the Serve app (serve/config.yaml) serving every target's champion."""
     import os
 
     from ray import serve
@@ -37,18 +39,20 @@ def stage_deploy(ctx: Context) -> None:
 
     t, d = ctx.cfg.transfer, ctx.cfg.deploy
     assert t is not None  # PipelineConfig refuses the stage without its section
-    target = t.targets[0]
     uri = tracking_uri()
-    name = ctx.cfg.model_name(target)
-    champion = registry.alias_version(uri, name, registry.CHAMPION)
-    if champion is None:
-        raise RuntimeError(f"{name} has no @champion yet: run the register stage first")
+    champions = {target: registry.alias_version(uri, ctx.cfg.model_name(target),
+                                                 registry.CHAMPION) for target in t.targets}
+    missing = [ctx.cfg.model_name(p) for p, v in champions.items() if v is None]
+    if missing:
+        raise RuntimeError(f"{missing} have no @champion yet: run the register stage first")
+    # One model per platform, each its own champion (recsys/serving/slots.py).
+    model_uri = f"models:/{ctx.cfg.model_name('{platform}')}@champion"
     tiers = ("Recommender", "Gateway")
     serve_cfg = load_serve_config(d.config, deployments=tiers)  # Ray's schema, no unknown keys
     app_cfg = serve_cfg.applications[0]
     port = d.port or serve_cfg.http_options.port
-    args = AppArgs.model_validate({**app_cfg.args, **d.args,
-                                   "model_uri": f"models:/{name}@champion",
+    args = AppArgs.model_validate({**app_cfg.args, **d.args, "model_uri": model_uri,
+                                   "platforms": list(t.targets),
                                    "lake": str(Path(ctx.cfg.data.lake).resolve()),
                                    "tracking_uri": uri})
     # Secrets reach the replicas as 0600 files whose paths (never the secrets: the dashboard
@@ -71,21 +75,22 @@ def stage_deploy(ctx: Context) -> None:
     route_prefix = app_cfg.route_prefix or "/"
     prefix = route_prefix.rstrip("/")
     url = f"http://{LOOPBACK}:{port}{prefix}"
-    key = f"deploy/{target}"
+    key = "deploy"
     inputs = {"args": args.model_dump(mode="json"), "options": configured, "port": port,
               "env": env,
-              "champion": champion, "serve_config": hash_tree(d.config)}
+              "champions": champions, "serve_config": hash_tree(d.config)}
     gone = None if _app_running(app_cfg.name) else f"app {app_cfg.name!r} not running"
     if ctx.needed(key, "deploy", inputs, [], DeployOutput, also=gone):
         serve.start(http_options={"host": LOOPBACK, "port": port})
         serve.run(compose(args, options["Recommender"], options["Gateway"]),
                   name=app_cfg.name, route_prefix=route_prefix)
         route_library_loggers()  # Serve's driver-side logger, to the job's log file
-        ctx.finish(key, DeployOutput(url=url, model=f"models:/{name}@champion",
-                                     version=champion, app=app_cfg.name,
-                                     api_key_file=args.api_key_file),
+        ctx.finish(key, DeployOutput(url=url, model=model_uri,
+                                     versions={p: str(v) for p, v in champions.items()},
+                                     app=app_cfg.name, api_key_file=args.api_key_file),
                    time.perf_counter() - started)
-        print(f"deployed {app_cfg.name} serving {name} v{champion} (@champion) at {url}")
+        served = ", ".join(f"{p} v{v}" for p, v in champions.items())
+        print(f"deployed {app_cfg.name} serving {model_uri} ({served}) at {url}")
     ctx.result.deploy = ctx.recorded(key, DeployOutput).output
 
 
@@ -100,9 +105,8 @@ def _app_running(name: str) -> bool:
 
 
 def stage_smoke(ctx: Context) -> None:
-    """One real request to the endpoint: a user history from the test split."""
+    """One real request per target to the endpoint: a user history from the test split."""
 
-    import pyarrow.parquet as pq
     import requests
 
     from recsys.data.examples import load_example_set
@@ -113,14 +117,7 @@ def stage_smoke(ctx: Context) -> None:
         raise RuntimeError("smoke needs the deploy stage in the same run")
     t = ctx.cfg.transfer
     assert t is not None  # PipelineConfig refuses the stage without its section
-    target = t.targets[0]
     es = load_example_set(ctx.cfg.data.examples)
-    table = pq.read_table(es.split_path("test"), filters=[("platform", "==", target)],
-                          columns=["history"])
-    catalog = pq.read_table(es.path / "catalog" / f"{target}.parquet",
-                            columns=["item_idx", "item_id"]).to_pydict()
-    ids = dict(zip(catalog["item_idx"], catalog["item_id"], strict=True))
-    history = [ids[i] for i in table.column("history")[0].as_py()][-5:]  # oldest first
     url, deadline = deployed.url, time.monotonic() + ctx.cfg.smoke.timeout_s
     headers = {"x-api-key": key} if (key := _client_key(deployed.api_key_file)) else {}
     with requests.Session() as client:
@@ -134,13 +131,33 @@ def stage_smoke(ctx: Context) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url}/readyz not ready after {ctx.cfg.smoke.timeout_s}s")
             time.sleep(1)
-        r = client.post(f"{url}/recommend", json={"platform": target, "recent_items": history,
-                                                   "k": ctx.cfg.smoke.k}, timeout=30)
-        r.raise_for_status()
-    body = RecommendResponse.model_validate(r.json())
+        answers = {}
+        for target in t.targets:  # every platform answers, each from its own champion
+            history = _test_history(es, target)
+            r = client.post(f"{url}/recommend", json={"platform": target,
+                                                       "recent_items": history,
+                                                       "k": ctx.cfg.smoke.k}, timeout=60)
+            r.raise_for_status()
+            answers[target] = (history, RecommendResponse.model_validate(r.json()))
+    target = t.targets[0]
+    history, body = answers[target]
     ctx.result.smoke = SmokeOutput(platform=target, recent_items=history, response=body)
-    print(f"smoke: POST {url}/recommend {{platform: {target}, recent_items: {history}}} -> "
-          f"{body.source}: " + "; ".join(f"{it.title} ({it.score:.3f})" for it in body.items[:3]))
+    for target, (history, body) in answers.items():
+        print(f"smoke: POST {url}/recommend {{platform: {target}, recent_items: {history}}} -> "
+              f"{body.source} v{body.model_version}: "
+              + "; ".join(f"{it.title} ({it.score:.3f})" for it in body.items[:3]))
+
+
+def _test_history(es: Any, target: str) -> list[str]:
+    """The last five items (ids) of the first test user of ``target``, oldest first."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(es.split_path("test"), filters=[("platform", "==", target)],
+                          columns=["history"])
+    catalog = pq.read_table(es.path / "catalog" / f"{target}.parquet",
+                            columns=["item_idx", "item_id"]).to_pydict()
+    ids = dict(zip(catalog["item_idx"], catalog["item_id"], strict=True))
+    return [ids[i] for i in table.column("history")[0].as_py()][-5:]
 
 
 def _client_key(key_file: str | None) -> str | None:
