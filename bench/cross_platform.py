@@ -293,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     tiny = str(OUT / "tiny-encoder")
     if not (OUT / "tiny-encoder" / "config.json").exists():
         save_tiny_encoder(OUT / "tiny-encoder")
-    started = time.perf_counter()
-    result: dict[str, Any] = {"machine": machine_info(["ray", "torch"]), "epochs_cap": a.epochs,
+    path = a.out / "cross_platform.json"  # parts merge by name: a part can be rerun alone
+    previous = json.loads(path.read_text())["parts"] if path.exists() else {}
+    result: dict[str, Any] = {"machine": machine_info(["ray", "torch"]),
                               "seeds": {"data": SEED, "genre_partition": GENRE_SEED,
                                         "movielens_users": ML_SAMPLE_SEED, "train": 0},
-                              "parts": {}}
+                              "parts": previous}
     for part in a.parts.split(","):
         t = time.perf_counter()
         if part == "synthetic":
@@ -315,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown part {part!r}")
         result["parts"][part]["seconds"] = round(time.perf_counter() - t)
+        result["parts"][part]["epochs_cap"] = a.epochs
         log(f"{part} done in {time.perf_counter() - t:.0f} s")
-    result["total_seconds"] = round(time.perf_counter() - started)
+    result["total_seconds"] = sum(r["seconds"] for r in result["parts"].values())
     save_results(a.out, "cross_platform", result, write_markdown, log)
     return 0
 

@@ -38,7 +38,7 @@ def _own_vs_cross(title: str, part: dict[str, Any], note: str) -> list[str]:
                 f"{fmt(c['recall@10']['base'], '.4f')} | {fmt(c['recall@10']['new'], '.4f')} | "
                 f"{_gain(c, 'recall@10')} |")
     runs = part["runs"]
-    lines += ["", "Runs: " + "; ".join(
+    lines += ["", f"Epoch cap {part.get('epochs_cap', '?')}. Runs: " + "; ".join(
         f"`{arm}` {r['epochs']} epochs, {r['seconds']} s, best valid NDCG@10 "
         f"{r['best_valid_ndcg@10']:.4f}" for arm, r in runs.items()) + ".", ""]
     return lines
@@ -47,6 +47,7 @@ def _own_vs_cross(title: str, part: dict[str, Any], note: str) -> list[str]:
 def _temperature(part: dict[str, Any]) -> list[str]:
     rows = part["source_train_rows"]
     lines = ["## Pooled pretraining over uneven platforms: temperature vs transfer gain", "",
+             f"Epoch cap {part.get('epochs_cap', '?')} for every run.", "",
              "Sources (training rows after the seeded thinning): "
              + ", ".join(f"{p} {n:,} ({100 * part['thin'][p]:.0f}% of users)"
                          for p, n in rows.items())
@@ -72,10 +73,11 @@ def render(result: dict[str, Any]) -> str:
     parts = result["parts"]
     lines = ["# Cross-platform benchmark (test split, full ranking over the platform's catalog, "
              "history not masked)", "",
-             f"{m['date']}, {m['cpu_count_logical']} CPUs ({m['cpu_model']}), DDP with 2 CPU "
-             f"workers, at most {result['epochs_cap']} epochs (early stopping on valid "
-             f"NDCG@10), seeds {result['seeds']}. Regenerate: `python bench/cross_platform.py`. "
-             f"Total {result['total_seconds']} s.", "",
+             f"{m['date']}, {m['cpu_count_logical']} CPUs ({m['cpu_model']}; shared with other "
+             "jobs), DDP with 2 CPU workers; each run stops at its part's epoch cap or on early "
+             f"stopping (valid NDCG@10, patience 3); seeds {result['seeds']}. Regenerate: "
+             f"`python bench/cross_platform.py` (parts merge by name). Total "
+             f"{result['total_seconds']} s.", "",
              "`own`: histories of the platform's own items (leave-one-out by time). `cross`: the "
              "same rows and targets, histories merged with the user's earlier events on the other "
              "platforms (strictly earlier than the target; other platforms' held-out events never "

@@ -30,7 +30,14 @@ from recsys.model.export import Exported, load_export
 from recsys.model.features import category_prefixes, normalise
 from recsys.serving.history import HistoryStore, UserHistory
 from recsys.serving.model_source import ModelSource, resolve_model
-from recsys.serving.rules import QUERY, PlatformRules, ServingRules, explain, popular
+from recsys.serving.rules import (
+    QUERY,
+    PlatformRules,
+    ServingRules,
+    explain,
+    popular,
+    rerank,
+)
 from recsys.serving.schemas import (
     Item,
     ModelInfo,
@@ -343,7 +350,10 @@ class Predictor:
         seen = torch.as_tensor(p.seen, dtype=torch.long)[None]                  # (1, S)
         scores = self.model.score(seen, torch.tensor([cat.platform_id]), cat.table,
                                   user=user[None])[0]                           # (N+1,)
-        idx, values = self._rank(scores, p.request.k, p.excluded, p.allowed)
+        top_n = p.rules.rerank_top_n
+        idx, values = self._rank(scores, max(top_n, p.request.k), p.excluded, p.allowed)
+        if top_n:  # two stages: retrieval's top N, re-ordered by the CTR head
+            idx, values = rerank(self.model.ctr_logit, user, cat.table[idx], idx, p.request.k)
         # Why: per item, the history item most like it (cosine; O(k L D), once per request),
         # named only when it is this platform's: other shops' items are never named here.
         reasons = explain(cat.platform, cat.titles, cat.item_ids, p.seq, p.history,

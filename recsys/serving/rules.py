@@ -16,6 +16,8 @@ platforms are other shops' data, so their contribution is "based on your activit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, RootModel, model_validator
@@ -40,6 +42,9 @@ class PlatformRules(StrictModel):
                              "shop, where people re-buy)")
     reasons: bool = Field(True, description="each returned item says why (the history item it "
                           "is most like, 'popular on <platform>', 'matches your query')")
+    rerank_top_n: int = Field(0, ge=0, le=1000, description="0: the retrieval's order; N: the "
+                              "CTR head re-orders the retrieval's top N (at least k) by click "
+                              "probability, which becomes the items' score")
 
 
 class ServingRules(RootModel[dict[str, PlatformRules]]):
@@ -113,3 +118,15 @@ def viewed(title: str, item_id: str, platform: str) -> Reason:
 
 def popular(platform: str) -> Reason:
     return Reason(text=f"popular on {platform}")
+
+
+def rerank(ctr_logit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], user: torch.Tensor,
+           items: torch.Tensor, idx: list[int], k: int) -> tuple[list[int], list[float]]:
+    """The second stage: the retrieval's candidates ``idx`` (their vectors ``items``, (N, D))
+    re-ordered by the CTR head's click probability sigma(w . [u; i; u * i]) for ``user`` (D,);
+    the top ``k`` with their probabilities. O(N D), once per request."""
+    if not idx:
+        return [], []
+    probs = torch.sigmoid(ctr_logit(user.expand(len(idx), -1), items))          # (N,)
+    top = torch.topk(probs, min(k, len(idx)))
+    return [idx[i] for i in top.indices.tolist()], top.values.tolist()

@@ -74,7 +74,9 @@ def _try_lock(c: MlflowClient, lock: str, token: str, lease_s: float) -> bool:
             "not a model."))
         return True
     except MlflowException as e:
-        if not already_exists(e):
+        # "Not found" from a create: under load the server answered for a lock that another
+        # holder released meanwhile. Either way the lock's own tags say who holds it now.
+        if not (already_exists(e) or not_found(e)):
             raise
     held = _lock_tags(c, lock)
     if held is None:

@@ -408,3 +408,29 @@ def test_a_long_title_is_cut_in_the_reason() -> None:
     assert reason.text.startswith("because you viewed x") and reason.text.endswith("…")
     assert len(reason.text) == len("because you viewed ") + MAX_TITLE
     assert viewed("  ", "i1", "shop_a").text == "because you viewed i1"
+
+
+def test_rerank_reorders_the_retrievals_top_n_by_click_probability(world: ToyWorld,
+                                                                   predictor: Predictor) -> None:
+    """Two stages (issue 21): with ``rerank_top_n`` N the retrieval's top N (the same
+    candidates as without) come back ordered by the CTR head's sigma(w . [u; i; u * i]),
+    computed here from the model's head directly; without it, the retrieval order."""
+    p = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False,
+                              rules=rules({"shop_a": {"rerank_top_n": 8}}))
+    retrieval = rec(predictor, platform="shop_a", user_id="alice", k=8)[1]
+    _, ids, scores, _ = rec(p, platform="shop_a", user_id="alice", k=5)
+    assert set(ids) <= set(retrieval) and len(ids) == 5
+    cat = p.catalogs["shop_a"]
+    prepared = p.prepare(RecommendRequest(platform="shop_a", user_id="alice", k=5))
+    with torch.no_grad():
+        user = p.user_vectors([prepared])[0]
+        rows = torch.tensor([cat.index[i] for i in retrieval])
+        probs = torch.sigmoid(p.model.ctr_head(user.expand(len(rows), -1), cat.table[rows]))
+    order = torch.argsort(probs, descending=True)[:5].tolist()
+    assert ids == [retrieval[i] for i in order]
+    assert scores == pytest.approx(probs[order].tolist(), abs=1e-6)
+    assert all(0 < s < 1 for s in scores) and scores == sorted(scores, reverse=True)
+    assert ids != retrieval[:5] or probs[:5].tolist() == sorted(probs[:5].tolist(), reverse=True)
+    # Other platforms keep the retrieval order (the rule is per platform).
+    assert rec(p, platform="shop_b", user_id="bob", k=4)[1] == \
+        rec(predictor, platform="shop_b", user_id="bob", k=4)[1]
