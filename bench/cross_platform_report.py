@@ -55,16 +55,16 @@ def _temperature(part: dict[str, Any]) -> list[str]:
              "(all its test users evaluated). Each temperature: pretrain on the sources, transfer "
              "with `freeze_encoder`; gain against scratch on the target (NDCG@10 "
              f"{part['scratch_test']['ndcg@10']:.4f}), paired over the same test users.", "",
-             "| T | source shares | pretrain valid NDCG@10 | transfer NDCG@10 | gain [95% CI] "
-             "| Recall@10 gain [95% CI] | users better / worse |",
+             "| T | source shares | pretrain valid NDCG@10 | transfer NDCG@10 | gain over "
+             "scratch [95% CI] | Recall@10 gain [95% CI] | NDCG@10 vs T=1 [95% CI] |",
              "|---|---|---|---|---|---|---|"]
     for t, r in part["temperatures"].items():
         shares = ", ".join(f"{q:.2f}" for q in r["shares"].values())
         g = r["gain"]
+        vs = r.get("vs_proportional")
         lines.append(f"| {t} | {shares} | {r['pretrain_valid_ndcg@10']:.4f} | "
                      f"{g['ndcg@10']['new']:.4f} | {_gain(g, 'ndcg@10')} | "
-                     f"{_gain(g, 'recall@10')} | {g['ndcg@10']['better_users']} / "
-                     f"{g['ndcg@10']['worse_users']} |")
+                     f"{_gain(g, 'recall@10')} | {_gain(vs, 'ndcg@10') if vs else '-'} |")
     return lines + [""]
 
 
@@ -75,9 +75,9 @@ def render(result: dict[str, Any]) -> str:
              "history not masked)", "",
              f"{m['date']}, {m['cpu_count_logical']} CPUs ({m['cpu_model']}; shared with other "
              "jobs), DDP with 2 CPU workers; each run stops at its part's epoch cap or on early "
-             f"stopping (valid NDCG@10, patience 3); seeds {result['seeds']}. Regenerate: "
-             f"`python bench/cross_platform.py` (parts merge by name). Total "
-             f"{result['total_seconds']} s.", "",
+             "stopping (valid NDCG@10, patience 3, not before epoch 10); seeds "
+             f"{result['seeds']}. Regenerate: `python bench/cross_platform.py` (parts merge by "
+             f"name). Total {result['total_seconds']} s.", "",
              "`own`: histories of the platform's own items (leave-one-out by time). `cross`: the "
              "same rows and targets, histories merged with the user's earlier events on the other "
              "platforms (strictly earlier than the target; other platforms' held-out events never "
