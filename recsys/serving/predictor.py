@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from recsys.data.crossplatform import merge_histories
 from recsys.data.lake import check_key
 from recsys.data.pseudonym import Pseudonymizer, load_key
 from recsys.model.export import Exported, load_export
 from recsys.model.features import category_prefixes, normalise
+from recsys.model.history import padded_user_vectors
 from recsys.serving.history import HistoryStore, UserHistory
 from recsys.serving.model_source import ModelSource, resolve_model
 from recsys.serving.rules import (
@@ -135,6 +137,9 @@ class Predictor:
         self.history = history or HistoryStore()
         self.pseudonymizer = pseudonymizer
         self.max_len = int(self.model.config["max_len"])
+        # A model trained on merged cross-platform histories is served merged ones too.
+        trained = (exported.meta.train_config or {}).get("data", {}).get("sequences", {})
+        self.merge = bool((trained or {}).get("cross_platform", False))
         self.normalize = bool(self.model.config.get("normalize", True))
         started = time.perf_counter()
         self.catalogs = {name: self._catalog(name) for name in exported.items}
@@ -271,32 +276,36 @@ class Predictor:
         if rules.exclude_session_items:
             excluded.update(cat.index[i] for i in request.recent_items if i in cat.index)
         allowed = self._allowed(cat, request)
-        ids = [cat.index[i] for i in (*(own.items if own else ()), *request.recent_items)
-               if i in cat.index][-self.max_len:]
-        if ids:
-            seq, used, rows = cat.table[ids], [cat.platform], [(cat.platform, i) for i in ids]
-        else:
-            seq, used, rows = self._cross_platform(cat.platform, histories)
-        return Prepared(request, cat, seq, used, sorted(excluded), allowed, seen=ids,
-                        rules=rules, history=rows)
+        session = [(cat.platform, cat.index[i]) for i in request.recent_items if i in cat.index]
+        if self.merge:  # every platform's history, merged by time as in training, then session
+            rows = (self._merged(cat.platform, histories) + session)[-self.max_len:]
+        else:  # own history and session; the other platforms' only when there is none
+            rows = ([(cat.platform, cat.index[i]) for i in (own.items if own else ())
+                     if i in cat.index] + session)[-self.max_len:] \
+                or self._merged(cat.platform, {p: h for p, h in histories.items()
+                                               if p != cat.platform})
+        seq = torch.stack([self.catalogs[p].table[i] for p, i in rows]) if rows else None
+        return Prepared(request, cat, seq, sorted({p for p, _ in rows}), sorted(excluded),
+                        allowed, seen=[i for p, i in rows if p == cat.platform], rules=rules,
+                        history=rows)
 
     def _histories(self, user_id: str | None) -> dict[str, UserHistory]:
         if user_id is None or self.pseudonymizer is None:
             return {}
         return self.history.lookup(self.pseudonymizer.one(user_id))
 
-    def _cross_platform(self, target: str, histories: dict[str, UserHistory]
-                        ) -> tuple[torch.Tensor | None, list[str], list[tuple[str, int]]]:
-        """The user's items on the other platforms, merged by time, each embedded with its own
-        platform's item table (one space for all platforms: the point of the item tower)."""
-        events = [(t, p, self.catalogs[p].index[i])
-                  for p, h in histories.items() if p != target and p in self.catalogs
-                  for i, t in zip(h.items, h.times_us) if i in self.catalogs[p].index]
-        if not events:
-            return None, [], []
-        events = sorted(events)[-self.max_len:]
-        seq = torch.stack([self.catalogs[p].table[i] for _, p, i in events])  # (L, D)
-        return seq, sorted({p for _, p, _ in events}), [(p, i) for _, p, i in events]
+    def _merged(self, target: str, histories: dict[str, UserHistory]) -> list[tuple[str, int]]:
+        """The user's items on every platform the model knows, merged by time as training
+        merges them (``merge_histories``), each to be embedded with its own platform's item
+        table (one space for all platforms: the point of the item tower)."""
+        known = {}
+        for p, h in histories.items():
+            if p in self.catalogs:
+                index = self.catalogs[p].index
+                kept = [(index[i], t) for i, t in zip(h.items, h.times_us) if i in index]
+                known[p] = ([i for i, _ in kept], [t for _, t in kept])
+        items, platforms = merge_histories(target, known, self.max_len)
+        return list(zip(platforms, items))
 
     @staticmethod
     def _allowed(cat: Catalog, request: RecommendRequest) -> np.ndarray | None:
@@ -316,16 +325,10 @@ class Predictor:
     def user_vectors(self, prepared: Sequence[Prepared]) -> torch.Tensor:
         """User vectors (B, D) of requests that have a history: one user-tower call, histories
         left-padded (positions count from the newest item, so padding changes nothing)."""
-        L = max(p.seq.shape[0] for p in prepared)
-        D = prepared[0].seq.shape[1]
-        seq = torch.zeros(len(prepared), L, D)
-        valid = torch.zeros(len(prepared), L, dtype=torch.bool)
-        for r, p in enumerate(prepared):
-            n = p.seq.shape[0]
-            seq[r, L - n:] = p.seq
-            valid[r, L - n:] = True
-        pids = torch.tensor([p.catalog.platform_id for p in prepared])
-        return self.model.user_tower(seq, valid, pids)[:, -1]                   # (B, D)
+        # Each position marked with its item's platform, as in training (own-only: unchanged).
+        marks = [[self.catalogs[q].platform_id for q, _ in p.history] for p in prepared]
+        return padded_user_vectors(self.model.user_tower, [p.seq for p in prepared],
+                                   [p.catalog.platform_id for p in prepared], marks)  # (B, D)
 
     def recommend_many(self, prepared: Sequence[Prepared]) -> list[RecommendResponse]:
         """A batch of prepared requests: one user-tower call for all that have a history."""

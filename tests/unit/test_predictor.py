@@ -47,12 +47,15 @@ def history_length(p: Predictor, **kw: object) -> int:
     return 0 if prepared.seq is None else int(prepared.seq.shape[0])
 
 
-def reference_scores(p: Predictor, platform: str, seq: torch.Tensor) -> torch.Tensor:
-    """Scores of every item straight from the model's towers (not the predictor's code)."""
+def reference_scores(p: Predictor, platform: str, seq: torch.Tensor,
+                     marks: list[int] | None = None) -> torch.Tensor:
+    """Scores of every item straight from the model's towers (not the predictor's code);
+    ``marks``: the platform id of each history item (None: all the platform's own)."""
     cat = p.catalogs[platform]
     with torch.no_grad():
         user = p.model.user_tower(seq[None], torch.ones(1, len(seq), dtype=torch.bool),
-                                  torch.tensor([cat.platform_id]))[0, -1]
+                                  torch.tensor([cat.platform_id]),
+                                  None if marks is None else torch.tensor([marks]))[0, -1]
         return F.normalize(cat.table, dim=-1) @ F.normalize(user, dim=-1)
 
 
@@ -126,9 +129,10 @@ def test_user_known_only_on_another_platform_is_served_cross_platform(
     source, ids, _, used = rec(predictor, platform="shop_a", user_id="bob", k=5)
     assert source == "model" and used == ["shop_b"]
     b, a = predictor.catalogs["shop_b"], predictor.catalogs["shop_a"]
-    # bob's shop_b items, embedded with shop_b's table, through the user tower as shop_a.
+    # bob's shop_b items, embedded with shop_b's table and marked as shop_b's, through the
+    # user tower as shop_a.
     seq = b.table[[b.index["shop_b-003"], b.index["shop_b-005"], b.index["shop_b-008"]]]
-    ref = reference_scores(predictor, "shop_a", seq)
+    ref = reference_scores(predictor, "shop_a", seq, [b.platform_id] * 3)
     ref[0] = float("-inf")
     assert ids == [a.item_ids[i - 1] for i in torch.topk(ref, 5).indices.tolist()]
     assert all(i.startswith("shop_a-") for i in ids)
@@ -434,3 +438,37 @@ def test_rerank_reorders_the_retrievals_top_n_by_click_probability(world: ToyWor
     # Other platforms keep the retrieval order (the rule is per platform).
     assert rec(p, platform="shop_b", user_id="bob", k=4)[1] == \
         rec(predictor, platform="shop_b", user_id="bob", k=4)[1]
+
+
+def test_a_model_trained_on_merged_histories_is_served_merged_ones(world: ToyWorld) -> None:
+    """Issue 21: when the model was trained with ``data.sequences.cross_platform`` the user's
+    history on every platform is merged by time (as training merges it) even when there is one
+    on the request's platform, each item marked with its platform; the answer equals the towers
+    fed that merged history."""
+    from recsys.model.export import load_export
+    from recsys.serving.history import HistoryStore
+    from recsys.serving.model_source import resolve_model
+
+    exported = load_export(world.export)
+    exported.meta = exported.meta.model_copy(update={
+        "train_config": {"data": {"sequences": {"cross_platform": True}}}})
+    history = HistoryStore.from_lake(world.lake, platforms=list(exported.items),
+                                     max_len=int(exported.model.config["max_len"]))
+    p = Predictor(exported, resolve_model(str(world.export)), history, PSEUDO, search=False)
+    assert p.merge
+    prepared = p.prepare(RecommendRequest(platform="shop_a", user_id="dave", k=5))
+    a, b = p.catalogs["shop_a"], p.catalogs["shop_b"]
+    # dave viewed shop_a-009 and bought shop_a-010, then viewed shop_b-001 (toy.USERS order).
+    assert prepared.history == [("shop_a", a.index["shop_a-009"]),
+                                ("shop_a", a.index["shop_a-010"]),
+                                ("shop_b", b.index["shop_b-001"])]
+    assert prepared.history_platforms == ["shop_a", "shop_b"]
+    seq = torch.stack([a.table[a.index["shop_a-009"]], a.table[a.index["shop_a-010"]],
+                       b.table[b.index["shop_b-001"]]])
+    ref = reference_scores(p, "shop_a", seq, [a.platform_id, a.platform_id, b.platform_id])
+    ref[[0, a.index["shop_a-010"]]] = float("-inf")  # padding; bought (no repurchase)
+    _, ids, _, _ = rec(p, platform="shop_a", user_id="dave", k=5)
+    assert ids == [a.item_ids[i - 1] for i in torch.topk(ref, 5).indices.tolist()]
+    # The own-history model keeps its own platform's history when there is one.
+    own = Predictor.from_export(world.export, world.lake, pseudonymizer=PSEUDO, search=False)
+    assert not own.merge and rec(own, platform="shop_a", user_id="dave")[3] == ["shop_a"]
