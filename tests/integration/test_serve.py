@@ -69,15 +69,12 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     from ray import serve
 
     from recsys.serving.app import AppArgs, compose
+    from recsys.serving.deploy import secret_file
     from recsys.tracking import registry
 
     root = tmp_path_factory.mktemp("serve")
-    secrets = root / "secrets"
-    secrets.mkdir(mode=0o700)
-    key_file, pseudonym_file = secrets / "api_keys", secrets / "pseudonym.key"
-    for path, text in ((key_file, KEYS), (pseudonym_file, KEY_HEX)):
-        path.write_text(text)
-        path.chmod(0o600)
+    key_file, _ = secret_file(root / "secrets" / "api_keys", KEYS)  # 0600, as deploy writes
+    pseudonym_file, _ = secret_file(root / "secrets" / "pseudonym.key", KEY_HEX)
     pseudo = Pseudonymizer(bytes.fromhex(KEY_HEX))
     worlds = {"1": build_toy_world(root / "v1", tiny_encoder, pseudo, seed=0)}
     name = f"recsys-toy-{uuid.uuid4().hex[:8]}"

@@ -59,14 +59,11 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     from ray import serve
 
     from recsys.serving.app import AppArgs, compose
+    from recsys.serving.deploy import secret_file
 
     root = tmp_path_factory.mktemp("platforms")
-    secrets = root / "secrets"
-    secrets.mkdir(mode=0o700)
-    (secrets / "api_keys").write_text(f"ops {API_KEY}\n")
-    (secrets / "pseudonym.key").write_text(KEY_HEX)
-    for f in secrets.iterdir():
-        f.chmod(0o600)
+    key_file, _ = secret_file(root / "secrets" / "api_keys", f"ops {API_KEY}\n")
+    pseudonym_file, _ = secret_file(root / "secrets" / "pseudonym.key", KEY_HEX)
     world = build_toy_world(root / "v1", tiny_encoder, Pseudonymizer(bytes.fromhex(KEY_HEX)),
                             third_platform=True)
     name = f"recsys-shops-{uuid.uuid4().hex[:6]}"
@@ -75,9 +72,9 @@ def served(ray_cluster, mlflow_server, tiny_encoder: str,
     args = AppArgs(model_uri=f"models:/{name}-{{platform}}@champion", platforms=list(PRELOADED),
                    max_models_per_replica=2, lake=str(world.lake),
                    tracking_uri=mlflow_server.uri, poll_interval_s=1.0, reload_backoff_max_s=2.0,
-                   download_dir=str(root / "downloads"), api_key_file=str(secrets / "api_keys"),
+                   download_dir=str(root / "downloads"), api_key_file=str(key_file),
                    rate_limit_per_s=0, search=False)
-    env = {"RECSYS_PSEUDONYM_KEY_FILE": str(secrets / "pseudonym.key")}
+    env = {"RECSYS_PSEUDONYM_KEY_FILE": str(pseudonym_file)}
     tier = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": env}},
             "num_replicas": 1}
     from recsys.cluster import free_port
