@@ -102,7 +102,7 @@ def evaluate_export(exported: Exported, example_set: ExampleSet, *, split: str =
         if users_out is not None:
             users_out[name] = users
         excluded.add(name, ranks["rank_excl"])
-        ctr_auc[name] = _ctr_auc(model, tensors, ids[name], batches, gen)
+        ctr_auc[name] = head_auc(model, tensors, ids[name], batches, gen)
     return build_report(run, split, primary, history_excluded=excluded, auc=ctr_auc,
                         curves=curves, seed=seed, meta=meta)
 
@@ -119,7 +119,7 @@ def elsewhere_users(example_set: ExampleSet, split: str) -> dict[str, np.ndarray
     return {p: users[flag & (platform == p)] for p in np.unique(platform).tolist()}
 
 
-def _ctr_auc(model: Recommender, tensors: Mapping[int, PlatformTensors], pid: int,
+def head_auc(model: Recommender, tensors: Mapping[int, PlatformTensors], pid: int,
              batches: list[dict[str, torch.Tensor]], gen: torch.Generator) -> float:
     """AUC of the CTR head: the held-out next item (1) vs a uniformly drawn catalog item (0)."""
     pt = tensors[pid]

@@ -9,7 +9,7 @@ stages compare paired (the bootstrap resamples users).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow.compute as pc
@@ -18,35 +18,24 @@ import torch
 from recsys.data.examples import ExampleSet, read_split
 from recsys.data.feed import collate
 from recsys.evaluation.metrics import bootstrap_ci, rank_of_target
-from recsys.evaluation.offline import _ctr_auc, platform_tensors
+from recsys.evaluation.offline import head_auc, platform_tensors
 from recsys.model.export import Exported
 from recsys.training.items import training_popularity
+from recsys.training.objective import PlatformTensors
 
 
-@torch.inference_mode()
-def rerank_ranks(exported: Exported, example_set: ExampleSet, platform: str, *,
-                 top_n: int = 50, split: str = "test", batch_size: int = 256
+def rerank_ranks(exported: Exported, tensors: Mapping[int, PlatformTensors],
+                 batches: list[dict[str, torch.Tensor]], platform: str, *, top_n: int = 50
                  ) -> dict[str, np.ndarray]:
-    """Per user of ``platform`` in ``split``: the target's rank by retrieval (``retrieval``)
-    and after the CTR head re-ordered the retrieval's top ``top_n`` (``rerank``)."""
+    """Per user of ``platform`` (``batches`` of its rows, ``tensors`` its item inputs): the
+    target's rank by retrieval (``retrieval``) and after the CTR head re-ordered the
+    retrieval's top ``top_n`` (``rerank``)."""
     model = exported.model.eval()
-    train = read_split(example_set, "train")
-    popularity = {p: training_popularity(train, p, exported.items[p].num_items, 1.0, 0)
-                  for p in exported.items}
-    tensors = platform_tensors(exported, popularity, list(exported.items))
-    ids = {p: it.platform_id for p, it in exported.items.items()}
-    pid = ids[platform]
+    pid = exported.items[platform].platform_id
     tables = {q: t.item_table(model) for q, t in tensors.items()}  # (N+1, D) each
     table = tables[pid]
-    rows = read_split(example_set, split)
-    rows = rows.filter(pc.equal(rows["platform"], platform))
-    columns = ["history", "target", "platform",
-               *(["history_platform"] if "history_platform" in rows.column_names else [])]
-    max_len = model.config["max_len"]
     retrieval, reranked = [], []
-    for i in range(0, rows.num_rows, batch_size):
-        b = collate({k: rows[k].to_numpy(zero_copy_only=False)[i:i + batch_size]
-                     for k in columns}, max_len, ids)
+    for b in batches:
         hp = b.get("history_platform")
         scores = model.score(b["history"], b["platform"], table, history_platforms=hp,
                              item_tables=tables)                                # (B, N+1)
@@ -57,11 +46,9 @@ def rerank_ranks(exported: Exported, example_set: ExampleSet, platform: str, *,
         n = cand.shape[1]
         logits = model.ctr_logit(user[:, None].expand(-1, n, -1).reshape(-1, user.shape[1]),
                                  table[cand.reshape(-1)]).reshape(-1, n)        # (B, n)
-        order = torch.argsort(logits, dim=1, descending=True)
-        reordered = torch.gather(cand, 1, order)
+        reordered = torch.gather(cand, 1, torch.argsort(logits, dim=1, descending=True))
         hit = reordered == b["target"][:, None]
-        inside = hit.any(dim=1)
-        second = torch.where(inside, hit.float().argmax(dim=1) + 1, ranks)
+        second = torch.where(hit.any(dim=1), hit.float().argmax(dim=1) + 1, ranks)
         retrieval.append(ranks.numpy())
         reranked.append(second.numpy())
     return {"retrieval": np.concatenate(retrieval), "rerank": np.concatenate(reranked)}
@@ -74,25 +61,30 @@ def ndcg_at(ranks: np.ndarray, k: int = 10) -> np.ndarray:
 
 @torch.inference_mode()
 def rerank_table(exported: Exported, example_set: ExampleSet, platforms: Sequence[str], *,
-                 top_n: int = 50, split: str = "test", k: int = 10) -> list[dict[str, object]]:
+                 top_n: int = 50, split: str = "test", k: int = 10,
+                 batch_size: int = 256) -> list[dict[str, object]]:
     """One row per platform: NDCG@k and Recall@k of both stages, the paired gain with its 95%
     bootstrap interval over users, and the CTR head's AUC (held-out next item vs a random one).
-    """
-    out = []
+    Item inputs and batches are built once and serve both measurements."""
+    train = read_split(example_set, "train")
+    popularity = {p: training_popularity(train, p, exported.items[p].num_items, 1.0, 0)
+                  for p in exported.items}
+    tensors = platform_tensors(exported, popularity, list(exported.items))
     ids = {p: it.platform_id for p, it in exported.items.items()}
+    table = read_split(example_set, split)
+    max_len = exported.model.config["max_len"]
+    out = []
     for platform in platforms:
-        ranks = rerank_ranks(exported, example_set, platform, top_n=top_n, split=split)
+        rows = table.filter(pc.equal(table["platform"], platform))
+        columns = ["history", "target", "platform",
+                   *(["history_platform"] if "history_platform" in rows.column_names else [])]
+        batches = [collate({c: rows[c].to_numpy(zero_copy_only=False)[i:i + batch_size]
+                            for c in columns}, max_len, ids)
+                   for i in range(0, rows.num_rows, batch_size)]
+        ranks = rerank_ranks(exported, tensors, batches, platform, top_n=top_n)
         a, b = ndcg_at(ranks["retrieval"], k), ndcg_at(ranks["rerank"], k)
-        rows = read_split(example_set, split)
-        rows = rows.filter(pc.equal(rows["platform"], platform))
-        batch = collate({c: rows[c].to_numpy(zero_copy_only=False)
-                         for c in ("history", "target", "platform")},
-                        exported.model.config["max_len"], ids)
-        train = read_split(example_set, "train")
-        pop = {p: training_popularity(train, p, exported.items[p].num_items, 1.0, 0)
-               for p in exported.items}
-        auc = _ctr_auc(exported.model, platform_tensors(exported, pop, list(exported.items)),
-                       ids[platform], [batch], torch.Generator().manual_seed(0))
+        auc = head_auc(exported.model, tensors, ids[platform], batches,
+                       torch.Generator().manual_seed(0))
         out.append({
             "platform": platform, "users": int(len(a)), "top_n": top_n,
             f"ndcg@{k}_retrieval": float(a.mean()), f"ndcg@{k}_rerank": float(b.mean()),

@@ -215,12 +215,7 @@ def load_items(path: Path, platform: str) -> ExportedItems:
     one row per item id plus the padding row."""
     ids_file = path / "items" / f"{platform}.json"
     tensors_file = path / "items" / f"{platform}.safetensors"
-    raw = _read_json(ids_file)
-    ids, pid = (raw.get("item_ids"), raw.get("platform_id")) if isinstance(raw, dict) else (None,
-                                                                                            None)
-    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)
-            and isinstance(pid, int)):
-        raise ExportError(f"{ids_file}: expected {{'platform_id': int, 'item_ids': [str, ...]}}")
+    ids, pid = _read_ids(ids_file)
     try:
         arrays = load_arrays(str(tensors_file))
     except (OSError, SafetensorError) as e:
@@ -236,9 +231,21 @@ def load_items(path: Path, platform: str) -> ExportedItems:
 
 
 def item_ids(path: Path, platform: str) -> list[str] | None:
-    """The item ids of ``platform`` in the export at ``path`` (None: it has no such catalog)."""
+    """The item ids of ``platform`` in the export at ``path`` (None: it has no such catalog),
+    read from its JSON alone (comparing catalogs needs no tensors)."""
     ids_file = path / "items" / f"{platform}.json"
-    return load_items(path, platform).item_ids if ids_file.exists() else None
+    return _read_ids(ids_file)[0] if ids_file.exists() else None
+
+
+def _read_ids(ids_file: Path) -> tuple[list[str], int]:
+    """(item ids, platform id) of an ``items/<platform>.json``, checked for type."""
+    raw = _read_json(ids_file)
+    ids, pid = (raw.get("item_ids"), raw.get("platform_id")) if isinstance(raw, dict) else (None,
+                                                                                            None)
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+            and isinstance(pid, int)):
+        raise ExportError(f"{ids_file}: expected {{'platform_id': int, 'item_ids': [str, ...]}}")
+    return ids, pid
 
 
 def _read_json(path: Path) -> Any:

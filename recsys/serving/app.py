@@ -280,6 +280,7 @@ class Gateway:
     def __init__(self, args: AppArgs, model: DeploymentHandle) -> None:
         self.args = args
         self.model = model
+        self._handles: dict[str, DeploymentHandle] = {}
         key_file = local_path(args.api_key_file) if args.api_key_file else None
         keys = load_keys(key_file, args.api_key_env)
         check_auth(args.auth, keys)  # fails closed: no key and no explicit auth: none
@@ -290,12 +291,23 @@ class Gateway:
                                description="model calls repeated after a replica died",
                                tag_keys=("endpoint",))
 
+    def _handle(self, platform: str) -> DeploymentHandle:
+        """The model tier's handle routed by ``platform``'s multiplexed model id, made once per
+        model id (not per request); at most 256 kept, so that made-up platform names cannot
+        grow the cache."""
+        model = model_id(self.args.model_uri, platform)
+        handle = self._handles.get(model)
+        if handle is None:
+            if len(self._handles) >= 256:
+                self._handles.pop(next(iter(self._handles)))
+            handle = self._handles[model] = self.model.options(multiplexed_model_id=model)
+        return handle
+
     async def _call(self, method: str, *call_args: object, caller: Caller | None = None,
                     platform: str | None = None) -> object:
         """The model tier's ``method``; with ``platform``, routed to replicas that hold that
         platform's model (Serve's multiplexed model id)."""
-        handle = self.model if platform is None else self.model.options(
-            multiplexed_model_id=model_id(self.args.model_uri, platform))
+        handle = self.model if platform is None else self._handle(platform)
         for attempt in range(self.args.retries + 1):
             try:
                 return await getattr(handle, method).remote(*call_args)
