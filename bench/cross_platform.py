@@ -1,8 +1,8 @@
-"""Cross-platform benchmark (issue 21, items 2 and 5): one user across platforms, and pooled
-pretraining over uneven platforms with a temperature. Test split, full ranking over the target
-platform's whole catalog, history not masked; paired bootstrap intervals over the same test
-users (``recsys.evaluation.metrics.bootstrap_ci`` on per-user differences, as
-``bench/quality_paired.py`` does).
+"""Cross-platform benchmark (issue 21, items 2, 4 and 5): one user across platforms, two-stage
+ranking with impressions, and pooled pretraining over uneven platforms with a temperature. Test
+split, full ranking over the target platform's whole catalog, history not masked; paired
+bootstrap intervals over the same test users (``recsys.evaluation.metrics.bootstrap_ci`` on
+per-user differences, as ``bench/quality_paired.py`` does).
 
 Parts (each trains through the product's path, ``run_training``: Ray Train, DDP, 2 CPU workers):
 
@@ -17,12 +17,19 @@ Parts (each trains through the product's path, ``run_training``: Ray Train, DDP,
   (MovieLens lists a movie's genres alphabetically). Seed 1 is the first seed whose halves hold
   a similar number of movies (1,902 / 1,981; seed 0 gives 3,323 / 560). The same users are on
   both. ``ML_USERS`` users are sampled (seeded) to fit the CPU budget. Same two arms.
+* ``rerank``: two-stage ranking (retrieval, then the CTR head re-orders the top N, as serving's
+  ``rules.<platform>.rerank_top_n``) on the synthetic shops of ``synthetic``, where shop_a and
+  shop_b also log impressions (the page each choice was made from; shop_c logs none). Two pooled
+  models, same seed: the CTR head trained against popularity-sampled negatives (the lake without
+  impressions: the same world) and against the shown-not-chosen items (``shown``; sampled where a
+  label has none). Both evaluated on the same test rows: NDCG@10 of retrieval vs re-rank, and the
+  head's AUC against a random item and against the item shown and not chosen.
 * ``temperature``: a synthetic world of four shops; the sources are made uneven by keeping a
   seeded share of their users (``THIN``), the target keeps ``TARGET_USERS`` of its users for
   training. Pretrain on the sources with ``optim.platform_temperature`` T in {1, 2, uniform},
   transfer (``freeze_encoder``) to the target; the gain is against scratch on the target.
 
-    python bench/cross_platform.py                  # all parts (~18 min on 2 CPU cores)
+    python bench/cross_platform.py                  # all parts (~23 min on 2 CPU cores)
     python bench/cross_platform.py --parts movielens --epochs 4   # one part, merged in
 
 Writes ``bench/results/cross_platform.json`` and ``.md`` (``cross_platform_report.py``).
@@ -62,7 +69,13 @@ ML_USERS, ML_SAMPLE_SEED = 1500, 0
 THIN = {"shop_a": 1.0, "shop_b": 0.25, "shop_c": 0.06}
 TARGET, TARGET_USERS = "shop_d", 0.2
 TEMPERATURES: list[float | str] = [1, 2, "uniform"]
-EPOCHS = {"synthetic": 30, "movielens": 10, "temperature": 20}
+EPOCHS = {"synthetic": 30, "movielens": 10, "rerank": 30, "temperature": 20}
+IMPRESSIONS = ["shop_a", "shop_b"]  # rerank: the shops that log what they showed
+RERANK_TOP_N = (20, 50)
+RERANK_MODEL = {"item_ids": True}
+"""rerank: learned item vectors beside the text. A page holds items of one sub-category (one
+text neighbourhood); what tells the chosen from the others is each item's latent taste vector,
+which only a per-item vector can learn."""
 """Epoch cap of each part's runs (``--epochs`` overrides): ~18 min in all on 2 CPU cores."""
 N_BOOT = 2000
 METRICS = ("ndcg@10", "recall@10")
@@ -83,14 +96,16 @@ BASE: dict[str, Any] = {
 # -- data --------------------------------------------------------------------------------------
 
 
-def synthetic_lake(root: Path, num_platforms: int, scale: float) -> Path:
+def synthetic_lake(root: Path, num_platforms: int, scale: float,
+                   impressions: list[str] | None = None) -> Path:
     from recsys.data.ingest.runner import IngestOptions, ingest
     from recsys.data.pseudonym import Pseudonymizer
 
     lake = root / "lake"
     if not lake.exists():
         ingest(IngestOptions(source="synthetic", out=lake, scale=scale, seed=SEED,
-                             num_platforms=num_platforms), Pseudonymizer(SYNTHETIC_PSEUDONYM_KEY))
+                             num_platforms=num_platforms, impressions=impressions or []),
+               Pseudonymizer(SYNTHETIC_PSEUDONYM_KEY))
     return lake
 
 
@@ -246,6 +261,33 @@ def own_vs_cross(part: str, sets: dict[str, Any], encoder: str, epochs: int) -> 
     return result
 
 
+def rerank_part(root: Path, encoder: str, epochs: int) -> dict[str, Any]:
+    """CTR head trained on sampled vs shown negatives; retrieval vs re-rank on the same rows."""
+    from recsys.evaluation.rerank import rerank_table
+    from recsys.model.export import load_export
+
+    sets = {"sampled": example_sets(root / "sampled", synthetic_lake(root / "sampled", 3, 1.0),
+                                    encoder, cross=False)["own"],
+            "shown": example_sets(root / "shown", synthetic_lake(root / "shown", 3, 1.0,
+                                                                 IMPRESSIONS),
+                                  encoder, cross=False)["own"]}
+    platforms = list(sets["shown"].manifest.platforms)
+    result: dict[str, Any] = {
+        "impressions": {p: c.impressions for p, c in sets["shown"].manifest.platforms.items()},
+        "runs": {}, "rows": []}
+    for arm, es in sets.items():
+        out = train(f"rerank_{arm}", es, encoder, mode="pretrain", train_platforms=platforms,
+                    optim={"epochs": epochs}, model={**BASE["model"], **RERANK_MODEL})
+        result["runs"][arm] = {"epochs": len(out.curve), "seconds": round(out.seconds),
+                               "best_valid_ndcg@10": out.best_metric}
+        exported = load_export(out.export_dir)
+        for top_n in RERANK_TOP_N:  # both arms on the rows of the set with impressions
+            for row in rerank_table(exported, sets["shown"], platforms, top_n=top_n):
+                result["rows"].append({"negatives": arm, **row})
+                log(json.dumps(result["rows"][-1]))
+    return result
+
+
 def temperature_part(root: Path, encoder: str, epochs: int) -> dict[str, Any]:
     from recsys.data.feed import platform_shares
 
@@ -286,7 +328,7 @@ def temperature_part(root: Path, encoder: str, epochs: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="synthetic,movielens,temperature")
+    p.add_argument("--parts", default="synthetic,movielens,rerank,temperature")
     p.add_argument("--epochs", type=int, help=f"epoch cap of every run (default: {EPOCHS})")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--fresh", action="store_true", help="rebuild lakes and example sets")
@@ -323,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             result["parts"][part] = own_vs_cross(part, sets, "bundled:all-MiniLM-L6-v2",
                                                  epochs)
             result["parts"][part]["users_sampled"] = ML_USERS
+        elif part == "rerank":
+            result["parts"][part] = rerank_part(OUT / "rerank", tiny, epochs)
         elif part == "temperature":
             result["parts"][part] = temperature_part(OUT / "temperature", tiny, epochs)
         result["parts"][part]["seconds"] = round(time.perf_counter() - t)

@@ -68,6 +68,35 @@ def _temperature(part: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _rerank(part: dict[str, Any]) -> list[str]:
+    shown = ", ".join(f"{p} {n:,}" for p, n in part["impressions"].items())
+    lines = ["## Two-stage ranking: retrieval vs retrieval + CTR re-rank", "",
+             f"Epoch cap {part.get('epochs_cap', '?')}. The synthetic shops above; impression "
+             f"events logged: {shown}. `negatives`: what the CTR head was trained against "
+             "(`sampled`: popularity-sampled items, the lake without impressions; `shown`: the "
+             "item shown before each label and not chosen, sampled where a label has none). Both "
+             "models are scored on the same test rows. N: the retrieval's top N that the head "
+             "re-orders (a target outside keeps its rank). Gain = re-rank - retrieval per user, "
+             "95% paired bootstrap interval. AUC random: the next item vs a uniform catalog item; "
+             "AUC shown: vs the item shown before it and not chosen (rows with one); the "
+             "retrieval's AUC on the same pairs (its scores) beside it.", "",
+             "| negatives | platform | users | N | NDCG@10 retrieval | NDCG@10 re-rank | gain "
+             "[95% CI] | AUC random | AUC shown (rows) | retrieval AUC shown |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in part["rows"]:
+        low, high = r["gain_ci"]
+        shown_auc = (f"{r['ctr_auc_shown']:.3f} ({r['shown_rows']:,})"
+                     if r.get("ctr_auc_shown") is not None else "-")
+        lines.append(f"| {r['negatives']} | {r['platform']} | {r['users']} | {r['top_n']} | "
+                     f"{r['ndcg@10_retrieval']:.4f} | {r['ndcg@10_rerank']:.4f} | "
+                     f"{r['gain']:+.4f} [{low:+.4f}, {high:+.4f}] | {r['ctr_auc']:.3f} | "
+                     f"{shown_auc} | {fmt(r.get('retrieval_auc_shown'), '.3f')} |")
+    runs = part["runs"]
+    return lines + ["", "Runs: " + "; ".join(
+        f"`{arm}` {r['epochs']} epochs, {r['seconds']} s, best valid NDCG@10 "
+        f"{r['best_valid_ndcg@10']:.4f}" for arm, r in runs.items()) + ".", ""]
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     parts = result["parts"]
@@ -100,6 +129,8 @@ def render(result: dict[str, Any]) -> str:
             f"seeded genre partition (seed {result['seeds']['genre_partition']}; rule in "
             "`bench/cross_platform.py` and `docs/benchmarks.md`). Frozen MiniLM text vectors "
             "of title, year and genres.")
+    if "rerank" in parts:
+        lines += _rerank(parts["rerank"])
     if "temperature" in parts:
         lines += _temperature(parts["temperature"])
     return "\n".join(lines)

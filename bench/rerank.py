@@ -63,12 +63,12 @@ def main() -> None:
                      f"{r['ndcg@10_retrieval']:.4f} | {r['ndcg@10_rerank']:.4f} | "
                      f"{r['gain']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {r['recall@10_retrieval']:.4f} | "
                      f"{r['recall@10_rerank']:.4f} | {r['ctr_auc']:.3f} |")
-    lines += ["", "The CTR head is trained against uniformly sampled negatives (the logs have no "
-              "impressions), so it separates a clicked item from a random one (AUC above) but "
-              "not from the retrieval's other top candidates: re-ranking them by it loses. "
-              "Serving therefore keeps `rerank_top_n: 0` (retrieval order) by default; "
-              "impression logs, whose shown-but-not-clicked items are the hard negatives the "
-              "head needs, are not in the event schema yet."]
+    lines += ["", "The demo's logs have no impressions, so the CTR head is trained against "
+              "sampled negatives: it separates a clicked item from a random one (AUC above) but "
+              "not from the retrieval's other top candidates, and re-ranking them by it loses. "
+              "Serving therefore keeps `rerank_top_n: 0` (retrieval order) by default. With "
+              "impressions in the logs the head trains against the items shown and not chosen: "
+              "the `rerank` part of `bench/cross_platform.py` compares both."]
     (opts.out / "rerank.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {opts.out / 'rerank.md'} in {result['seconds']} s")
 

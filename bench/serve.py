@@ -20,24 +20,33 @@ missing), on the untrained toy world of ``recsys.serving.toy``:
    two-tier layout (gateway -> handle -> model deployment), the floor with the extra hop.
 4. **A model replica killed mid-load** (``ray.kill`` of a model replica actor, 2 replicas,
    16 clients): failed requests counted, with the gateway's retries off and on.
+5. **Three platforms, one app** (issue 21; ``--no-platforms`` skips it, ``--platforms-only``
+   runs only it and keeps the rest of the recorded ``serve.json``): a throwaway MLflow server
+   with a ``@champion`` per platform, the app deployed with
+   ``models:/recsys-bench-{platform}@champion`` (Serve's model multiplexing), all champions
+   resident and then an LRU of 2 models per replica (reloads counted), against the single
+   model in the same run (``serve_platforms.py``).
 
 The load generator runs on the same 2 cores as Serve, so every figure includes its cost. Writes
 ``bench/results/serve.json`` and ``serve.md``. Usage::
 
-    flock /tmp/recsys-ray.lock .venv/bin/python bench/serve.py            # ~8 minutes
-    flock /tmp/recsys-ray.lock .venv/bin/python bench/serve.py --quick    # smoke run
+    flock /tmp/recsys-ray.lock .venv/bin/python bench/serve.py            # ~10 minutes
+    flock /tmp/recsys-ray.lock .venv/bin/python bench/serve.py --quick    # smoke run, ~5 min
 
-The request mix and the load generator are in ``serve_load.py``, the Markdown in
-``serve_report.py``; this script deploys, measures and writes.
+The request mix and the load generator are in ``serve_load.py``, the multi-platform part in
+``serve_platforms.py``, the Markdown in ``serve_report.py``; this script deploys, measures and
+writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import platform as pyplatform
+import shutil
 import sys
 import tempfile
 import threading
@@ -46,6 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import serve_platforms
 from common import REPO, RESULTS
 from serve_load import in_process, load, make_requests
 from serve_report import render
@@ -64,6 +74,8 @@ if TYPE_CHECKING:
 APP = "recsys-bench"
 DEMO_EXPORT = REPO / "runs/demo/train/transfer-freeze_encoder-shop_c/export"
 DEMO_LAKE = REPO / "runs/demo/lake"
+TOY_KEY = "00112233445566778899aabbccddeeff"
+TOY_ENCODER = "bundled:all-MiniLM-L6-v2"
 
 
 # -- Serve ----------------------------------------------------------------------------------------
@@ -235,21 +247,37 @@ def kill_test(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds:
             "replicas_after": running_replicas()}
 
 
+def unusable(export: Path) -> str | None:
+    """Why ``export`` cannot be served by this code (missing, or an older export format, e.g.
+    a demo run before the format changed: re-run ``make demo``); None when it can."""
+    from recsys.model.export import read_meta
+
+    try:
+        read_meta(export)
+    except (OSError, ValueError) as e:
+        return str(e).replace(str(export.resolve()), "").lstrip("/: ") or type(e).__name__
+    return None
+
+
 def model_under_test(opts: argparse.Namespace) -> tuple[Path, Path, str]:
     """The export and lake to serve, and the model's name for the report: ``--export`` and
     ``--lake`` (the demo's by default), or the untrained toy world under a temporary folder."""
-    if opts.toy or not (opts.export / "export.json").is_file():
+    stale = unusable(opts.export)
+    if opts.toy or stale:
         from recsys.data.pseudonym import Pseudonymizer
         from recsys.serving.deploy import secret_file
         from recsys.serving.toy import build_toy_world
 
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-        key = "00112233445566778899aabbccddeeff"
+        atexit.register(shutil.rmtree, tmp, True)
         # The replicas read the key from a 0600 file: a runtime_env carries its path only.
-        os.environ["RECSYS_PSEUDONYM_KEY_FILE"] = str(secret_file(tmp / "pseudonym.key", key)[0])
-        world = build_toy_world(tmp / "toy", "bundled:all-MiniLM-L6-v2",
-                                Pseudonymizer(bytes.fromhex(key)))
-        return world.export, world.lake, "toy (untrained)"
+        os.environ["RECSYS_PSEUDONYM_KEY_FILE"] = str(secret_file(tmp / "pseudonym.key",
+                                                                  TOY_KEY)[0])
+        # Three shops, so that the multi-platform part has a single model for all three.
+        world = build_toy_world(tmp / "toy", TOY_ENCODER, Pseudonymizer(bytes.fromhex(TOY_KEY)),
+                                third_platform=True)
+        why = "" if opts.toy else f"; {shown_path(opts.export.resolve())} not usable: {stale}"
+        return world.export, world.lake, f"toy (untrained{why})"
     export = opts.export.resolve()
     return export, opts.lake.resolve(), f"{export.parent.name} ({shown_path(export)})"
 
@@ -275,11 +303,17 @@ def main() -> None:
     ap.add_argument("--export", type=Path, default=DEMO_EXPORT, help="model export to serve")
     ap.add_argument("--lake", type=Path, default=DEMO_LAKE, help="lake with the users' events")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    part = ap.add_mutually_exclusive_group()
+    part.add_argument("--no-platforms", action="store_true",
+                      help="skip part 5 (three platforms, one app)")
+    part.add_argument("--platforms-only", action="store_true",
+                      help="only part 5; the other parts stay as recorded in serve.json")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RECSYS_PSEUDONYM_KEY_FILE", str(REPO / ".recsys" / "pseudonym.key"))
     dur = 3.0 if opts.quick else 8.0
-    conc = [1, 8, 32, 64]
+    if opts.platforms_only and not (opts.out / "serve.json").is_file():
+        ap.error(f"--platforms-only: {opts.out / 'serve.json'} has no recorded run to keep")
 
     from recsys.serving.predictor import Predictor
 
@@ -291,23 +325,66 @@ def main() -> None:
     inproc = in_process(predictor, bodies)
     print("in-process:", json.dumps(inproc))
 
+    import ray
     from ray import serve
 
     from recsys.cluster import init_ray
 
     init_ray(num_cpus=2)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # Loopback only, so no keys: the benchmark measures the serving path, not key checks.
+        base_args = {"model_uri": str(export), "lake": str(lake), "search": False,
+                     "poll_interval_s": 0, "torch_threads": 1, "auth": "none",
+                     "rate_limit_per_s": 0}
+        cfg = load_serve_config(REPO / "serve/config.yaml").applications[0]
+        shipped, gateway = shipped_options(cfg)
+        if opts.platforms_only:
+            results = json.loads((opts.out / "serve.json").read_text())
+        else:
+            results = {"latency": {}, "in_process": inproc,
+                       "predictor_load_s": round(load_s, 2),
+                       "deployment": redacted(shipped), "gateway": gateway}
+            single_model_parts(results, opts, bodies, base_args, shipped, gateway, cfg, port,
+                               dur)
+        if not opts.no_platforms:
+            toy = None
+            if model_name.startswith("toy"):
+                from recsys.data.pseudonym import Pseudonymizer
+
+                toy = (Pseudonymizer(bytes.fromhex(TOY_KEY)), TOY_ENCODER)
+            results["platforms"] = {**serve_platforms.part(
+                APP, port, export, toy, bodies, base_args, dur, opts.quick,
+                lambda args: deploy(args, with_env_vars({"num_replicas": 1, **shipped}, {
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}), gateway, port)),
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "quick": opts.quick, "loadavg_end": os.getloadavg()}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if opts.platforms_only:
+        write(results, opts.out)
+        return
+    results["meta"] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "quick": opts.quick,
+        "model": model_name, "catalog_items": {n: c.num_items
+                                               for n, c in predictor.catalogs.items()},
+        "users_in_store": predictor.history.num_users, "requests_in_mix": len(bodies),
+        "cpus": os.cpu_count(), "python": pyplatform.python_version(),
+        "loadavg_end": os.getloadavg(), "phase_seconds": dur,
+    }
+    write(results, opts.out)
+
+
+def single_model_parts(results: dict[str, Any], opts: argparse.Namespace, bodies: list[dict],
+                       base_args: dict[str, Any], shipped: dict[str, Any],
+                       gateway: dict[str, Any], cfg: ServeApplicationSchema, port: int,
+                       dur: float) -> None:
+    """Parts 2-4 on the single model: floors, latency per batching mode, autoscaling, kill."""
+    from ray import serve
+
     url = f"http://127.0.0.1:{port}/recommend"
-    # Loopback only, so no keys: the benchmark measures the serving path, not key checks.
-    base_args = {"model_uri": str(export), "lake": str(lake), "search": False,
-                 "poll_interval_s": 0, "torch_threads": 1, "auth": "none",
-                 "rate_limit_per_s": 0}
-    cfg = load_serve_config(REPO / "serve/config.yaml").applications[0]
-    shipped, gateway = shipped_options(cfg)
-    results: dict[str, Any] = {"latency": {}, "in_process": inproc,
-                               "predictor_load_s": round(load_s, 2),
-                               "deployment": redacted(shipped), "gateway": gateway}
     floors = (("floor", noop_app({"num_replicas": 1, **shipped})),
               ("floor_two_tier", noop_two_tier_app({"num_replicas": 1, **shipped}, gateway)))
     for key, app in floors:
@@ -321,7 +398,7 @@ def main() -> None:
         deploy({**base_args, "max_batch_size": mbs}, {"num_replicas": 1, **shipped}, gateway,
                port)
         load(url, bodies, 8, 2.0)  # warm-up
-        results["latency"][mode] = [load(url, bodies, c, dur) for c in conc]
+        results["latency"][mode] = [load(url, bodies, c, dur) for c in [1, 8, 32, 64]]
         print(mode, json.dumps(results["latency"][mode]))
         serve.delete(APP)
 
@@ -335,24 +412,13 @@ def main() -> None:
     serve.delete(APP)
 
     # The same kill with the gateway's retries off (what Serve's proxy alone gives) and on.
-    for key, retries in (("replica_kill_no_retry", 0), ("replica_kill", cfg["args"]["retries"])):
+    for key, retries in (("replica_kill_no_retry", 0), ("replica_kill", cfg.args["retries"])):
         deploy({**base_args, "max_batch_size": 16, "retries": retries},
                {"num_replicas": 2, **shipped}, gateway, port)
         results[key] = {"retries": retries, **kill_test(
             url, bodies, 16, 8.0 if opts.quick else 20.0, 3.0 if opts.quick else 6.0)}
         print(key, json.dumps(results[key]))
         serve.delete(APP)
-    serve.shutdown()
-
-    results["meta"] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "quick": opts.quick,
-        "model": model_name, "catalog_items": {n: c.num_items
-                                               for n, c in predictor.catalogs.items()},
-        "users_in_store": predictor.history.num_users, "requests_in_mix": len(bodies),
-        "cpus": os.cpu_count(), "python": pyplatform.python_version(),
-        "loadavg_end": os.getloadavg(), "phase_seconds": dur,
-    }
-    write(results, opts.out)
 
 
 def write(r: dict[str, Any], out: Path) -> None:

@@ -1,10 +1,13 @@
 """``serve.md`` from what ``serve.json`` records: in-process floor, HTTP latency per batching
-mode and concurrency, Serve's own no-op floors, autoscaling, and a model replica killed.
+mode and concurrency, Serve's own no-op floors, autoscaling, a model replica killed, and one app
+serving three platforms (its table from ``serve_platforms.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from serve_platforms import render as render_platforms
 
 
 def render(r: dict[str, Any]) -> str:
@@ -106,4 +109,10 @@ def render(r: dict[str, Any]) -> str:
             f"{'met' if k['failed_fraction'] < 0.001 else 'NOT met'} | {k['error_codes']} | "
             f"{k['rps']} | {k['p99_ms']} | {k['replicas_after']} |")
     lines.append("")
+    p = r.get("platforms")
+    if p and "skipped" in p:
+        lines += ["## Three platforms, one app (model multiplexing)", "",
+                  f"Skipped: {p['skipped']}.", ""]
+    elif p:
+        lines += render_platforms(p)
     return "\n".join(lines)

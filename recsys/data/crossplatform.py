@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data.sequences import (
-    CROSS_EXAMPLES_SCHEMA,
     BucketStats,
     SequenceConfig,
     UserSequences,
+    examples_schema,
 )
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -80,26 +80,30 @@ class _Elsewhere:
         return np.flatnonzero((self.times < time) & (self.stage <= max_stage))
 
 
-def _merge(own_items: np.ndarray, own_times: np.ndarray, own_code: int, other: _Elsewhere,
-           pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _merge(own_items: np.ndarray, own_times: np.ndarray, own_shown: np.ndarray, own_code: int,
+           other: _Elsewhere, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Own items (already in order) and the ``pick``ed events elsewhere, merged by time; at equal
-    times own items first. Returns (items, platform codes)."""
+    times own items first. Returns (items, platform codes, shown-not-chosen item before each:
+    ``own_shown`` for own items, 0 elsewhere, whose labels this platform does not train)."""
     items = np.concatenate([own_items, other.items[pick]])
     codes = np.concatenate([np.full(len(own_items), own_code, np.int16), other.code[pick]])
     times = np.concatenate([own_times, other.times[pick]])
+    shown = np.concatenate([own_shown, np.zeros(len(pick), np.int32)])
     foreign = np.concatenate([np.zeros(len(own_items), np.int8), np.ones(len(pick), np.int8)])
     rank = np.arange(len(items))  # own order, then the (time-sorted) order elsewhere
     order = np.lexsort((rank, foreign, times))
-    return items[order], codes[order]
+    return items[order], codes[order], shown[order]
 
 
 def build_cross_examples(seqs: Mapping[str, UserSequences], target: str, cfg: SequenceConfig,
-                         platforms: Sequence[str]) -> tuple[pa.Table, BucketStats]:
+                         platforms: Sequence[str], shown: bool = False
+                         ) -> tuple[pa.Table, BucketStats]:
     """Examples of one bucket of ``target`` with cross-platform histories.
 
     ``seqs``: :func:`~recsys.data.sequences.user_sequences` of the target's bucket and of the
     same users' events on other platforms (a user's events must all be there); ``platforms``:
-    every platform of the example set (the names ``history_platform`` may hold).
+    every platform of the example set (the names ``history_platform`` may hold); ``shown``:
+    the example set's logs hold impressions (rows carry ``shown``, as in ``build_examples``).
     """
     codes = {name: i for i, name in enumerate(platforms)}
     names = np.asarray(list(platforms), dtype=object)
@@ -109,13 +113,18 @@ def build_cross_examples(seqs: Mapping[str, UserSequences], target: str, cfg: Se
     L, P = cfg.max_seq_len, codes[target]
     hist_items: list[np.ndarray] = []
     hist_codes: list[np.ndarray] = []
+    hist_shown: list[np.ndarray] = []  # per label (history[1:] + [target])
+    own_negs = own.shown if own.shown is not None else np.zeros(len(own.items), np.int32)
     targets: list[int] = []
     row_user: list[int] = []
     row_split: list[str] = []
 
-    def emit(k: int, split: str, items: np.ndarray, code: np.ndarray, tgt: int) -> None:
+    def emit(k: int, split: str, items: np.ndarray, code: np.ndarray, negs: np.ndarray,
+             tgt: int) -> None:
+        """``negs``: shown negatives of ``items[1:]`` and of the target."""
         hist_items.append(items[-L:] if L < len(items) else items)
         hist_codes.append(code[-L:] if L < len(code) else code)
+        hist_shown.append(negs[-L:] if L < len(negs) else negs)
         targets.append(tgt)
         row_user.append(k)
         row_split.append(split)
@@ -124,23 +133,24 @@ def build_cross_examples(seqs: Mapping[str, UserSequences], target: str, cfg: Se
         if e - s < cfg.min_seq_len:
             stats.users_too_short += 1
             continue
-        items, times = own.items[s:e], own.times[s:e]
+        items, times, negs = own.items[s:e], own.times[s:e], own_negs[s:e]
         other = _Elsewhere(own.users[k], target, seqs, index, codes, cfg.min_seq_len)
         n = e - s
         for split, t in (("test", n - 1), ("valid", n - 2)):
             pick = other.before(int(times[t]), _STAGE[split])
-            h, c = _merge(items[:t], times[:t], P, other, pick)
-            emit(k, split, h, c, int(items[t]))
+            h, c, g = _merge(items[:t], times[:t], negs[:t], P, other, pick)
+            emit(k, split, h, c, np.append(g[1:], negs[t]), int(items[t]))
         # train: the merged sequence up to P's last training event, cut into windows that end at
         # P's items and overlap by one position, stepping back by at most L.
         last = n - 3
         pick = other.before(int(times[last]), TRAIN)
-        seq, code = _merge(items[:last + 1], times[:last + 1], P, other, pick)
+        seq, code, g = _merge(items[:last + 1], times[:last + 1], negs[:last + 1], P, other,
+                              pick)
         own_pos = np.flatnonzero(code == P)
         end = len(seq) - 1  # P's last training event
         while end >= 1:
             start = max(0, end - L)
-            emit(k, "train", seq[start:end], code[start:end], int(seq[end]))
+            emit(k, "train", seq[start:end], code[start:end], g[start + 1:end + 1], int(seq[end]))
             if not cfg.train_windows:
                 break
             earlier = own_pos[own_pos <= start]
@@ -148,8 +158,9 @@ def build_cross_examples(seqs: Mapping[str, UserSequences], target: str, cfg: Se
                 break
             end = int(earlier[-1])
 
+    schema = examples_schema(True, shown)
     if not targets:
-        return CROSS_EXAMPLES_SCHEMA.empty_table(), stats
+        return schema.empty_table(), stats
     lengths = np.fromiter((len(h) for h in hist_items), dtype=np.int32, count=len(hist_items))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     flat_items = np.concatenate(hist_items) if len(hist_items) else np.zeros(0, np.int32)
@@ -162,8 +173,10 @@ def build_cross_examples(seqs: Mapping[str, UserSequences], target: str, cfg: Se
             pa.ListArray.from_arrays(offsets, pa.array(flat_items, pa.int32())),
             pa.array(np.asarray(targets, np.int32), pa.int32()),
             pa.ListArray.from_arrays(offsets, pa.array(names[flat_codes], pa.string())),
+            *([pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(hist_shown)
+                                                          .astype(np.int32)))] if shown else []),
         ],
-        schema=CROSS_EXAMPLES_SCHEMA,
+        schema=schema,
     )
     return table, stats
 

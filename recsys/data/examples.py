@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from recsys.config import StrictModel
 from recsys.data.catalog import TextConfig, build_catalog, tokenize_batch, unique_texts
 from recsys.data.lake import event_files, list_platforms, platform_dir, read_items, read_report
-from recsys.data.schema import EVENTS_SCHEMA, check_schema
+from recsys.data.schema import EVENTS_SCHEMA, IMPRESSION, check_schema
 from recsys.data.sequences import (
     SPLITS,
     SequenceConfig,
@@ -77,6 +77,8 @@ class PlatformCounts(StrictModel):
     """Users with examples (one test row each)."""
     mean_history: float = 0.0
     """Mean history length of the test rows."""
+    impressions: int = 0
+    """Impression events in the lake (exposures: never in histories, CTR negatives)."""
 
 
 class TextCounts(StrictModel):
@@ -100,6 +102,8 @@ class ExampleManifest(StrictModel):
     config: DataConfig
     platforms: dict[str, PlatformCounts]
     text: TextCounts
+    shown: bool = False
+    """The lake holds impression events: rows carry ``shown`` (the CTR head's negatives)."""
 
     def as_json_dict(self) -> dict[str, Any]:
         """The manifest as ``manifest.json`` holds it: token counts are absent, not null, when
@@ -155,18 +159,19 @@ COUNTS_SCHEMA = pa.schema([("platform", pa.string()), ("split", pa.string()),
 
 
 def _bucket_examples(batch: pa.Table, lake: str, seq_cfg: dict[str, Any], out: str,
-                     platforms: list[str]) -> pa.Table:
+                     platforms: list[str], shown: bool) -> pa.Table:
     """Ray Data task body: one (platform, bucket file) -> its examples, written straight to
     ``out/<split>/<platform>-<bucket>.parquet``; returns only per-split counts (a few rows).
-    With ``cross_platform`` the task also reads the same users' events on ``platforms``."""
+    With ``cross_platform`` the task also reads the same users' events on ``platforms``;
+    ``shown``: the lake holds impressions (every file gets the ``shown`` column)."""
     cfg = SequenceConfig.model_validate(seq_cfg)
     counts = []
     for platform, path in zip(batch["platform"].to_pylist(), batch["path"].to_pylist()):
         events = _read_events(path)
         if cfg.cross_platform:
-            table = _cross_examples(lake, platform, path, events, cfg, platforms)
+            table = _cross_examples(lake, platform, path, events, cfg, platforms, shown)
         else:
-            table, _ = build_examples(events, _catalog(lake, platform), cfg, platform)
+            table, _ = build_examples(events, _catalog(lake, platform), cfg, platform, shown)
         for split in SPLITS:
             part = _select_split(table, split)
             if part.num_rows:
@@ -210,7 +215,7 @@ def same_user_files(path: str | Path, files: list[Path], other: list[Path]) -> l
 
 
 def _cross_examples(lake: str, platform: str, path: str, events: pa.Table, cfg: SequenceConfig,
-                    platforms: list[str]) -> pa.Table:
+                    platforms: list[str], shown: bool) -> pa.Table:
     """Examples of one bucket of ``platform`` whose histories merge in the same users' events on
     the other platforms (``recsys.data.crossplatform``)."""
     from recsys.data.crossplatform import build_cross_examples
@@ -224,7 +229,7 @@ def _cross_examples(lake: str, platform: str, path: str, events: pa.Table, cfg: 
         parts = [_read_events(f, users)
                  for f in same_user_files(path, files, event_files(lake, other))]
         seqs[other] = user_sequences(pa.concat_tables(parts), _catalog(lake, other), cfg)
-    return build_cross_examples(seqs, platform, cfg, platforms)[0]
+    return build_cross_examples(seqs, platform, cfg, platforms, shown)[0]
 
 
 def _check_required(events: pa.Table, path: str) -> None:
@@ -296,10 +301,11 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
             (staging / split).mkdir()
         tasks = [{"platform": p, "path": str(f)} for p in platforms
                  for f in event_files(cfg.lake, p)]
+        shown = any(impressions(cfg.lake, p) for p in platforms)
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             _bucket_examples, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"lake": str(cfg.lake), "seq_cfg": cfg.sequences.model_dump(),
-                       "out": str(staging), "platforms": list(platforms)},
+                       "out": str(staging), "platforms": list(platforms), "shown": shown},
         )
         counts = _count_rows(pa.concat_tables([COUNTS_SCHEMA.empty_table()]
                                               + ray.get(ds.to_arrow_refs())))
@@ -312,6 +318,7 @@ def build_example_set(cfg: DataConfig) -> ExampleSet:
             platforms={p: _platform_counts(cfg.lake, p, catalogs[p], counts.get(p, {}))
                        for p in platforms},
             text=text,
+            shown=shown,
         )
         manifest.write(staging)
     return ExampleSet(out, manifest)
@@ -340,7 +347,13 @@ def _platform_counts(lake: str, platform: str, catalog: pa.Table,
     lake_users = read_report(lake, platform)["users"]
     return PlatformCounts.model_validate(
         {"catalog_items": catalog.num_rows, "lake_users": lake_users,
-         "users_too_short": lake_users - counts.get("users", 0), **counts})
+         "users_too_short": lake_users - counts.get("users", 0),
+         "impressions": impressions(lake, platform), **counts})
+
+
+def impressions(lake: str | Path, platform: str) -> int:
+    """Impression events of a platform in the lake (its ingest report counts event types)."""
+    return int(read_report(lake, platform).get("event_types", {}).get(IMPRESSION, 0))
 
 
 def load_example_set(path: str | Path) -> ExampleSet:
@@ -350,7 +363,8 @@ def load_example_set(path: str | Path) -> ExampleSet:
 
 def read_split(example_set: ExampleSet, split: str) -> pa.Table:
     """A whole split as one Arrow table (evaluation, tests, small data)."""
-    schema = examples_schema(example_set.manifest.config.sequences.cross_platform)
+    schema = examples_schema(example_set.manifest.config.sequences.cross_platform,
+                             example_set.manifest.shown)
     files = sorted(example_set.split_path(split).glob("*.parquet"))
     if not files:
         return schema.empty_table()

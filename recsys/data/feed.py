@@ -64,7 +64,9 @@ def collate(batch: dict[str, np.ndarray], max_len: int,
     ``target`` (B,) int64, ``length`` (B,) int64 and,
     given ``platform_ids``, ``platform`` (B,) int64 (the model's platform index) and, for a
     cross-platform example set, ``history_platform`` (B, T) int64: the model's platform index
-    of each history item (the row's own on padding).
+    of each history item (the row's own on padding); where rows carry ``shown`` (logs with
+    impressions), ``shown`` (B, T) int64: the shown-not-chosen item before each label
+    (``history[:, 1:]`` then the target), 0 for none and on padding.
     """
     histories = batch["history"]
     n = len(histories)
@@ -78,8 +80,14 @@ def collate(batch: dict[str, np.ndarray], max_len: int,
         lengths[i] = len(h)
         if len(h):
             out[i, max_len - len(h):] = h
-    result = {
-        "history": torch.from_numpy(out),
+    result = {"history": torch.from_numpy(out)}
+    if "shown" in batch:
+        shown = np.zeros((n, max_len), dtype=np.int64)
+        for i, neg in enumerate(batch["shown"]):
+            if lengths[i]:
+                shown[i, max_len - lengths[i]:] = np.asarray(neg)[-max_len:]
+        result["shown"] = torch.from_numpy(shown)
+    result |= {
         "target": torch.as_tensor(np.asarray(batch["target"], dtype=np.int64)),
         "length": torch.from_numpy(lengths),
     }

@@ -21,7 +21,12 @@ SCHEMA_VERSION = 1
 
 # Event types, in funnel order. Extending the platform with a new behaviour is one line here;
 # anything else an adapter emits is quarantined with reason ``unknown_event_type``.
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "purchase", "review", "rating")
+EVENT_TYPES: tuple[str, ...] = ("impression", "view", "click", "cart", "purchase", "review",
+                                "rating")
+IMPRESSION = "impression"
+"""An item shown to the user (a page of results, a carousel), not an interaction: never in a
+history or a target. One shown before an interaction and not chosen is the CTR head's negative
+there (``recsys.data.sequences``)."""
 
 EVENTS_SCHEMA = pa.schema(
     [

@@ -8,6 +8,7 @@ Example rows (one schema for every split)::
 
     platform, user_id, split ("train" | "valid" | "test"), history: list<int32>, target: int32
     [, history_platform: list<string>]   (``cross_platform``: the platform of each history item)
+    [, shown: list<int32>]   (logs with impressions: per label, an item shown and not chosen)
 
 Item indices are 1..N in the order of the platform's sorted catalog; 0 is padding. For a user
 with chronological items s[0..n-1] (n >= min_seq_len): test = (s[:-1], s[-1]), valid =
@@ -18,6 +19,11 @@ windows that overlap by one item so that every transition is trained exactly onc
 
 With ``cross_platform`` a history also holds the user's events on the other platforms (same
 pseudonym), merged by time: see :mod:`recsys.data.crossplatform`.
+
+Impression events (``schema.IMPRESSION``) are exposures, not interactions. When an example set's
+logs hold any, its rows carry ``shown``, aligned with the labels ``history[1:] + [target]``:
+for each label, the latest item shown to the user after their previous interaction and up to
+the label's time that is not the label itself (0: nothing shown; the trainer samples one).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import pyarrow.compute as pc
 from pydantic import model_validator
 
 from recsys.config import StrictModel
-from recsys.data.schema import EVENT_TYPES
+from recsys.data.schema import EVENT_TYPES, IMPRESSION
 
 EXAMPLES_SCHEMA = pa.schema([
     pa.field("platform", pa.string(), nullable=False),
@@ -49,9 +55,15 @@ CROSS_EXAMPLES_SCHEMA = EXAMPLES_SCHEMA.append(
 SPLITS = ("train", "valid", "test")
 
 
-def examples_schema(cross_platform: bool) -> pa.Schema:
+SHOWN_FIELD = pa.field("shown", pa.list_(pa.int32()), nullable=False)
+"""Example sets whose logs hold impressions: ``shown[j]`` is the shown-not-chosen item before
+label ``j`` (``history[j + 1]``, the target for the last), 0 for none; as long as ``history``."""
+
+
+def examples_schema(cross_platform: bool, shown: bool = False) -> pa.Schema:
     """The schema of an example set's split files."""
-    return CROSS_EXAMPLES_SCHEMA if cross_platform else EXAMPLES_SCHEMA
+    schema = CROSS_EXAMPLES_SCHEMA if cross_platform else EXAMPLES_SCHEMA
+    return schema.append(SHOWN_FIELD) if shown else schema
 
 
 class SequenceConfig(StrictModel):
@@ -79,6 +91,10 @@ class SequenceConfig(StrictModel):
             unknown = sorted(set(self.event_types) - set(EVENT_TYPES))
             if unknown:
                 raise ValueError(f"sequences.event_types: unknown {unknown}; known {EVENT_TYPES}")
+            if IMPRESSION in self.event_types:
+                raise ValueError(f"sequences.event_types: {IMPRESSION!r} is an exposure, not an "
+                                 "interaction (it never enters histories; with impressions in "
+                                 "the logs, rows carry them as CTR negatives)")
         if self.min_seq_len < 3:
             raise ValueError("sequences.min_seq_len must be >= 3 (train, valid and test item)")
         if self.max_seq_len < 1:
@@ -91,6 +107,7 @@ class BucketStats:
     events_in: int = 0
     events_used: int = 0
     events_other_type: int = 0
+    impressions: int = 0
     repeats_collapsed: int = 0
     events_unknown_item: int = 0
     users: int = 0
@@ -116,6 +133,7 @@ class UserSequences:
     ends: np.ndarray  # (U,) int64
     users: np.ndarray  # (U,) object: user id of each run
     stats: BucketStats
+    shown: np.ndarray | None = None  # (E,) int32 shown-not-chosen item before each; None: no log
 
     def by_user(self) -> dict[str, int]:
         """User id -> run number."""
@@ -126,6 +144,12 @@ def user_sequences(events: pa.Table, catalog: pa.Array, cfg: SequenceConfig) -> 
     """Filter, sort and index one bucket's events (the shared first half of every builder).
     ``catalog`` is :func:`item_index` of the platform."""
     stats = BucketStats(events_in=events.num_rows)
+    exposed = None
+    if events.num_rows:
+        is_shown = pc.equal(events["event_type"], IMPRESSION)
+        stats.impressions = pc.sum(is_shown).as_py() or 0
+        if stats.impressions:
+            exposed, events = events.filter(is_shown), events.filter(pc.invert(is_shown))
     if cfg.event_types is not None:
         keep = pc.is_in(events["event_type"], pa.array(cfg.event_types))
         stats.events_other_type = events.num_rows - pc.sum(keep).as_py() if events.num_rows else 0
@@ -161,13 +185,57 @@ def user_sequences(events: pa.Table, catalog: pa.Array, cfg: SequenceConfig) -> 
     stats.users = len(starts)
     names = users.dictionary.to_numpy(zero_copy_only=False)
     run_users = names[ucodes[starts]] if len(starts) else np.zeros(0, object)
-    return UserSequences(items, times, starts, ends, run_users, stats)
+    shown = None if exposed is None else shown_negatives(exposed, catalog, users.dictionary,
+                                                         items, times, ucodes)
+    return UserSequences(items, times, starts, ends, run_users, stats, shown)
+
+
+def shown_negatives(exposed: pa.Table, catalog: pa.Array, user_names: pa.Array,
+                    items: np.ndarray, times: np.ndarray, ucodes: np.ndarray) -> np.ndarray:
+    """(E,) int32: for each interaction (``items``/``times``/``ucodes``, sorted by user and
+    time), the latest impression of the same user after their previous interaction and at or
+    before this one whose item is not this one; 0 if none. One sort and two binary searches."""
+    out = np.zeros(len(items), np.int32)
+    idx = pc.index_in(exposed["item_id"], value_set=catalog)
+    user = pc.index_in(exposed["user_id"], value_set=user_names)
+    keep = pc.and_(pc.is_valid(idx), pc.is_valid(user))
+    if not len(items) or not pc.sum(keep).as_py():
+        return out
+
+    def col(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return a.filter(keep).to_numpy(zero_copy_only=False)
+
+    s_item, s_user = col(idx).astype(np.int32) + 1, col(user).astype(np.int64)
+    s_time = col(exposed["timestamp"].cast(pa.int64()))
+    order = np.lexsort((col(exposed["event_index"]), s_time, s_user))
+    s_item, s_user, s_time = s_item[order], s_user[order], s_time[order]
+    # (user, time) -> one sortable int: times as ranks on a shared grid (0 = before all)
+    grid = np.unique(np.concatenate([s_time, times]))
+    width = len(grid) + 1
+    s_key = s_user * width + np.searchsorted(grid, s_time) + 1
+    u = ucodes.astype(np.int64)
+    first = np.ones(len(items), bool)
+    first[1:] = u[1:] != u[:-1]
+    prev = np.where(first, 0, np.searchsorted(grid, np.roll(times, 1)) + 1)
+    hi = np.searchsorted(s_key, u * width + np.searchsorted(grid, times) + 1, side="right")
+    lo = np.searchsorted(s_key, u * width + prev, side="right")
+    j = hi - 1
+    while True:  # step back over impressions of the label itself (a page may repeat an item)
+        same = (j >= lo) & (s_item[np.maximum(j, 0)] == items)
+        if not same.any():
+            break
+        j = np.where(same, j - 1, j)
+    ok = j >= lo
+    out[ok] = s_item[j[ok]]
+    return out
 
 
 def build_examples(
-    events: pa.Table, catalog: pa.Array, cfg: SequenceConfig, platform: str
+    events: pa.Table, catalog: pa.Array, cfg: SequenceConfig, platform: str,
+    shown: bool = False,
 ) -> tuple[pa.Table, BucketStats]:
-    """Examples of one platform bucket. ``catalog`` is :func:`item_index` of the platform."""
+    """Examples of one platform bucket. ``catalog`` is :func:`item_index` of the platform;
+    ``shown``: the example set's logs hold impressions (rows carry ``shown``)."""
     seqs = user_sequences(events, catalog, cfg)
     stats, items = seqs.stats, seqs.items
     L = cfg.max_seq_len
@@ -196,19 +264,20 @@ def build_examples(
                 break
             end = start
 
+    schema = examples_schema(False, shown)
     if not take:
-        return EXAMPLES_SCHEMA.empty_table(), stats
+        return schema.empty_table(), stats
     lengths = np.fromiter((len(t) for t in take), dtype=np.int32, count=len(take))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat = items[np.concatenate(take)]
-    table = pa.Table.from_arrays(
-        [
-            pa.array(np.full(len(take), platform, dtype=object), pa.string()),
-            pa.array(seqs.users[np.asarray(row_user)], pa.string()),
-            pa.array(row_split, pa.string()),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
-            pa.array(items[np.asarray(targets)], pa.int32()),
-        ],
-        schema=EXAMPLES_SCHEMA,
-    )
-    return table, stats
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    positions = np.concatenate(take)
+    columns = [
+        pa.array(np.full(len(take), platform, dtype=object), pa.string()),
+        pa.array(seqs.users[np.asarray(row_user)], pa.string()),
+        pa.array(row_split, pa.string()),
+        pa.ListArray.from_arrays(offsets, pa.array(items[positions], pa.int32())),
+        pa.array(items[np.asarray(targets)], pa.int32()),
+    ]
+    if shown:  # histories are contiguous runs, so the labels are at positions + 1
+        neg = np.zeros(len(items), np.int32) if seqs.shown is None else seqs.shown
+        columns.append(pa.ListArray.from_arrays(offsets, pa.array(neg[positions + 1])))
+    return pa.Table.from_arrays(columns, schema=schema), stats

@@ -120,8 +120,11 @@ def elsewhere_users(example_set: ExampleSet, split: str) -> dict[str, np.ndarray
 
 
 def head_auc(model: Recommender, tensors: Mapping[int, PlatformTensors], pid: int,
-             batches: list[dict[str, torch.Tensor]], gen: torch.Generator) -> float:
-    """AUC of the CTR head: the held-out next item (1) vs a uniformly drawn catalog item (0)."""
+             batches: list[dict[str, torch.Tensor]], gen: torch.Generator,
+             negatives: Literal["uniform", "shown"] = "uniform") -> float:
+    """AUC of the CTR head: the held-out next item (1) vs a uniformly drawn catalog item (0),
+    or with ``negatives="shown"`` vs the item shown before it and not chosen (rows with one
+    only: batches collated from an example set with impressions; nan if none has one)."""
     pt = tensors[pid]
     table = pt.item_table(model)  # (N+1, D)
     others: dict[int, torch.Tensor] = {}
@@ -134,10 +137,21 @@ def head_auc(model: Recommender, tensors: Mapping[int, PlatformTensors], pid: in
                     others[q] = tensors[q].item_table(model)
         user = model.user_vector(b["history"], table, b["platform"], hp, others)
         neg = torch.randint(1, pt.num_items + 1, (len(user),), generator=gen)
-        pos_s = model.ctr_logit(user, table[b["target"]])
+        if negatives == "shown":
+            if "shown" not in b:
+                continue
+            has = b["shown"][:, -1] > 0
+            user, neg, target = user[has], b["shown"][has, -1], b["target"][has]
+            if not len(user):
+                continue
+        else:
+            target = b["target"]
+        pos_s = model.ctr_logit(user, table[target])
         neg_s = model.ctr_logit(user, table[neg])
         scores += [pos_s.numpy(), neg_s.numpy()]
         labels += [np.ones(len(user)), np.zeros(len(user))]
+    if not labels:
+        return float("nan")
     return auc(np.concatenate(labels), np.concatenate(scores))
 
 

@@ -1,7 +1,9 @@
 """The MLflow pyfunc flavour of an export: ``mlflow.pyfunc.load_model(uri).predict(df)``.
 
-Input: a DataFrame with ``platform`` (str), ``history`` (list of item ids, oldest first) and
-optional ``k`` (int, default 10). Output: one row per input with ``items`` (top-k item ids) and
+Input: a DataFrame with ``platform`` (str), ``history`` (list of item ids, oldest first),
+optional ``history_platform`` (list of str, the platform of each history item: a user's merged
+history across platforms, as serving builds it; default: all the row's platform) and optional
+``k`` (int, default 10). Output: one row per input with ``items`` (top-k item ids) and
 ``scores``. Item vectors of each platform are computed once at load time; a call runs only the
 user tower and one top-k per platform.
 
@@ -25,6 +27,7 @@ from recsys.model.export import Exported, item_ids, load_export, read_meta
 CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "platform"), ColSpec(Array("string"), "history"),
+                   ColSpec(Array("string"), "history_platform", required=False),
                    ColSpec("long", "k", required=False)]),
     outputs=Schema([ColSpec(Array("string"), "items"), ColSpec(Array("double"), "scores")]))
 
@@ -64,14 +67,27 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
         for name, rows in df.groupby("platform", sort=False):
             if name not in self.tables:
                 raise KeyError(f"unknown platform {name!r}; known: {sorted(self.tables)}")
-            index, table = self.index[name], self.tables[name]
+            table, own = self.tables[name], self.exported.items[name].platform_id
             hist = torch.zeros((len(rows), max_len), dtype=torch.long)
-            for r, h in enumerate(rows["history"]):
-                ids = [index[i] for i in list(h) if i in index][-max_len:]
-                if ids:
-                    hist[r, max_len - len(ids):] = torch.as_tensor(ids)
-            pid = torch.full((len(rows),), self.exported.items[name].platform_id)
-            scores = model.score(hist, pid, table)  # (B, N+1)
+            hp = torch.full((len(rows), max_len), own, dtype=torch.long)  # (B, L) item platforms
+            places = (rows["history_platform"] if "history_platform" in rows
+                      else [None] * len(rows))
+            for r, (h, where) in enumerate(zip(rows["history"], places)):
+                where = [name] * len(h) if where is None else list(where)
+                if len(where) != len(h):
+                    raise ValueError(f"row {rows.index[r]}: history_platform has {len(where)} "
+                                     f"entries for {len(h)} history items")
+                pairs = [(self.index[q][i], self.exported.items[q].platform_id)
+                         for i, q in zip(h, where) if q in self.index and i in self.index[q]]
+                pairs = pairs[-max_len:]
+                if pairs:
+                    hist[r, max_len - len(pairs):] = torch.as_tensor([i for i, _ in pairs])
+                    hp[r, max_len - len(pairs):] = torch.as_tensor([q for _, q in pairs])
+            pid = torch.full((len(rows),), own)
+            elsewhere = (hp != own).any()
+            tables = {it.platform_id: self.tables[q] for q, it in self.exported.items.items()}
+            scores = model.score(hist, pid, table, history_platforms=hp if elsewhere else None,
+                                 item_tables=tables if elsewhere else None)  # (B, N+1)
             ks = rows["k"].astype(int).tolist() if "k" in rows else [10] * len(rows)
             top = torch.topk(scores, k=min(max(ks), table.shape[0] - 1), dim=1)
             item_ids = self.exported.items[name].item_ids

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data.lake import list_platforms, read_events
+from recsys.data.schema import IMPRESSION
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ class HistoryStore:
     def add_platform(self, platform: str, events: pa.Table,
                      event_types: list[str] | None = None,
                      collapse_repeats: bool = True) -> None:
-        """Add one platform's events (lake schema) to the store."""
+        """Add one platform's events (lake schema) to the store. Impressions are exposures,
+        not interactions: they count towards neither histories nor popularity."""
+        events = events.filter(pc.not_equal(events["event_type"], IMPRESSION))
         counts = pc.value_counts(events["item_id"]).flatten()  # popularity over all event types
         order = sorted(zip(counts[0].to_pylist(), counts[1].to_pylist()),
                        key=lambda t: (-t[1], t[0]))

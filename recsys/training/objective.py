@@ -9,7 +9,8 @@ input ``history`` (B, L), labels ``history[:, 1:] ++ target``. Two softmax varia
   negatives, with logQ correction (Yi et al., 2019) so the sampled estimate is unbiased in
   expectation. Needed when the text encoder runs in the step (full fine-tune, LoRA).
 
-Plus the CTR head's BCE: the next item (label 1) against a popularity-sampled item (label 0).
+Plus the CTR head's BCE: the next item (label 1) against an item shown before it and not
+chosen (label 0) where the logs have impressions (``shown``), else a popularity-sampled item.
 
 Cross-platform histories (``history_platform``): every item is embedded with its own platform's
 table; positions whose next item is another platform's are inputs only (no label here), and only
@@ -93,16 +94,18 @@ class RecommenderObjective(nn.Module):
         self.platforms = platforms
 
     def forward(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
-                history_platform: torch.Tensor | None = None
+                history_platform: torch.Tensor | None = None, shown: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of a batch: ``history`` (B, L) left-padded, ``target`` (B,), ``platform`` (B,)
         model platform ids; ``history_platform`` (B, L): the platform id of each history item
         (a cross-platform history; None: all the row's own). Only positions whose next item is
-        the row's platform's are trained (the softmax is over that platform's catalog)."""
+        the row's platform's are trained (the softmax is over that platform's catalog).
+        ``shown`` (B, L): per label, an item shown and not chosen (0: none), the CTR head's
+        negative there."""
         labels = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, L)
         label_pf = None if history_platform is None else torch.cat(
             [history_platform[:, 1:], platform[:, None]], dim=1)  # (B, L) platform of each label
-        losses, ctr_losses, n_pos = [], [], 0
+        losses, ctr_losses, n_pos, n_shown = [], [], 0, 0
         for pid in platform.unique().tolist():
             rows = platform == pid
             p = self.platforms[pid]
@@ -115,6 +118,7 @@ class RecommenderObjective(nn.Module):
             pids = platform[rows][0].expand(int(valid.sum()))  # (P,) this platform
             seen_rows, seen_items = prefix_items(own, valid)
             others = self._other_tables(hist, hp, pid)
+            neg_shown = None if shown is None else shown[rows][valid]  # (P,) 0: none
             if self.cfg.kind == "full_softmax":
                 table = p.item_table(self.model)  # (N+1, D) once per step
                 states = self.model.user_states(hist, table, platform[rows], hp,
@@ -128,9 +132,11 @@ class RecommenderObjective(nn.Module):
                 losses.append(F.cross_entropy(logits, y, reduction="sum"))
                 pos_vec = table[y]
                 neg_ids = self._sample(p, len(y))
+                if neg_shown is not None:
+                    neg_ids = torch.where(neg_shown > 0, neg_shown, neg_ids)
                 neg_vec = table[neg_ids]
             else:
-                cand, y_idx, table_hist = self._candidates(p, own, lab, valid)
+                cand, y_idx, table_hist = self._candidates(p, own, lab, valid, neg_shown)
                 states = self.model.user_states(hist, table_hist, platform[rows], hp, others)
                 u = states[valid]
                 cand_vec = table_hist[cand]  # (M, D), already encoded in _candidates
@@ -146,6 +152,9 @@ class RecommenderObjective(nn.Module):
                 pos_vec = cand_vec[y_idx]
                 neg_vec = cand_vec[torch.randint(0, len(cand), (len(y_idx),),
                                                  device=cand.device)]
+                if neg_shown is not None:  # _candidates encoded the shown items too
+                    neg_vec = torch.where((neg_shown > 0)[:, None], table_hist[neg_shown],
+                                          neg_vec)
             if self.cfg.ctr_weight > 0:
                 pos = self.model.ctr_logit(u, pos_vec)
                 neg = self.model.ctr_logit(u, neg_vec)
@@ -154,12 +163,14 @@ class RecommenderObjective(nn.Module):
                     + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg),
                                                          reduction="sum"))
             n_pos += int(valid.sum())
+            n_shown += 0 if neg_shown is None else int((neg_shown > 0).sum())
         n = max(n_pos, 1)
         rec = torch.stack(losses).sum() / n
         ctr = torch.stack(ctr_losses).sum() / (2 * n) if ctr_losses else rec.new_zeros(())
         loss = rec + self.cfg.ctr_weight * ctr
         return loss, {"loss": float(loss.detach()), "rec_loss": float(rec.detach()),
-                      "ctr_loss": float(ctr.detach()), "positions": n_pos}
+                      "ctr_loss": float(ctr.detach()), "positions": n_pos,
+                      "shown_negatives": n_shown}
 
     def _other_tables(self, hist: torch.Tensor, hp: torch.Tensor | None,
                       pid: int) -> dict[int, torch.Tensor]:
@@ -184,15 +195,17 @@ class RecommenderObjective(nn.Module):
         return torch.multinomial(probs, n, replacement=True)
 
     def _candidates(self, p: PlatformTensors, hist: torch.Tensor, lab: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    valid: torch.Tensor, shown: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate set = label items of the batch + sampled negatives.
 
         Returns (cand (M,), index of each valid position's label in cand (P,), a sparse item
-        table (N+1, D) holding the vectors of the candidates and of the histories' items).
-        ``hist``: this platform's items only (``own_items``).
+        table (N+1, D) holding the vectors of the candidates, of the histories' items and of
+        the ``shown`` CTR negatives). ``hist``: this platform's items only (``own_items``).
         """
         negs = self._sample(p, self.cfg.num_negatives)
-        needed = torch.cat([lab[valid], negs, hist[hist > 0]]).unique()  # sorted, unique
+        extra = [] if shown is None else [shown[shown > 0]]
+        needed = torch.cat([lab[valid], negs, hist[hist > 0], *extra]).unique()  # sorted
         vecs = p.item_table(self.model, needed)  # each distinct item encoded once
         table = vecs.new_zeros((p.num_items + 1, vecs.shape[1])).index_copy(0, needed, vecs)
         cand = torch.cat([lab[valid], negs]).unique()

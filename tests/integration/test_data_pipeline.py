@@ -183,3 +183,31 @@ def test_cross_platform_histories_built_by_ray_data_match_the_whole_lake_build(
                 assert first[(q, r["user_id"], item)] < t
                 checked += 1
     assert checked > 0
+
+
+def test_a_lake_with_impressions_gives_every_row_its_shown_items(
+        ray_cluster, example_set, tmp_path: Path) -> None:
+    """Issue 21: the same world with impressions logged by shop_a only. Impressions never enter
+    a history (rows and histories equal the plain set's); every file of the set carries
+    ``shown``, non-zero only on shop_a, never the label itself; counted in the manifest."""
+    lake = tmp_path / "lake"
+    ingest(IngestOptions(source="synthetic", out=lake, scale=0.15, seed=3, buckets=2,
+                         impressions=["shop_a"]), Pseudonymizer(bytes(range(32))))
+    cfg = example_set.manifest.config.model_copy(update={"lake": str(lake),
+                                                         "examples": str(tmp_path / "ex")})
+    shown = build_example_set(cfg)
+    assert shown.manifest.shown and not example_set.manifest.shown
+    counts = {p: c.impressions for p, c in shown.manifest.platforms.items()}
+    assert counts["shop_a"] > 0 and counts["shop_b"] == counts["shop_c"] == 0
+    for split in SPLITS:
+        plain, mine = _sorted(read_split(example_set, split)), _sorted(read_split(shown, split))
+        assert mine.drop_columns(["shown"]).equals(plain)
+        for r in mine.to_pylist():
+            labels = r["history"][1:] + [r["target"]]
+            assert len(r["shown"]) == len(labels)
+            assert all(s != y for s, y in zip(r["shown"], labels) if s)
+            if r["platform"] != "shop_a":
+                assert not any(r["shown"])
+    test = read_split(shown, "test")
+    on_a = [r["shown"][-1] for r in test.to_pylist() if r["platform"] == "shop_a"]
+    assert sum(1 for s in on_a if s) > 0.8 * len(on_a)  # a page before (almost) every choice

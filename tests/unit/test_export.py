@@ -289,3 +289,29 @@ def test_predict_names_an_unknown_platform(served: Served) -> None:
     pyfunc, _, _ = served
     with pytest.raises(KeyError, match="shop_zz"):
         pyfunc.predict(None, pd.DataFrame({"platform": ["shop_zz"], "history": [[]]}))
+
+
+def test_predict_scores_a_merged_history_across_platforms(served: Served) -> None:
+    """Issue 21: a user's history on other platforms (``history_platform``) is embedded with
+    each item's own platform table, as serving and cross-platform training do."""
+    pyfunc, model, items = served
+    a, b = items["shop_a"], items["shop_b"]
+    history = [b.item_ids[1], a.item_ids[2], b.item_ids[4], "gone", a.item_ids[0]]
+    where = ["shop_b", "shop_a", "shop_b", "shop_b", "shop_a"]
+    out = pyfunc.predict(None, pd.DataFrame({"platform": ["shop_a"], "history": [history],
+                                             "history_platform": [where], "k": [5]}))
+    with torch.no_grad():
+        tables = {it.platform_id: pyfunc.tables[q] for q, it in items.items()}
+        hp = torch.tensor([[b.platform_id, a.platform_id, b.platform_id, a.platform_id]])
+        expected = model.score(torch.tensor([[2, 3, 5, 1]]), torch.tensor([a.platform_id]),
+                               tables[a.platform_id], history_platforms=hp,
+                               item_tables=tables)[0]
+    top = torch.topk(expected, 5)
+    assert out["items"][0] == [a.item_ids[i - 1] for i in top.indices.tolist()]
+    own_only = pyfunc.predict(None, pd.DataFrame({"platform": ["shop_a"],
+                                                  "history": [[a.item_ids[2], a.item_ids[0]]],
+                                                  "k": [5]}))
+    assert out["scores"][0] != pytest.approx(own_only["scores"][0])
+    with pytest.raises(ValueError, match="history_platform has 1 entries for 5"):
+        pyfunc.predict(None, pd.DataFrame({"platform": ["shop_a"], "history": [history],
+                                           "history_platform": [["shop_a"]]}))

@@ -80,6 +80,9 @@ class IngestOptions(BaseModel):
     seed: int = Field(0, description="random seed (synthetic data; unisrec-or tie order)")
     scale: float = Field(1.0, gt=0, description="synthetic: size multiplier (1.0 ~ 60k events)")
     num_platforms: int = Field(3, ge=1, le=26, description="synthetic: number of platforms")
+    impressions: list[str] = Field(
+        default_factory=list, description="synthetic: platforms that also log impression "
+        "events (the other items of the page each choice was made from)")
 
     @model_validator(mode="after")
     def _check(self) -> IngestOptions:
@@ -97,6 +100,9 @@ class IngestOptions(BaseModel):
                     validate_platform_name(name)
                 except ValueError as exc:
                     problems.append(str(exc))
+        if self.impressions and self.source != "synthetic":
+            problems.append("impressions is a synthetic option (a real source logs its own "
+                            "impression events)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

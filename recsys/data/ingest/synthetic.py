@@ -19,6 +19,7 @@ injected on purpose so that every default ingest exercises the quarantine.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ ZIPF, POP_TILT = 1.1, 0.3    # item popularity exponent; per-platform log-popula
 TASTE_CONC, DIM, TAU, CANDIDATES = 0.2, 8, 0.5, 24
 P_SAME_SUB, P_SIBLING_SUB, P_NEW_SESSION = 0.45, 0.20, 0.25
 LEN_MU, LEN_SIGMA, MAX_LEN = 1.67, 0.9, 250
+SHOWN = 4  # impressions: other candidates on the page a choice was made from (if logged)
 START = pd.Timestamp("2025-01-01", tz="UTC")
 Frames = dict[str, tuple[pd.DataFrame, pd.DataFrame]]  # platform -> (events, items)
 WINDOW_S = (pd.Timestamp("2025-06-30", tz="UTC") - START).total_seconds()
@@ -136,8 +138,15 @@ def _catalog(rng: np.random.Generator, n: int) -> tuple[pd.DataFrame, np.ndarray
 
 
 def _world(num_platforms: int, scale: float, seed: int, names: list[str] | None,
-           dirty_fraction: float) -> tuple[Frames, dict[str, Any]]:
-    """Generate every platform at once (one world), plus the overlap statistics for the report."""
+           dirty_fraction: float, impressions: Collection[str] = ()
+           ) -> tuple[Frames, dict[str, Any]]:
+    """Generate every platform at once (one world), plus the overlap statistics for the report.
+
+    Each choice is the user's favourite of ``CANDIDATES`` items drawn from a sub-category by
+    popularity: the page the shop showed. For the platforms in ``impressions`` the first
+    ``SHOWN`` other candidates of that page are logged as ``impression`` events at the time of
+    the choice's first event (shown, not clicked: the hard negatives of a ranker). They draw no
+    random numbers, so the rest of the world is the same with or without them."""
     names = list(names) if names else default_names(num_platforms)
     if len(names) != num_platforms or len(set(names)) != num_platforms:
         raise ValueError(f"need {num_platforms} distinct platform names, got {names}")
@@ -193,6 +202,7 @@ def _world(num_platforms: int, scale: float, seed: int, names: list[str] | None,
     o_user, o_plat, o_off = s_user[by_len], s_plat[by_len], offsets[by_len]
     active = np.searchsorted(-lens[by_len], -np.arange(lens.max()), side="left")  # len > t
     inter_item = np.empty(n_inter, dtype=np.int64)
+    inter_shown = np.empty((n_inter, SHOWN), dtype=np.int64)  # (I, SHOWN) not chosen
     prev_sub = np.zeros(n_seq, dtype=np.int64)
     for t, k in enumerate(active):
         u, r = o_user[:k], rng.random((k, 3))
@@ -209,7 +219,12 @@ def _world(num_platforms: int, scale: float, seed: int, names: list[str] | None,
         cand = g_item[j]
         score = np.einsum("kcd,kd->kc", item_vec[cand], user_vec[u]) / TAU
         score += rng.gumbel(size=score.shape)
-        inter_item[o_off[:k] + t] = cand[np.arange(k), score.argmax(axis=1)]
+        best = score.argmax(axis=1)
+        inter_item[o_off[:k] + t] = cand[np.arange(k), best]
+        page = cand[:, :SHOWN].copy()  # the first SHOWN candidates, the chosen one swapped out
+        on_page = best < SHOWN
+        page[on_page, best[on_page]] = cand[on_page, SHOWN]
+        inter_shown[o_off[:k] + t] = page
         prev_sub[:k] = sub
 
     # --- funnel, sessions and time (seconds from START, squeezed into the window if needed)
@@ -235,14 +250,27 @@ def _world(num_platforms: int, scale: float, seed: int, names: list[str] | None,
     begin = rng.random(n_seq) * np.maximum(WINDOW_S - span * squeeze, 0)
     ev_inter = np.repeat(np.arange(n_inter), n_ev)
     stage = np.arange(len(ev_inter)) - np.repeat(np.cumsum(n_ev) - n_ev, n_ev)
+    ev_item = inter_item[ev_inter]
+    qty = np.where(stage == 3, rng.geometric(0.75, len(stage)), np.nan)
+    logs_shown = np.isin(np.asarray(names, dtype=object)[plat_of], list(impressions))
+    if logs_shown.any():  # impressions: stage -1, just before the view of the same choice
+        imp_inter = np.repeat(np.flatnonzero(logs_shown), SHOWN)
+        imp_item = inter_shown[logs_shown].ravel()
+        real = imp_item != inter_item[imp_inter]  # a page may hold the chosen item twice
+        imp_inter, imp_item = imp_inter[real], imp_item[real]
+        order = np.lexsort((np.concatenate([stage, np.full(len(imp_inter), -1)]),
+                            np.concatenate([ev_inter, imp_inter])))
+        ev_inter = np.concatenate([ev_inter, imp_inter])[order]
+        stage = np.concatenate([stage, np.full(len(imp_inter), -1)])[order]
+        ev_item = np.concatenate([ev_item, imp_item])[order]
+        qty = np.concatenate([qty, np.full(len(imp_inter), np.nan)])[order]
     ev_seq = seq_of[ev_inter]
-    seconds = begin[ev_seq] + (start[ev_inter] + cum_delay[ev_inter, stage]) * squeeze[ev_seq]
+    seconds = begin[ev_seq] + (start[ev_inter] + cum_delay[ev_inter, np.maximum(stage, 0)]
+                               ) * squeeze[ev_seq]
     ev_time = START + pd.to_timedelta(np.round(seconds * 1e6).astype(np.int64), unit="us")
     ev_sess = np.cumsum(new_sess)[ev_inter] - 1
-    ev_plat, ev_item = plat_of[ev_inter], inter_item[ev_inter]
-    buy = stage == 3
-    qty = np.where(buy, rng.geometric(0.75, len(stage)), np.nan)
-    price = np.where(buy, plat_price[ev_plat, ev_item], np.nan)
+    ev_plat = plat_of[ev_inter]
+    price = np.where(stage == 3, plat_price[ev_plat, ev_item], np.nan)
 
     user_ids = np.array([f"u{u:06d}" for u in range(n_users)], dtype=object)
     out: Frames = {}
@@ -260,14 +288,21 @@ def _world(num_platforms: int, scale: float, seed: int, names: list[str] | None,
         events = pd.DataFrame({
             "user_id": user_ids[s_user[ev_seq[sl]]],
             "item_id": catalog["item_id"].to_numpy()[ev_item[sl]],
-            "event_type": EVENT_FUNNEL[stage[sl]],
+            "event_type": np.where(stage[sl] < 0, "impression",
+                                   EVENT_FUNNEL[np.maximum(stage[sl], 0)]),
             "timestamp": ev_time[sl],
             "quantity": qty[sl], "price": price[sl],
             "session_id": sess_ids[sess],
         })
         items = catalog[sold[p]].assign(price=plat_price[p, sold[p]]).reset_index(drop=True)
         items["category"] = [list(c) for c in items["category"]]
-        events, items, dirty = _dirty(rng, events, items, name, dirty_fraction)
+        shown = (events["event_type"] == "impression").to_numpy()
+        events = events.assign(_pos=np.arange(len(events)))
+        seen, items, dirty = _dirty(rng, events[~shown].reset_index(drop=True), items, name,
+                                    dirty_fraction)
+        # Dirty rows come from the other events only: the same world with or without impressions.
+        events = pd.concat([seen, events[shown]]).sort_values("_pos", kind="stable")
+        events = events.drop(columns="_pos").reset_index(drop=True)
         n = len(events)
         events = events.assign(event_index=np.arange(n, dtype=np.int64), _file="synthetic",
                                _row=np.arange(1, n + 1, dtype=np.int64))
@@ -315,14 +350,20 @@ def _dirty(rng: np.random.Generator, events: pd.DataFrame, items: pd.DataFrame, 
 
 
 def generate(num_platforms: int, scale: float, seed: int, names: list[str] | None = None, *,
-             dirty_fraction: float = DIRTY_FRACTION) -> Frames:
-    """Pure generator: platform -> (events, items) frames in the shape ``finalize`` expects."""
-    return _world(num_platforms, scale, seed, names, dirty_fraction)[0]
+             dirty_fraction: float = DIRTY_FRACTION, impressions: Collection[str] = ()
+             ) -> Frames:
+    """Pure generator: platform -> (events, items) frames in the shape ``finalize`` expects;
+    ``impressions``: the platforms that also log what they showed."""
+    return _world(num_platforms, scale, seed, names, dirty_fraction, impressions)[0]
 
 
 def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     names = opts.platform.split(",") if opts.platform else default_names(opts.num_platforms)
-    frames, stats = _world(len(names), opts.scale, opts.seed, names, DIRTY_FRACTION)
+    unknown = sorted(set(opts.impressions) - set(names))
+    if unknown:
+        raise ValueError(f"impressions names unknown platform(s) {unknown}; platforms: {names}")
+    frames, stats = _world(len(names), opts.scale, opts.seed, names, DIRTY_FRACTION,
+                           opts.impressions)
     out = []
     for name, (events, items) in frames.items():
         if opts.user_namespace:  # opt-out of cross-platform linking, as for any source
