@@ -5,6 +5,7 @@ what ``python -m jobs.X`` runs (the same function; see docs/jobs.md):
 
     recsys pipeline --config configs/pipeline/demo.yaml [key=value ...]
     recsys pretrain|transfer|scratch --config configs/train/X.yaml [key=value ...]
+    recsys federated --config configs/federated/federated.yaml [key=value ...]
     recsys evaluate --config configs/eval/demo.yaml [key=value ...]
     recsys tune --config tune/sweeps/X.yaml [key=value ...]
     recsys examples --config configs/data/X.yaml [key=value ...]
@@ -63,6 +64,8 @@ def ingest_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="synthetic: seed")
     p.add_argument("--scale", type=float, default=1.0, help="synthetic: size multiplier")
     p.add_argument("--num-platforms", type=int, default=3, help="synthetic: platforms")
+    p.add_argument("--impressions", nargs="*", default=[], metavar="PLATFORM",
+                   help="synthetic: platforms that also log impression events")
     a = p.parse_args(argv)
 
     columns, item_columns, event_type = {}, {}, a.event_type
@@ -78,7 +81,7 @@ def ingest_main(argv: list[str]) -> int:
         recipe=a.recipe, columns=columns, item_columns=item_columns, event_type=event_type,
         user_namespace=a.user_namespace, min_user_events=a.min_user_events,
         min_item_events=a.min_item_events, buckets=a.buckets, seed=a.seed, scale=a.scale,
-        num_platforms=a.num_platforms,
+        num_platforms=a.num_platforms, impressions=a.impressions,
     )
     written = ingest(opts)
     print(format_ingest_summary([w.report for w in written], a.out))
@@ -183,6 +186,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "pretrain": job("pretrain"),
     "transfer": job("transfer"),
     "scratch": job("scratch"),
+    "federated": job("federated"),
     "evaluate": job("evaluate"),
     "tune": job("tune"),
     "registry": registry_main,

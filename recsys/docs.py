@@ -32,6 +32,7 @@ from pydantic_core import PydanticUndefined
 
 from recsys.data.examples import DataConfig
 from recsys.evaluation.offline import EvaluateConfig
+from recsys.federated.config import FederatedJobConfig
 from recsys.pipeline.config import PipelineConfig
 from recsys.settings import Settings
 from recsys.training.config import TrainJobConfig
@@ -57,6 +58,9 @@ REGISTRY: tuple[DocEntry, ...] = (
     DocEntry("Training", TrainJobConfig,
              "`python -m jobs.pretrain`, `jobs.transfer`, `jobs.scratch` (`mode` is set by the "
              "job), Tune trials", "configs/train/**/*.yaml"),
+    DocEntry("Federated training", FederatedJobConfig,
+             "`python -m jobs.federated`; the pipeline's `pretrain` stage with "
+             "`federated.enabled: true`", "configs/federated/*.yaml"),
     DocEntry("Evaluation", EvaluateConfig, "`python -m jobs.evaluate`", "configs/eval/*.yaml"),
     DocEntry("Sweep", SweepConfig, "Ray Tune sweeps (`recsys.tuning`)", "tune/sweeps/*.yaml"),
     DocEntry("Data (examples)", DataConfig, "`recsys examples`; the `data` section of the "

@@ -46,6 +46,31 @@ class ExportError(ValueError):
     """An export file is missing, malformed, truncated or unsafe; the message names the file."""
 
 
+class PrivacyCard(StrictModel):
+    """How a model was trained with user-level DP-SGD (``recsys.training.dp_engine``): the
+    guarantee (epsilon, delta) for the whole run, which covers any of its checkpoints, and the
+    mechanism's numbers that it follows from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mechanism: Literal["DP-SGD"] = "DP-SGD"
+    unit: Literal["user"] = "user"
+    """One user's training rows, all of them, are what the guarantee protects."""
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    """Poisson sampling: each user is in a step independently with this probability."""
+    expected_users_per_step: float
+    steps: int
+    steps_per_epoch: int
+    users: int
+    accountant: str
+    target_epsilon: float | None = None
+    opacus: str
+
+
 class ExportInfo(StrictModel):
     """What the writer of an export says about it (``save_export`` adds the model's part)."""
 
@@ -66,11 +91,14 @@ class ExportInfo(StrictModel):
     train_config: dict[str, Any] | None = None
     """The resolved ``TrainJobConfig`` as JSON: provenance, not read back as a config."""
     metrics: dict[str, int | float] = Field(default_factory=dict)
-    """The last reported training metrics (validation scores, speed)."""
+    """The training metrics reported with the exported checkpoint (its epoch, validation
+    scores, speed): the best epoch of a run, not its last."""
     example_set: str | None = None
     input_fingerprint: str | None = None
     seed: int | None = None
     """Seed of a synthetic (toy) model."""
+    privacy: PrivacyCard | None = None
+    """Set when the model was trained with DP-SGD (None: no formal privacy guarantee)."""
 
     @property
     def user_fraction(self) -> float:

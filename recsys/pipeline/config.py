@@ -44,6 +44,19 @@ class PretrainStage(StrictModel):
     """Dotted train-config overrides, e.g. ``{optim.epochs: 5}``."""
 
 
+class FederatedStage(StrictModel):
+    """Federated pretraining in place of pooled pretraining (off by default)."""
+
+    enabled: bool = False
+    """The ``pretrain`` stage trains its platforms as federated clients (each shop's logs stay
+    in its own client; only model updates reach the server) instead of pooling them. Its
+    export has the same format, so transfer starts from it unchanged."""
+    config: str = "configs/federated/federated.yaml"
+    """Federated job YAML; the pipeline sets name, data, platforms, output_dir, tracking."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted federated-config overrides, e.g. ``{federated.rounds: 5}``."""
+
+
 class TransferStage(StrictModel):
     config: str = "configs/train/transfer.yaml"
     scratch_config: str | None = "configs/train/scratch.yaml"
@@ -104,6 +117,7 @@ class PipelineConfig(StrictModel):
     ingest: list[IngestSource] = Field(default_factory=list)
     data: DataConfig = DataConfig()
     pretrain: PretrainStage | None = None
+    federated: FederatedStage = FederatedStage()
     transfer: TransferStage | None = None
     evaluate: EvaluateStage = EvaluateStage()
     sweep: SweepStage = SweepStage()

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import re
 import socket
 import tempfile
 import threading
@@ -34,14 +33,12 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from recsys.tracking.metric_names import mlflow_keys, warn_unknown
 from recsys.tracking.server import ensure_experiment
 
 log = logging.getLogger(__name__)
 
 TRUNCATION_MARK = "...[truncated]"
-# MLflow names allow only alphanumerics and ``_ - . space : /`` (colon not on Windows, so not here).
-_INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-_renamed: set[str] = set()
 SYSTEM_PACKAGES = ("torch", "ray", "transformers", "deepspeed", "mlflow", "numpy", "pyarrow")
 
 
@@ -118,26 +115,9 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def mlflow_key(name: str) -> str:
-    """The MLflow name for a metric/param key: ``valid_ndcg@10`` -> ``valid_ndcg_at_10``.
-
-    The project's metric names use ``@`` (ranking cut-offs), which MLflow rejects; ``@`` becomes
-    ``_at_`` and any other invalid character ``_``. Each rename is logged once per process.
-    """
-    key = _INVALID_NAME_CHARS.sub("_", name.replace("@", "_at_"))
-    if key != name and name not in _renamed:
-        _renamed.add(name)
-        log.debug("MLflow name for %r is %r (MLflow allows only [A-Za-z0-9_-. /])", name, key)
-    return key
-
-
 def _mlflow_keys(names: list[str]) -> dict[str, str]:
-    """``mlflow_key`` for each name; refuses two names that would land on the same key."""
-    keys = {name: mlflow_key(name) for name in names}
-    if len(set(keys.values())) < len(keys):
-        clashes = sorted(n for n in keys if list(keys.values()).count(keys[n]) > 1)
-        raise ValueError(f"names {clashes} map to the same MLflow key; rename one of them")
-    return keys
+    """``mlflow_key`` for each name (``recsys.tracking.metric_names``: the one mapping)."""
+    return mlflow_keys(names)
 
 
 def _as_text(value: Any, limit: int) -> str:
@@ -172,12 +152,26 @@ def log_config(uri: str, run_id: str, config: Mapping[str, Any]) -> None:
         c.log_artifact(run_id, str(path))
 
 
-def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params computed during a run (a private run's noise multiplier, delta, sample rate).
+    Logging a key again with the same value is a no-op; another value raises, as MLflow does."""
+    keys = _mlflow_keys(list(params))
+    entries = [Param(keys[k], _as_text(v, MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+    c = client(uri)
+    for batch in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        c.log_batch(run_id, params=batch)
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int,
+                model_id: str | None = None) -> None:
     """One step's metrics in one request (per-metric calls cost a round trip each). Names go
-    through ``mlflow_key``: ``valid_ndcg@10`` is stored as ``valid_ndcg_at_10``."""
+    through ``mlflow_key``: ``valid_ndcg@10`` is stored as ``valid_ndcg_at_10``. ``model_id``:
+    the metrics also belong to that logged model (its page shows them)."""
     now = int(time.time() * 1000)
     keys = _mlflow_keys(list(metrics))
-    entries = [Metric(keys[k], float(v), now, int(step)) for k, v in metrics.items()]
+    warn_unknown(keys.values())
+    entries = [Metric(keys[k], float(v), now, int(step), model_id=model_id)
+               for k, v in metrics.items()]
     c = client(uri)
     for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
         c.log_batch(run_id, metrics=batch)
@@ -285,14 +279,28 @@ def log_pyfunc_model(uri: str, run_id: str, model_code: str | Path,
 
 
 def log_recommender(uri: str, run_id: str, export: Path, name: str = "model",
-                    pip_requirements: list[str] | None = None) -> str:
+                    pip_requirements: list[str] | None = None, step: int | None = None) -> str:
     """Log an export as the recommender pyfunc (``recsys.model.pyfunc``): from code, with its
-    signature and an input example taken from the export."""
+    signature and an input example taken from the export.
+
+    ``step``: the epoch whose run metrics the LoggedModel takes over (MLflow 3 copies the run's
+    metrics of that step onto the model); None: the epoch of the exported checkpoint, as its
+    ``export.json`` records it, so that the model page shows its best epoch, not epoch 0."""
+    from recsys.model.export import read_meta
     from recsys.model.pyfunc import CODE_FILE, SIGNATURE, input_example
 
+    if step is None:
+        step = int(read_meta(export).metrics.get("epoch", 0))
     return log_pyfunc_model(uri, run_id, CODE_FILE, artifacts={"export": str(export)},
                             name=name, pip_requirements=pip_requirements,
-                            input_example=input_example(Path(export)), signature=SIGNATURE)
+                            input_example=input_example(Path(export)), signature=SIGNATURE,
+                            step=step)
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The LoggedModel id in ``models:/<model_id>`` (a version's ``source``), else None."""
+    prefix = "models:/m-"
+    return model_uri[len("models:/"):] if model_uri.startswith(prefix) else None
 
 
 def register_model(uri: str, model_uri: str, name: str,

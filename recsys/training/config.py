@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from recsys.config import StrictModel
 from recsys.data.examples import DataConfig
 
-Strategy = Literal["full", "freeze_encoder", "lora", "adapter_only"]
+Strategy = Literal["full", "freeze_encoder", "lora", "adapter_only", "user_tower"]
 
 
 class ModelConfig(StrictModel):
@@ -69,7 +69,8 @@ class LossConfig(StrictModel):
     num_negatives: int = Field(512, ge=1)
     logq_correction: bool = True
     ctr_weight: float = Field(0.1, ge=0)
-    """Weight of the CTR head's BCE (positive: next item, negative: a popularity-sampled item)."""
+    """Weight of the CTR head's BCE (positive: next item; negative: the item shown before it and
+    not chosen where the logs have impressions, else a popularity-sampled item)."""
     temperature: float = Field(0.07, gt=0)
     """Scores are cosine-like dot products of normalised vectors divided by this."""
 
@@ -132,6 +133,39 @@ class TransferConfig(StrictModel):
     perturb: float = Field(0.0, ge=0, le=1)
 
 
+class PrivacyConfig(StrictModel):
+    """User-level DP-SGD (``recsys.training.privacy``): one user's rows are one privacy unit.
+
+    Each step takes every training user independently with probability ``sample_rate``
+    (Poisson sampling), clips the sum of that user's gradients to ``max_grad_norm``, adds
+    Gaussian noise of std ``noise_multiplier * max_grad_norm``; Opacus's accountant turns the
+    steps into (epsilon, delta). Give ``target_epsilon`` (the noise is calibrated to spend it
+    over ``optim.epochs``) or ``noise_multiplier``, and ``sample_rate`` or
+    ``expected_users_per_step``."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(None, gt=0)
+    """Budget for the whole run (``optim.epochs``); an early stop spends less."""
+    noise_multiplier: float | None = Field(None, gt=0)
+    """Noise std / ``max_grad_norm``, fixed instead of ``target_epsilon``."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """None: 1 / the number of training users (a guarantee that fails with probability
+    delta must not be one user's worth)."""
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Clip of each user's gradient (the sum over all of that user's rows)."""
+    sample_rate: float | None = Field(None, gt=0, le=1)
+    """Probability that a user is in a step; an epoch is ``round(1 / sample_rate)`` steps."""
+    expected_users_per_step: int | None = Field(None, ge=1)
+    """Instead of ``sample_rate``: ``sample_rate = this / training users``."""
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+    """``shuffle`` (fixed-size shuffled batches, the non-private loop's) is refused: the
+    accountant's amplification by sampling assumes Poisson sampling."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus's RDP accountant (an upper bound) or PRV (numerically tighter)."""
+    chunk_users: int = Field(64, ge=1)
+    """Users whose gradients are computed in one vectorised call (memory, not privacy)."""
+
+
 class FaultInjection(StrictModel):
     """Kill one worker once, after an epoch's checkpoint (tests of ``scaling.max_failures``)."""
 
@@ -171,6 +205,7 @@ class TrainJobConfig(StrictModel):
     materialize_datasets: bool = True
     """Hold the example datasets in the object store (read once, not once per epoch)."""
     fault_injection: FaultInjection | None = None
+    privacy: PrivacyConfig = PrivacyConfig()
     resume: bool = True
     """Continue a run of the same name from its latest checkpoint (Ray Train restores it);
     false starts over, deleting that run's previous checkpoints."""
@@ -185,6 +220,7 @@ class TrainJobConfig(StrictModel):
                             "mode=transfer")
         if self.mode == "scratch" and self.train_platforms and len(self.train_platforms) != 1:
             problems.append("mode=scratch trains on exactly one platform (train_platforms)")
+        problems += privacy_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -193,6 +229,46 @@ class TrainJobConfig(StrictModel):
     def finetunes_encoder(self) -> bool:
         """Whether the transformer runs in the training step (else cached vectors are used)."""
         return self.transfer.strategy in ("full", "lora")
+
+
+def privacy_problems(cfg: TrainJobConfig) -> list[str]:
+    """Why ``privacy.enabled`` cannot hold its guarantee under this config (each names the key
+    to change); empty when it can, or when privacy is off."""
+    p = cfg.privacy
+    if not p.enabled:
+        return []
+    out = []
+    if (p.target_epsilon is None) == (p.noise_multiplier is None):
+        out.append("privacy: give exactly one of privacy.target_epsilon and "
+                   "privacy.noise_multiplier")
+    if (p.sample_rate is None) == (p.expected_users_per_step is None):
+        out.append("privacy: give exactly one of privacy.sample_rate and "
+                   "privacy.expected_users_per_step")
+    if p.sampling != "poisson":
+        out.append("privacy.sampling=shuffle: fixed-size shuffled batches are not covered by "
+                   "the accountant, whose amplification by sampling assumes each user is in a "
+                   "step independently (Poisson); use privacy.sampling=poisson")
+    if cfg.scaling.engine == "deepspeed":
+        out.append("privacy with scaling.engine=deepspeed: ZeRO partitions and reduces the "
+                   "batch's summed gradients itself, so per-user clipping and the noise "
+                   "cannot be applied before its step; use scaling.engine=ddp")
+    if cfg.scaling.num_workers != 1:
+        out.append(f"privacy with scaling.num_workers={cfg.scaling.num_workers}: workers split "
+                   "rows, not users, so a user's rows on two workers would be clipped twice "
+                   "(twice the sensitivity) and each worker would add its own noise; use "
+                   "scaling.num_workers=1")
+    if cfg.optim.grad_accum != 1:
+        out.append("privacy with optim.grad_accum > 1: a step must be one Poisson draw of "
+                   "users; raise privacy.expected_users_per_step instead")
+    if cfg.mode != "transfer" or cfg.transfer.strategy != "user_tower":
+        out.append(f"privacy with mode={cfg.mode}, transfer.strategy={cfg.transfer.strategy}: "
+                   "DP-SGD here fine-tunes the per-user part of a transferred model "
+                   "(mode=transfer, transfer.strategy=user_tower); a trained item tower or "
+                   "encoder runs over the whole catalog once per step, shared by every user, "
+                   "so its per-user gradient is not computed and its clipping would not hold")
+    if cfg.train_platforms is not None and len(cfg.train_platforms) != 1:
+        out.append("privacy trains exactly one platform (train_platforms)")
+    return out
 
 
 def _absolute(path: str | None) -> str | None:

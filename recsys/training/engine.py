@@ -40,6 +40,9 @@ class TrainState(StrictModel):
     """One entry per finished epoch: loss, validation score, speed."""
     lr_scale: float = 1.0
     """Multiplier of the configured learning rates (reduce-on-plateau)."""
+    privacy: dict[str, Any] | None = None
+    """A private run's accounting after this epoch (``PrivacyPlan.card``): steps taken and
+    epsilon spent; a resume continues the count, the export's card copies it."""
 
     def write(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(self.model_dump_json())
@@ -63,8 +66,10 @@ class Engine:
     optimizer: torch.optim.Optimizer
 
     def step(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
-             history_platform: torch.Tensor | None = None) -> dict[str, float]:
-        """One micro-batch (``history_platform``: a cross-platform history's item platforms)."""
+             history_platform: torch.Tensor | None = None,
+             shown: torch.Tensor | None = None) -> dict[str, float]:
+        """One micro-batch (``history_platform``: a cross-platform history's item platforms;
+        ``shown``: the shown-not-chosen item before each label, the CTR negatives)."""
         raise NotImplementedError
 
     def save(self, directory: Path, state: TrainState, rank: int) -> bool:
@@ -85,6 +90,14 @@ class Engine:
     def skipped_steps(self) -> int:
         """Optimizer steps skipped so far (non-finite gradients); DDP never skips one."""
         return 0
+
+    def privacy_metrics(self) -> dict[str, float]:
+        """Epsilon spent so far and the mechanism's numbers (a private engine only)."""
+        return {}
+
+    def privacy_params(self) -> dict[str, Any]:
+        """The resolved mechanism, logged once as MLflow params (a private engine only)."""
+        return {}
 
     def train(self) -> None:
         self.module.train()
@@ -111,8 +124,9 @@ class DDPEngine(Engine):
         self._micro = 0
 
     def step(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
-             history_platform: torch.Tensor | None = None) -> dict[str, float]:
-        loss, stats = self.wrapped(history, target, platform, history_platform)
+             history_platform: torch.Tensor | None = None,
+             shown: torch.Tensor | None = None) -> dict[str, float]:
+        loss, stats = self.wrapped(history, target, platform, history_platform, shown)
         # Backward first, then the checks: DDP's gradient all-reduce spreads one rank's NaN to
         # every rank, so at the optimizer step all of them stop together (none waits in a
         # collective for the one that raised), and the optimizer never applies it.
@@ -169,8 +183,9 @@ class DeepSpeedEngine(Engine):
         return int(self.ds.skipped_steps)
 
     def step(self, history: torch.Tensor, target: torch.Tensor, platform: torch.Tensor,
-             history_platform: torch.Tensor | None = None) -> dict[str, float]:
-        loss, stats = self.ds(history, target, platform, history_platform)
+             history_platform: torch.Tensor | None = None,
+             shown: torch.Tensor | None = None) -> dict[str, float]:
+        loss, stats = self.ds(history, target, platform, history_platform, shown)
         self.ds.backward(loss)
         check_finite("training loss", stats["loss"])  # bf16/fp32: DeepSpeed would apply it
         self.ds.step()

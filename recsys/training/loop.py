@@ -199,6 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     entered = time.time()
     _quiet_report_logs()
     w = setup(WorkerConfig.from_loop_config(config), entered)
+    if w.rank == 0:
+        log_start(w)
     for epoch in range(w.state.epoch + 1, w.cfg.optim.epochs):
         t0 = time.perf_counter()
         trained = train_one_epoch(w, epoch)
@@ -236,7 +238,13 @@ def setup(wc: WorkerConfig, entered: float) -> Worker:
     tensors = {inputs.items[p].platform_id: PlatformTensors.from_items(inputs.items[p], device)
                for p in inputs.items}
     objective = RecommenderObjective(model, cfg.loss, tensors)
-    engine = make_engine(objective, cfg, world, on_gpu=device.type == "cuda")
+    train_shard = ray.train.get_dataset_shard("train")
+    if cfg.privacy.enabled:  # draws its own Poisson batches of users from the shard
+        from recsys.training.dp_engine import make_dp_engine
+
+        engine: Engine = make_dp_engine(objective, cfg, train_shard, wc.platform_ids)
+    else:
+        engine = make_engine(objective, cfg, world, on_gpu=device.type == "cuda")
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -246,8 +254,7 @@ def setup(wc: WorkerConfig, entered: float) -> Worker:
                  state.best)
     return Worker(cfg=cfg, rank=rank, world=world, device=device,
                   platform_ids=wc.platform_ids, tensors=tensors, objective=objective,
-                  engine=engine, state=state,
-                  train_shard=ray.train.get_dataset_shard("train"),
+                  engine=engine, state=state, train_shard=train_shard,
                   valid_shard=ray.train.get_dataset_shard("valid"), tracking=wc.tracking,
                   setup_seconds=time.time() - entered)  # model, item tensors, restore, shards
 
@@ -260,6 +267,12 @@ def train_one_epoch(w: Worker, epoch: int) -> EpochTraining:
     t0 = time.perf_counter()
     engine.train()
     skipped_before = engine.skipped_steps()
+    if cfg.privacy.enabled:
+        from recsys.training.dp_engine import DPEngine
+
+        assert isinstance(engine, DPEngine)
+        losses, seen = engine.train_epoch(epoch)
+        return EpochTraining(losses, seen, time.perf_counter() - t0, 0)
     batches = iter_batches(w.train_shard, cfg.optim.micro_batch_size,
                            cfg.data.sequences.max_seq_len, shuffle_buffer=4096,
                            seed=cfg.optim.seed + epoch * 1000 + w.rank,
@@ -283,7 +296,7 @@ def train_steps(engine: Engine, batches: Iterable[dict[str, torch.Tensor]],
     for step, batch in enumerate(batches):
         try:
             stats = engine.step(batch["history"], batch["target"], batch["platform"],
-                                batch.get("history_platform"))
+                                batch.get("history_platform"), batch.get("shown"))
         except FloatingPointError as e:
             raise FloatingPointError(f"epoch {epoch}, step {step}: {e}; the run stops rather "
                                      "than train on it (lower optim.lr or optim.grad_clip, or "
@@ -315,7 +328,7 @@ def epoch_metrics(w: Worker, epoch: int, trained: EpochTraining, valid: dict[str
                    sequences_per_s=seen_all / trained.seconds,
                    epoch_seconds=time.perf_counter() - t0,  # train + validation
                    setup_seconds=w.setup_seconds, epoch_end_time=time.time(),
-                   skipped_steps=trained.skipped_steps)
+                   skipped_steps=trained.skipped_steps, **w.engine.privacy_metrics())
     if w.device.type == "cuda":  # this process's peak so far (weights, optimizer, activations)
         metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(w.device) / 2**30
     return metrics
@@ -336,7 +349,8 @@ def update_state(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
         w.engine.scale_lr(scale)
     state.curve.append({k: metrics[k] for k in ("epoch", "train_loss", METRIC,
                                                 "train_seconds", "sequences_per_s",
-                                                "gpu_max_memory_gib", "skipped_steps")
+                                                "gpu_max_memory_gib", "skipped_steps",
+                                                "privacy_epsilon")
                         if k in metrics})
     metrics["best_" + METRIC] = state.best
 
@@ -352,6 +366,21 @@ def save_checkpoint(w: Worker, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if wrote else None)
 
 
+def log_start(w: Worker) -> None:
+    """Rank 0, once per (re)start: a private run's resolved mechanism as MLflow params (the
+    noise multiplier, delta and sample rate are computed on the worker, from its users)."""
+    params = w.engine.privacy_params()
+    if not params:
+        return
+    print(f"{WORKER_CONSOLE}{w.cfg.name}  DP-SGD  " + "  ".join(
+        f"{k.split('.', 1)[1]} {v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]} {v}"
+        for k, v in params.items()), file=sys.__stdout__, flush=True)
+    if w.tracking is not None:
+        from recsys.tracking.runs import log_params
+
+        log_params(w.tracking.uri, w.tracking.run_id, params)
+
+
 def log_epoch(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
     """Rank 0's side effects, the only ones in the loop: the progress line and MLflow."""
     # sys.__stdout__: Train's patched print also tees to a wrapped sys.stdout, which showed
@@ -359,7 +388,9 @@ def log_epoch(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
     # The prefix puts the line on the driver's console when a job log file takes the rest.
     print(f"{WORKER_CONSOLE}{w.cfg.name}  epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  "
           f"{METRIC} {metrics.get(METRIC, 0):.4f}  best {w.state.best:.4f}  "
-          f"{metrics['sequences_per_s']:.0f} seq/s", file=sys.__stdout__, flush=True)
+          f"{metrics['sequences_per_s']:.0f} seq/s"
+          + (f"  epsilon {metrics['privacy_epsilon']:.3g}" if "privacy_epsilon" in metrics
+             else ""), file=sys.__stdout__, flush=True)
     if w.tracking is None:
         return
     from recsys.tracking.runs import log_metrics

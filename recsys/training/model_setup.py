@@ -7,7 +7,11 @@ Transfer strategies (``transfer.strategy``):
 * ``lora``: LoRA adapters on the encoder's attention train, with the towers; the base is frozen;
 * ``adapter_only``: only the per-platform parts train (MoE adapter, platform embeddings, item
   id embeddings when ``model.item_ids``); the user tower, brand/category embeddings and the
-  CTR head keep their pretrained weights.
+  CTR head keep their pretrained weights;
+* ``user_tower``: only the per-user part trains (user tower with its platform embeddings, repeat
+  bias, CTR head); the item tower keeps its pretrained weights, so item vectors are a fixed
+  function of public item text. What user-level DP-SGD trains (``recsys.training.privacy``):
+  each user's gradient then involves that user's rows alone.
 """
 
 from __future__ import annotations
@@ -116,6 +120,11 @@ def set_trainable(model: Recommender, cfg: TrainJobConfig) -> None:
                 p.requires_grad_("lora_" in name)
         elif strategy != "full":
             model.text_encoder.requires_grad_(False)
+    if strategy == "user_tower":
+        model.requires_grad_(False)
+        for part in (model.user_tower, model.repeat, model.ctr_head):
+            if part is not None:
+                part.requires_grad_(True)
     if strategy == "adapter_only":
         model.requires_grad_(False)
         model.item_tower.adapter.requires_grad_(True)

@@ -59,9 +59,10 @@ def run_dir(cfg: TrainJobConfig) -> Path:
 
 def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
                       metrics: dict[str, Any],
-                      state: dict[str, torch.Tensor] | None = None) -> Path:
+                      state: dict[str, torch.Tensor] | None = None,
+                      privacy: dict[str, Any] | None = None) -> Path:
     """Consolidate a (DDP or DeepSpeed) checkpoint into a serving export (``state``: its
-    weights, when the caller has loaded them already)."""
+    weights, when the caller has loaded them already; ``privacy``: a private run's card)."""
     cfg = setup.cfg
     state = consolidated_state_dict(checkpoint_dir) if state is None else state
     # Rebuilt exactly as the workers built it (a transfer model is grown from its init).
@@ -94,6 +95,7 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         example_set=str(setup.example_set.path),
         input_fingerprint=setup.example_set.manifest.input_fingerprint,
+        privacy=privacy,
     )
     catalogs = {p: setup.example_set.path / "catalog" / f"{p}.parquet" for p in items}
     return save_export(out, model, model.state_dict() | state, meta, items, catalogs)
@@ -174,9 +176,12 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
         if run is not None:
             from recsys.tracking import runs
 
-            runs.log_metrics(run.uri, run.run_id, _flat_test_metrics(report), step=len(curve))
-            runs.log_artifacts(run.uri, run.run_id, files["json"].parent, "report")
+            # The model first, at its best epoch (MLflow copies that epoch's metrics onto it),
+            # then the test metrics, on the run and on the model.
             model_uri = _log_model(run.uri, run.run_id, export)
+            runs.log_metrics(run.uri, run.run_id, _flat_test_metrics(report), step=len(curve),
+                             model_id=runs.logged_model_id(model_uri))
+            runs.log_artifacts(run.uri, run.run_id, files["json"].parent, "report")
     best_metric = max((p.get(METRIC, 0.0) for p in curve), default=float("nan"))
     return TrainOutcome(export, report, best_metric, curve,
                         None if run is None else run.run_id, None if run is None else run.uri,
@@ -195,7 +200,8 @@ def _tracked(cfg: TrainJobConfig) -> Iterator[RunRef | None]:
 
     uri = ensure_tracking(get_settings())
     ensure_experiment(uri, cfg.tracking.experiment)
-    tags = {"mode": cfg.mode, "strategy": cfg.transfer.strategy, "engine": cfg.scaling.engine}
+    tags = {"mode": cfg.mode, "strategy": cfg.transfer.strategy, "engine": cfg.scaling.engine,
+            "privacy": "dp-sgd" if cfg.privacy.enabled else "none"}
     with runs.tracked_run(uri, cfg.tracking.experiment, cfg.name, tags=tags) as run:
         runs.log_config(uri, run.run_id, cfg.model_dump(mode="json"))
         runs.log_system_info(uri, run.run_id)
@@ -288,6 +294,7 @@ def _export_best(setup: TrainSetup, result: Any, out: Path) -> Path:
     """Export the best-scoring checkpoint that loads; one that does not (truncated, corrupt) is
     passed over with a warning for the next best, as a resume passes over a broken latest one."""
     failed: list[str] = []
+    privacy = _final_privacy(result)
     for checkpoint in _checkpoints_by_score(result):
         with checkpoint.as_directory() as d:
             try:
@@ -296,7 +303,11 @@ def _export_best(setup: TrainSetup, result: Any, out: Path) -> Path:
                 failed.append(f"{checkpoint.path}: {type(e).__name__}: {e}")
                 log.warning("checkpoint does not load, exporting the next best: %s", failed[-1])
                 continue
-            return export_checkpoint(setup, Path(d), out, result.metrics or {}, state=state)
+            # The metrics reported with this checkpoint (its epoch), not the last epoch's.
+            metrics = next((m for c, m in result.best_checkpoints or [] if c is checkpoint),
+                           result.metrics or {})
+            return export_checkpoint(setup, Path(d), out, metrics, state=state,
+                                     privacy=privacy)
     raise RuntimeError("no checkpoint of this run loads: " + "; ".join(failed))
 
 
@@ -322,14 +333,27 @@ def _curve(result: Any) -> list[dict[str, float]]:
     return [dict(p) for p in state.curve]
 
 
+def _final_privacy(result: Any) -> dict[str, Any] | None:
+    """A private run's accounting after its last epoch (None: not private). The exported
+    checkpoint may be an earlier one, but it was chosen by looking at every epoch's model, so
+    the whole run's epsilon is the one that holds for it."""
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as d:
+        return TrainState.read(Path(d)).privacy
+
+
 def _flat_test_metrics(report: EvalReport) -> dict[str, float]:
+    """The test metrics under their one MLflow spelling (``test_ndcg_at_10/<platform>``)."""
+    from recsys.tracking.metric_names import metric_key
+
     out = {}
     for name, res in report.platforms.items():
         for k, v in res.metrics.items():
             if v is not None and not (isinstance(v, float) and np.isnan(v)):
-                out[f"test_{k}/{name}"] = float(v)
+                out[metric_key("test", k, name)] = float(v)
         if res.auc is not None:
-            out[f"test_ctr_auc/{name}"] = float(res.auc)
+            out[metric_key("test", "ctr_auc", name)] = float(res.auc)
     return out
 
 

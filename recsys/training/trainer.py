@@ -146,6 +146,18 @@ def prepare(cfg: TrainJobConfig) -> TrainSetup:
     return TrainSetup(cfg, es, train, evals, model_platforms, inputs, init)
 
 
+def check_private(setup: TrainSetup) -> None:
+    """Refuse, on the driver and before any worker starts, a private run whose guarantee would
+    not hold: several platforms, cross-platform histories, or a model that trains parameters
+    outside the per-user computation (``recsys.training.privacy``)."""
+    from recsys.training.model_setup import build_model
+    from recsys.training.privacy import check_per_user_model, check_private_setup
+
+    check_private_setup(setup.train_platforms, bool(history_platforms(setup.example_set)))
+    check_per_user_model(build_model(setup.cfg, setup.inputs, setup.init,
+                                     setup.model_platforms))
+
+
 def controller_env() -> None:
     """Ray Train V2 settings for the controller this process is about to start (Train copies
     them from this process's environment; an explicit setting wins). The controller polls its
@@ -184,6 +196,8 @@ def build_trainer(cfg: TrainJobConfig, setup: TrainSetup | None = None,
 
     controller_env()
     setup = setup or prepare(cfg)
+    if cfg.privacy.enabled:
+        check_private(setup)
     datasets = setup.datasets if setup.datasets is not None else training_datasets(setup)
     if tracking is not None:
         from recsys.tracking.runs import RunRef

@@ -57,6 +57,11 @@ def train(ctx: Context, key: str, stage: str, cfg: TrainJobConfig,
 def stage_pretrain(ctx: Context) -> None:
     p = ctx.cfg.pretrain
     assert p is not None  # PipelineConfig refuses the stage without its section
+    if ctx.cfg.federated.enabled:
+        from recsys.pipeline.stages.federated import federated_pretrain
+
+        ctx.result.pretrain = federated_pretrain(ctx, p.platforms)
+        return
     cfg = train_config(ctx, p.config, "pretrain", p.overrides, mode="pretrain",
                        train_platforms=p.platforms, eval_platforms=p.platforms)
     ctx.result.pretrain = train(ctx, "pretrain", "pretrain", cfg, {})
