@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: setup demo stop test test-slow test-gpu bench lint lock clean
+.PHONY: setup demo stop test test-slow test-gpu bench lint lock clean prometheus prometheus-pkg
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,30 @@ demo: $(STAMP)
 stop: $(STAMP)
 	$(PY) -m jobs.stop
 
-test: $(STAMP)
+test: $(STAMP) prometheus-pkg
 	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+
+# The Debian package prometheus (a real server for the metrics tests and `make prometheus`),
+# installed when missing and possible: as root with apt-get. Elsewhere nothing fails: those
+# tests skip, saying why. RUNLEVEL=1: the package's service is not started (ours binds
+# 127.0.0.1 on a port of its own).
+prometheus-pkg:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "==> installing the Debian package prometheus (metrics tests)"; \
+	    export DEBIAN_FRONTEND=noninteractive RUNLEVEL=1; \
+	    apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null 2>&1 \
+	         && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
+	    || echo "==> could not install prometheus: the Prometheus tests will skip"; \
+	  else \
+	    echo "==> prometheus absent (installing it needs root and apt-get): its tests skip"; \
+	  fi; }
+
+# Prometheus on 127.0.0.1:9090 scraping the demo's Ray head (make demo) until Ctrl-C; the head's
+# dashboard queries it (docs/monitoring.md). ARGS: --port, --scrape-interval, --session-dir.
+prometheus: $(STAMP) prometheus-pkg
+	$(PY) -m recsys.serving.prometheus $(ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" $(ARGS)

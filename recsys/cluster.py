@@ -33,11 +33,24 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+# Where a head's dashboard looks for Prometheus (read once, when the head starts): its
+# Prometheus-backed views and /api/prometheus_health. recsys/serving/prometheus.py runs one.
+PROMETHEUS_HOST_ENV = "RAY_PROMETHEUS_HOST"
+PROMETHEUS_PORT = 9090  # the head's (make prometheus); a private cluster gets a port of its own
+_prometheus_host: str | None = None  # the one given to the private cluster started here
 
 
 def loopback_env() -> dict[str, str]:
     """Environment that keeps a locally started Ray on 127.0.0.1 (also for `ray start`)."""
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def prometheus_host() -> str:
+    """The Prometheus address the dashboard of this process's cluster queries: the port reserved
+    for the private cluster :func:`init_ray` started, else ``RAY_PROMETHEUS_HOST``, else the
+    head's default (``http://127.0.0.1:9090``, what :func:`ensure_local_head` gives a head)."""
+    return _prometheus_host or os.environ.get(PROMETHEUS_HOST_ENV) \
+        or f"http://{LOOPBACK}:{PROMETHEUS_PORT}"
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None,
@@ -108,11 +121,16 @@ def _own_address_env() -> Iterator[None]:
     stale once it is stopped. Ray Train's ``PlacementGroupCleaner`` is one: with a stale file
     each of its state-API checks hung ~40 s, and every ``TorchTrainer.fit`` waited 12 s at its
     end for the cleaner to stop (measured; a sweep trial is one fit)."""
-    keys = (GCS_PORT_ENV, "RAY_ADDRESS")
+    global _prometheus_host
+    keys = (GCS_PORT_ENV, "RAY_ADDRESS", PROMETHEUS_HOST_ENV)
     saved = {k: os.environ.get(k) for k in keys}
     port = os.environ.get(GCS_PORT_ENV) or str(free_port())
     os.environ[GCS_PORT_ENV] = port
     os.environ["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
+    # A Prometheus port of its own (not the head's 9090): recsys.serving.prometheus starts one
+    # there for this cluster (prometheus_host()), and the dashboard's charts query it.
+    _prometheus_host = os.environ.get(PROMETHEUS_HOST_ENV) or f"http://{LOOPBACK}:{free_port()}"
+    os.environ[PROMETHEUS_HOST_ENV] = _prometheus_host
     try:
         yield
     finally:
@@ -206,6 +224,7 @@ def ensure_local_head(num_cpus: int | None = None, *, port: int = HEAD_PORT,
             cmd += ["--temp-dir", str(temp_dir)]
         env = {**os.environ, **loopback_env()}
         env.pop("RAY_ADDRESS", None)
+        env.setdefault(PROMETHEUS_HOST_ENV, f"http://{LOOPBACK}:{PROMETHEUS_PORT}")
         log.info("starting a local Ray head: %s", " ".join(cmd))
         launched = time.time()
         # A session of its own (setsid): every process of the head, and all they start, carry

@@ -80,7 +80,10 @@ def format_summary(cfg: PipelineConfig, res: PipelineResult) -> str:
         if d.api_key_file:
             links.append(("API key", f"x-api-key header, from {d.api_key_file} (mode 0600)"))
     if cfg.tracking and {"pretrain", "transfer", "sweep", "register"} & set(cfg.active):
-        links.append(("MLflow UI", tracking_uri()))
+        from recsys.tracking.server import ensure_experiment, experiment_url
+
+        uri = tracking_uri()  # the experiment's training runs, in the machine-learning view
+        links.append(("MLflow UI", experiment_url(uri, ensure_experiment(uri, cfg.name))))
     if ray.is_initialized():
         from ray._private.worker import get_dashboard_url
 

@@ -30,11 +30,11 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Histogram
 
 from recsys.serving.access import ANONYMOUS, Caller, RateLimiter, check_auth, identify, load_keys
 from recsys.serving.args import AppArgs, load_predictor, local_path, tracking_uri
 from recsys.serving.http import BodySizeLimit, swagger_assets
+from recsys.serving.metrics import GatewayMetrics, ModelMetrics
 from recsys.serving.predictor import (
     Predictor,
     Prepared,
@@ -149,14 +149,7 @@ class Recommender:
         set_torch_threads(args.torch_threads)
         self._recommend_batch.set_max_batch_size(args.max_batch_size)
         self._recommend_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
-        self.served = Counter("recsys_recommendations", description="answered recommendations",
-                              tag_keys=("platform", "source"))
-        self.latency = Histogram("recsys_predict_ms", description="model time per request",
-                                 boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200],
-                                 tag_keys=("endpoint",))
-        self.load_failures = Counter("recsys_model_load_failures", description="champion "
-                                     "versions that failed to load (the replica kept its own)",
-                                     tag_keys=("model",))
+        self.metrics = ModelMetrics()  # recsys/serving/metrics.py
         self.slots: dict[str, ModelSlot] = {}
         self._unknown: dict[str, float] = {}  # platform -> until when it is known not to exist
         async def load(model: str) -> ModelSlot:  # a plain function: Serve keeps its cache on it
@@ -175,12 +168,28 @@ class Recommender:
     def _new_slot(self, model: str) -> ModelSlot:
         uri = uri_of(self.args.model_uri, model)
         try:
-            return ModelSlot(model, uri, lambda u: load_predictor(self.args, u),
-                             lambda name: self.load_failures.inc(tags={"model": name}))
+            return ModelSlot(model, uri,
+                             lambda u: self._loaded(model, load_predictor(self.args, u)),
+                             lambda name: self.metrics.load_failures.inc(tags={"model": name}))
         except LookupError:  # no such registered model or alias: not a platform we serve
             self._unknown[model] = time.monotonic() + max(self.args.poll_interval_s, 1.0)
             raise UnknownPlatform(model, [m for m in self.slots if m != SINGLE_MODEL_ID]) \
                 from None
+
+    def _loaded(self, model: str, predictor: Predictor) -> Predictor:
+        """A model loaded (first time or swap): its version per platform it serves here."""
+        platforms = predictor.platforms if model == SINGLE_MODEL_ID else [model]
+        self.metrics.loaded(platforms, predictor.source.version,
+                            {p: c.num_items for p, c in predictor.catalogs.items()})
+        return predictor
+
+    def _answered(self, out: RecommendResponse | SearchResponse, predictor: Predictor,
+                  started: float) -> None:
+        endpoint = "search" if isinstance(out, SearchResponse) else "recommend"
+        self.metrics.answered(
+            out.platform, "search" if endpoint == "search" else out.source, endpoint,
+            [i.item_id for i in out.items], [i.score for i in out.items],
+            predictor.catalog(out.platform).num_items, (time.perf_counter() - started) * 1000)
 
     async def _load_slot(self, model: str) -> ModelSlot:
         """Serve's multiplexing calls this for a model id not in its cache (LRU beyond
@@ -232,14 +241,18 @@ class Recommender:
         """Raises UnknownPlatform (the gateway answers 404)."""
         started = time.perf_counter()
         predictor = await self._predictor(body.platform)  # one model for the whole request
-        prepared = predictor.prepare(body)
-        if self.args.max_batch_size > 1:
-            out = await self._recommend_batch((predictor, prepared))
-        else:
-            out = predictor.recommend_many([prepared])[0]
-        self.served.inc(tags={"platform": out.platform, "source": out.source})
-        self.latency.observe((time.perf_counter() - started) * 1000,
-                             tags={"endpoint": "recommend"})
+        try:
+            prepared = predictor.prepare(body)
+            if self.args.max_batch_size > 1:
+                out = await self._recommend_batch((predictor, prepared))
+            else:
+                out = predictor.recommend_many([prepared])[0]
+        except UnknownPlatform:
+            raise  # a caller's made-up name: no label for it (the gateway answers 404)
+        except Exception:
+            self.metrics.failed(body.platform)  # a served platform: a bounded label
+            raise
+        self._answered(out, predictor, started)
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
@@ -259,8 +272,15 @@ class Recommender:
     async def search(self, body: SearchRequest) -> SearchResponse:
         """Raises UnknownPlatform / SearchUnavailable (the gateway answers 404 / 503)."""
         started = time.perf_counter()
-        out = (await self._predictor(body.platform)).search(body)
-        self.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": "search"})
+        predictor = await self._predictor(body.platform)
+        try:
+            out = predictor.search(body)
+        except UnknownPlatform:
+            raise
+        except Exception:  # SearchUnavailable (503) included
+            self.metrics.failed(body.platform)
+            raise
+        self._answered(out, predictor, started)
         return out
 
 
@@ -287,9 +307,7 @@ class Gateway:
         api.state.auth, api.state.keys = args.auth, keys
         api.state.limiter = RateLimiter(args.rate_limit_per_s)
         api.state.max_body_bytes = args.max_body_bytes
-        self.retried = Counter("recsys_gateway_retries",
-                               description="model calls repeated after a replica died",
-                               tag_keys=("endpoint",))
+        self.metrics = GatewayMetrics()  # latency per platform, retries, unanswered calls
 
     def _handle(self, platform: str) -> DeploymentHandle:
         """The model tier's handle routed by ``platform``'s multiplexed model id, made once per
@@ -322,13 +340,26 @@ class Gateway:
                 raise
             except RayActorError as e:
                 if attempt == self.args.retries:
+                    if platform is not None:
+                        self.metrics.unavailable(platform)
                     raise HTTPException(503, f"model replicas unavailable after "
                                              f"{attempt + 1} attempts; retry later") from e
-                self.retried.inc(tags={"endpoint": method})
+                self.metrics.retried.inc(tags={"endpoint": method})
                 log.warning("%s: model replica failed (%s); attempt %d of %d", method,
                             type(e).__name__, attempt + 2, self.args.retries + 1)
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def _timed(self, method: str, body: RecommendRequest | SearchRequest,
+                     caller: Caller) -> object:
+        """``_call`` timed per platform and endpoint (``recsys_request_ms``)."""
+        started, answered = time.perf_counter(), False
+        try:
+            out = await self._call(method, body, caller=caller, platform=body.platform)
+            answered = True
+            return out
+        finally:
+            self.metrics.observe(body.platform, method, started, answered)
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -374,13 +405,13 @@ class Gateway:
     async def recommend(self, body: RecommendRequest, caller: Authorized) -> RecommendResponse:
         """Top-k items for a user on a platform; falls back to popular items without history."""
         _check_platform(caller, body.platform)
-        return await self._call("recommend", body, caller=caller, platform=body.platform)
+        return await self._timed("recommend", body, caller)
 
     @api.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, body: SearchRequest, caller: Authorized) -> SearchResponse:
         """Items of a platform closest to a text query, in the same space as recommendations."""
         _check_platform(caller, body.platform)
-        return await self._call("search", body, caller=caller, platform=body.platform)
+        return await self._timed("search", body, caller)
 
 
 def compose(args: AppArgs, model_options: dict | None = None,

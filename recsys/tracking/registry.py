@@ -1,14 +1,13 @@
 """Champion/challenger in the MLflow model registry, as free functions keyed by (uri, name).
 
-One registered model per platform (``recsys-<platform>`` by default). ``@champion`` is the
-version serving should load. A new version takes it only by beating the current champion on the
-same validation data, re-evaluated here (``promote_if_better``), never copied from training logs;
-otherwise it stays a tagged challenger with both scores. Every move of ``@champion`` pushes the
-version it replaced onto the ``champion_history`` tag of the registered model (and points
-``@previous_champion`` at it), so ``rollback`` is one call. Used by sweeps, the CLI
-(``recsys registry ...``) and the serving endpoint. This module holds the project's one alias
-lookup (``alias_version``) and its one download of a version's export (``download_export``);
-``recsys.serving.model_source`` resolves ``models:/`` uris through them.
+One registered model per platform (``recsys-<platform>``). ``@champion`` is the version serving
+loads. A new version takes it only by beating the champion on the same validation data,
+re-evaluated here (``promote_if_better``), never copied from training logs; otherwise it stays a
+tagged challenger with both scores, and a decision removes its ``@challenger`` alias
+(``recsys.tracking.challenger``). Every move of ``@champion`` pushes the version it replaced onto
+the ``champion_history`` tag (and points ``@previous_champion`` at it): ``rollback`` is one call.
+Used by sweeps, the CLI and the serving endpoint; holds the one alias lookup (``alias_version``)
+and the one download of a version's export (``download_export``).
 
 Concurrent writers (two sweeps promoting at once, a rollback during a promotion) are safe:
 every move of ``@champion`` (``promote``, ``rollback``, ``promote_if_better``) reads the champion,
@@ -33,9 +32,11 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from recsys.tracking.challenger import CHALLENGER, clear_challenger, clear_challenger_locked
 from recsys.tracking.champion_lock import champion_lock
-from recsys.tracking.errors import RegistryError, not_found
-from recsys.tracking.runs import _process_tracking_uri, mlflow_key
+from recsys.tracking.errors import RegistryError, delete_alias, not_found
+from recsys.tracking.metric_names import mlflow_key
+from recsys.tracking.runs import _process_tracking_uri
 from recsys.tracking.runs import client as _client
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,7 @@ def alias_version(uri: str, name: str, alias: str) -> str | None:
 
 
 def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
-    """Point ``models:/<name>@<alias>`` at ``version`` as is: no history and no tags (moves of
-    ``@champion`` go through ``promote``, which keeps both)."""
+    """Point ``@<alias>`` at ``version``, no history or tags (``promote`` keeps both)."""
     _client(uri).set_registered_model_alias(name, alias, str(version))
 
 
@@ -144,6 +144,7 @@ def describe(uri: str, name: str) -> dict[str, Any]:
         "name": name,
         "champion": alias_version(uri, name, CHAMPION),
         "previous_champion": alias_version(uri, name, PREVIOUS),
+        "challenger": alias_version(uri, name, CHALLENGER),
         "champion_history": champion_history(uri, name),
         "versions": [asdict(v) for v in versions],
     }
@@ -186,11 +187,7 @@ def _move(c: MlflowClient, name: str, state: ChampionState, champion: str,
     if history:
         c.set_registered_model_alias(name, PREVIOUS, history[-1])
     else:
-        try:
-            c.delete_registered_model_alias(name, PREVIOUS)
-        except MlflowException as e:
-            if not not_found(e):
-                raise
+        delete_alias(c, name, PREVIOUS)
     return generation
 
 
@@ -204,6 +201,7 @@ def _promote_locked(c: MlflowClient, name: str, version: str, reason: str,
         c.set_model_version_tag(name, version, k, v)
     if previous is not None:
         c.set_model_version_tag(name, previous, "role", "former_champion")
+    clear_challenger_locked(c, name, version)
     log.info("%s: @champion %s -> %s (%s)", name, previous, version, reason)
     return generation
 
@@ -398,6 +396,7 @@ def _decide(c: MlflowClient, name: str, version: str, metric: str, mine: float,
     reason = (f"{metric} {mine:.4f} does not beat champion v{champion} {theirs.score:.4f}"
               + (f" by more than {min_improvement}" if min_improvement else ""))
     _tag_challenger(c, name, version, metric, mine, champion, theirs.score, reason)
+    clear_challenger_locked(c, name, version)  # beaten: no longer under evaluation
     return Decision(name, version, False, reason, metric, mine, champion, theirs.score, extra)
 
 
@@ -408,6 +407,7 @@ def _reject(c: MlflowClient, uri: str, name: str, version: str, metric: str,
     tags = {"role": "rejected", "decision": reason[:4000], "rejected_at": str(int(time.time()))}
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, v)
+    clear_challenger(uri, name, version)
     log.warning("%s: %s", name, reason)
     return Decision(name, version, False, reason, metric, None,
                     alias_version(uri, name, CHAMPION), None, {"rejected": True})

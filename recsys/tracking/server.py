@@ -377,9 +377,33 @@ def ensure_tracking(settings: Settings) -> str:
     return start_detached(default_root(settings))
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+"""What the MLflow 3 UI calls a "Machine learning" experiment (its other kind is
+``genai_development``): the tag its experiment-type selector writes, set on every experiment the
+platform creates so that it opens on training runs, not on GenAI traces."""
+ML_WORKFLOW_QUERY = "workflowType=machine_learning"
+"""MLflow 3.17's UI picks the view from a global GenAI / Machine-learning switch (stored in the
+browser, GenAI by default) rather than from the tag: links the platform prints carry this."""
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The UI page of an experiment's training runs (the machine-learning view)."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{ML_WORKFLOW_QUERY}"
+
+
+def model_version_url(uri: str, name: str, version: str) -> str:
+    """The UI page of a registered model version."""
+    from urllib.parse import quote
+
+    return (f"{uri.rstrip('/')}/#/models/{quote(name, safe='')}/versions/{version}"
+            f"?{ML_WORKFLOW_QUERY}")
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """Experiment id for ``name``, created if missing. Call once on the driver before trials start;
-    safe if another process creates it at the same moment."""
+    """Experiment id for ``name``, created if missing, tagged as a machine-learning experiment
+    (an existing one keeps a kind someone chose in the UI). Call once on the driver before trials
+    start; safe if another process creates it at the same moment."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -388,7 +412,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return str(client.create_experiment(name))
+            return str(client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}))
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
@@ -399,4 +423,6 @@ def ensure_experiment(uri: str, name: str) -> str:
             f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted at {uri}: "
             f"restore it (`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
             "or set `tracking.experiment` to another name")
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):  # made before the platform tagged
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return str(experiment.experiment_id)

@@ -119,7 +119,7 @@ def collect_rows(grid: Any, metric: str, uri: str | None, parent: str | None,
                        error=None if result.error is None else str(result.error)[:500])
         rows.append(row)
         if uri and run_id:
-            _finish_child(uri, run_id, row)
+            _finish_child(uri, run_id, row, metric)
     return sorted(rows, key=lambda r: r.trial_id.split("_")[-1])
 
 
@@ -127,7 +127,7 @@ def _trial_epochs(result: Any, default: int) -> int:
     return int((result.config or {}).get("params", {}).get("optim.epochs", default))
 
 
-def _finish_child(uri: str, run_id: str, row: TrialRow) -> None:
+def _finish_child(uri: str, run_id: str, row: TrialRow, metric: str) -> None:
     from recsys.tracking import runs
 
     c = runs.client(uri)
@@ -139,7 +139,10 @@ def _finish_child(uri: str, run_id: str, row: TrialRow) -> None:
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
     if row.best_metric is not None:
-        runs.log_metrics(uri, run_id, {"tune_best_metric": row.best_metric}, step=row.epochs)
+        # The spelling the loop logs its best score under (``best_valid_ndcg_at_10``), at the
+        # trial's last epoch: one name per metric (recsys.tracking.metric_names).
+        runs.log_metrics(uri, run_id, {f"best_{metric}": row.best_metric},
+                         step=max(row.epochs - 1, 0))
     if c.get_run(run_id).info.status == "RUNNING":
         runs.end_run(uri, run_id, "FAILED" if row.status == "errored" else "FINISHED")
 

@@ -318,6 +318,8 @@ def register_best(cfg: SweepConfig, ctx: TrialContext, shared: Any, best: TrialR
     """Export the best trial's best checkpoint; with tracking, log it as a pyfunc model in the
     trial's run, register it and let ``promote_if_better`` decide on ``@champion``."""
     from recsys.tracking import registry, runs
+    from recsys.tracking.challenger import register_challenger
+    from recsys.tracking.metric_names import mlflow_key
     from recsys.training.run import export_checkpoint
 
     assert best.checkpoint is not None
@@ -326,14 +328,15 @@ def register_best(cfg: SweepConfig, ctx: TrialContext, shared: Any, best: TrialR
     out = cfg.sweep_dir().resolve() / "best" / "export"
     export = export_checkpoint(setup, Path(best.checkpoint), out,
                                {cfg.metric.key: best.best_metric or 0.0,
-                                "best_epoch": best.best_epoch or 0})
+                                "epoch": best.best_epoch or 0})
     if not (uri and best.run_id):
         return export, None
-    model_uri = runs.log_recommender(uri, best.run_id, export)
+    # At the best epoch: the LoggedModel carries that epoch's metrics of the trial's run.
+    model_uri = runs.log_recommender(uri, best.run_id, export, step=best.best_epoch or 0)
     name = cfg.registry.model_name or registry.default_model_name(platform)
-    version = runs.register_model(uri, model_uri, name, tags={
+    version = register_challenger(uri, model_uri, name, export, platform=platform, tags={
         "sweep": cfg.name, "trial_id": best.trial_id, "sweep_run_id": parent,
-        "metric": cfg.metric.key, "trial_best_metric": f"{best.best_metric:.6f}"})
+        "metric": mlflow_key(cfg.metric.key), "trial_best_metric": f"{best.best_metric:.6f}"})
     scorer = registry.valid_scorer(setup.example_set, platform, cfg.metric.name)
     decision = registry.promote_if_better(uri, name, version, scorer, platform=platform,
                                           metric=f"valid_{cfg.metric.name}",

@@ -102,6 +102,24 @@ def test_ensure_experiment_is_idempotent(uri: str) -> None:
         "mlflow-artifacts:/")
 
 
+def test_experiments_open_on_training_runs(uri: str) -> None:
+    """Tagged as the MLflow 3 UI's "Machine learning" kind; an old untagged one gets the tag;
+    the printed link opens the runs in the machine-learning view."""
+    from recsys.tracking.server import EXPERIMENT_KIND_TAG, TRAINING_KIND, experiment_url
+
+    c = MlflowClient(uri)
+    new = ensure_experiment(uri, "ml-kind")
+    assert c.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    old = c.create_experiment("ml-kind-old")
+    assert ensure_experiment(uri, "ml-kind-old") == old
+    assert c.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    c.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")  # a person's choice
+    ensure_experiment(uri, "ml-kind-old")
+    assert c.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert experiment_url(uri, new).endswith(f"/#/experiments/{new}/runs"
+                                             "?workflowType=machine_learning")
+
+
 def test_run_logs_config_metrics_system_and_artifacts(uri: str, tmp_path: Path) -> None:
     run_id = runs.start_run(uri, "unit", "r1", tags={"mode": "pretrain"})
     config = {"name": "r1", "train": {"lr": 3e-4, "epochs": 3}, "data": {"platforms": ["a", "b"]},

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from recsys.config import ConfigError, load_config
 from recsys.evaluation.offline import EvaluateConfig, run_evaluation
 from recsys.model.export import load_export
+from recsys.tracking import metric_names
 from recsys.training.config import TrainJobConfig
 from recsys.training.engine import TrainState
 from recsys.training.run import run_training
@@ -98,6 +99,7 @@ def test_mlflow_run_has_config_curves_report_and_model(pretrained, mlflow_server
     assert [m.value for m in client.get_metric_history(pretrained.run_id, "valid_users")] == \
         [want, want]
     assert any(k.startswith("test_ndcg_at_10/") for k in run.data.metrics)
+    assert metric_names.unknown(run.data.metrics) == []  # one spelling per metric
     artifacts = {a.path for a in client.list_artifacts(pretrained.run_id, "report")}
     assert "report/report.md" in artifacts
     mlflow.set_tracking_uri(mlflow_server.uri)

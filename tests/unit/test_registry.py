@@ -39,6 +39,8 @@ from recsys.data.sequences import EXAMPLES_SCHEMA
 from recsys.model.export import ExportedItems, save_export
 from recsys.model.recommender import Recommender
 from recsys.tracking import champion_lock, registry, runs
+from recsys.tracking.challenger import CHALLENGER, register_challenger
+from recsys.tracking.model_card import CARD_MARK
 
 N, H, MAX_LEN = 30, 16, 8
 PLATFORM = "shop_a"
@@ -74,7 +76,8 @@ def _example_set(root: Path) -> ExampleSet:
     return load_example_set(root)
 
 
-def _export(root: Path, es: ExampleSet, seed: int, item_ids: list[str] | None = None) -> Path:
+def _export(root: Path, es: ExampleSet, seed: int, item_ids: list[str] | None = None,
+            metrics: dict[str, float] | None = None) -> Path:
     torch.manual_seed(seed)
     model = Recommender(text_dim=H, dim=16, num_platforms=1, num_brands=2, num_categories=2,
                         max_len=MAX_LEN, num_layers=1, num_heads=2, dropout=0.0, num_experts=1)
@@ -84,7 +87,8 @@ def _export(root: Path, es: ExampleSet, seed: int, item_ids: list[str] | None = 
     cats = np.zeros((N + 1, 3), np.int64)
     items = {PLATFORM: ExportedItems(PLATFORM, 0, item_ids or [f"i{i}" for i in range(1, N + 1)],
                                      np.r_[0, np.ones(N, np.int64)], cats, vecs)}
-    meta = {"platforms": [PLATFORM], "platforms_with_items": [PLATFORM]}
+    meta = {"platforms": [PLATFORM], "platforms_with_items": [PLATFORM],
+            "metrics": metrics or {}}
     return save_export(root, model, model.state_dict(), meta, items,
                        {PLATFORM: es.path / "catalog" / f"{PLATFORM}.parquet"})
 
@@ -383,3 +387,71 @@ def test_a_broken_or_poisoned_version_is_refused(world, tmp_path: Path, attack: 
     tags = MlflowClient(uri).get_model_version(name, version).tags
     assert tags["role"] == "rejected" and tags["decision"] == d.reason
     print(f"\n{attack}: {d.reason}")
+
+
+def _trained_challenger(world, name: str, seed: int, tmp: Path) -> tuple[str, str]:
+    """A run with two epochs (the second one best), its export of epoch 1, the model logged at
+    that epoch with test metrics, registered through ``register_challenger``."""
+    uri = world["uri"]
+    run_id = runs.start_run(uri, "registry-test", f"trained{seed}")
+    for epoch, ndcg in ((0, 0.1), (1, 0.3)):
+        runs.log_metrics(uri, run_id, {"valid_ndcg@10": ndcg, "train_loss": 2.0 - epoch},
+                         step=epoch)
+    export = _export(tmp / f"trained{seed}", world["es"], seed,
+                     metrics={"epoch": 1, "valid_ndcg@10": 0.3})
+    model_uri = runs.log_recommender(uri, run_id, export, pip_requirements=["torch", "mlflow"])
+    runs.log_metrics(uri, run_id, {f"test_ndcg@10/{PLATFORM}": 0.25}, step=2,
+                     model_id=runs.logged_model_id(model_uri))
+    runs.end_run(uri, run_id)
+    return register_challenger(uri, model_uri, name, export, platform=PLATFORM), str(export)
+
+
+def test_a_registered_version_carries_its_best_epoch_test_metrics_and_card(world) -> None:
+    """The LoggedModel has epoch 1's metrics (the exported one), not epoch 0's; the version has
+    a description with them and its test metrics as tags; the registered model a description."""
+    uri, name = world["uri"], f"{world['name']}-card"
+    version, _ = _trained_challenger(world, name, 0, world["tmp"] / "card")
+    c = MlflowClient(uri)
+    mv = c.get_model_version(name, version)
+    model = c.get_logged_model(runs.logged_model_id(str(mv.source)))
+    by_key = {m.key: m for m in model.metrics}
+    assert by_key["valid_ndcg_at_10"].value == pytest.approx(0.3)
+    assert by_key["valid_ndcg_at_10"].step == 1 and by_key["train_loss"].value == 1.0
+    assert by_key[f"test_ndcg_at_10/{PLATFORM}"].value == pytest.approx(0.25)
+    assert mv.tags[f"test_ndcg_at_10/{PLATFORM}"] == "0.250000"
+    assert mv.tags["best_epoch"] == "1"
+    assert mv.description.startswith(CARD_MARK)
+    assert f"test_ndcg_at_10/{PLATFORM}` | 0.2500" in mv.description
+    assert "best epoch (1)" in mv.description
+    described = c.get_registered_model(name).description
+    assert described.startswith(CARD_MARK) and "@challenger" in described
+    # A description someone wrote by hand is kept.
+    c.update_registered_model(name, description="written by hand")
+    _trained_challenger(world, name, 1, world["tmp"] / "card")
+    assert c.get_registered_model(name).description == "written by hand"
+
+
+def test_challenger_alias_lifecycle(world) -> None:
+    """@challenger points at a version from registration until the gate decides: removed when
+    it is promoted or beaten; a decision on an older version leaves a newer challenger alone."""
+    uri, name, scorer = world["uri"], f"{world['name']}-alias", world["scorer"]
+    tmp = world["tmp"] / "alias"
+    first, first_export = _trained_challenger(world, name, 0, tmp)
+    assert registry.alias_version(uri, name, CHALLENGER) == first
+    d = registry.promote_if_better(uri, name, first, scorer, platform=PLATFORM,
+                                   challenger_export=Path(first_export))
+    assert d.promoted and registry.alias_version(uri, name, CHALLENGER) is None
+    assert registry.describe(uri, name)["challenger"] is None
+    # Two challengers registered at once: deciding the older one keeps the newer one's alias.
+    older, _ = _trained_challenger(world, name, 1, tmp)
+    newer, _ = _trained_challenger(world, name, 2, tmp)
+    assert registry.alias_version(uri, name, CHALLENGER) == newer
+    registry.promote_if_better(uri, name, older, scorer, platform=PLATFORM)
+    assert registry.alias_version(uri, name, CHALLENGER) == newer
+    # The newer one: promoted or beaten, either way no longer a challenger.
+    registry.promote_if_better(uri, name, newer, scorer, platform=PLATFORM)
+    assert registry.alias_version(uri, name, CHALLENGER) is None
+    # Promoted by hand: the alias goes too.
+    manual, _ = _trained_challenger(world, name, 3, tmp)
+    registry.promote(uri, name, manual, reason="test")
+    assert registry.alias_version(uri, name, CHALLENGER) is None

@@ -68,7 +68,8 @@ def _sweep(ctx: Context, target: str) -> None:
 def stage_register(ctx: Context) -> None:
     """Register each target's best run (scratch or transfer, by validation NDCG@10)."""
     from recsys.data.examples import load_example_set
-    from recsys.tracking import registry, runs
+    from recsys.tracking import registry
+    from recsys.tracking.challenger import register_challenger
 
     uri = tracking_uri()
     es = load_example_set(ctx.cfg.data.examples)
@@ -85,9 +86,11 @@ def stage_register(ctx: Context) -> None:
         if ctx.needed(key, "register", inputs, [], RegisterOutput):
             started = time.perf_counter()
             assert best.output.model_uri is not None  # only logged runs are candidates
-            version = runs.register_model(uri, best.output.model_uri, name, tags={
-                "pipeline": ctx.cfg.name, "run": label,
-                "mlflow_run_id": best.output.mlflow_run_id})
+            # @challenger until the gate below decides (with its description and test metrics)
+            version = register_challenger(
+                uri, best.output.model_uri, name, Path(best.output.export), platform=target,
+                tags={"pipeline": ctx.cfg.name, "run": label,
+                      "mlflow_run_id": best.output.mlflow_run_id})
             decision = registry.promote_if_better(
                 uri, name, version, registry.valid_scorer(es, target), platform=target,
                 challenger_export=Path(best.output.export),
