@@ -220,10 +220,9 @@ def _evaluate(cfg: FederatedJobConfig, export: Path, es: Any, platforms: list[st
     files = write_report(report, run_dir(cfg) / "report")
     if run is not None:
         from recsys.tracking import runs
+        from recsys.training.run import flat_test_metrics
 
-        test = {f"test_{k}/{p}": float(v) for p, res in report.platforms.items()
-                for k, v in res.metrics.items() if isinstance(v, (int, float))}
-        runs.log_metrics(run.uri, run.run_id, test, step=len(rounds))
+        runs.log_metrics(run.uri, run.run_id, flat_test_metrics(report), step=len(rounds))
         runs.log_artifacts(run.uri, run.run_id, files["json"].parent, "report")
     return report
 

@@ -179,7 +179,7 @@ def run_training(cfg: TrainJobConfig) -> TrainOutcome:
             # The model first, at its best epoch (MLflow copies that epoch's metrics onto it),
             # then the test metrics, on the run and on the model.
             model_uri = _log_model(run.uri, run.run_id, export)
-            runs.log_metrics(run.uri, run.run_id, _flat_test_metrics(report), step=len(curve),
+            runs.log_metrics(run.uri, run.run_id, flat_test_metrics(report), step=len(curve),
                              model_id=runs.logged_model_id(model_uri))
             runs.log_artifacts(run.uri, run.run_id, files["json"].parent, "report")
     best_metric = max((p.get(METRIC, 0.0) for p in curve), default=float("nan"))
@@ -294,7 +294,8 @@ def _export_best(setup: TrainSetup, result: Any, out: Path) -> Path:
     """Export the best-scoring checkpoint that loads; one that does not (truncated, corrupt) is
     passed over with a warning for the next best, as a resume passes over a broken latest one."""
     failed: list[str] = []
-    privacy = _final_privacy(result)
+    # Only a private run has accounting to carry (reading it opens the latest checkpoint).
+    privacy = _final_privacy(result) if setup.cfg.privacy.enabled else None
     for checkpoint in _checkpoints_by_score(result):
         with checkpoint.as_directory() as d:
             try:
@@ -343,7 +344,7 @@ def _final_privacy(result: Any) -> dict[str, Any] | None:
         return TrainState.read(Path(d)).privacy
 
 
-def _flat_test_metrics(report: EvalReport) -> dict[str, float]:
+def flat_test_metrics(report: EvalReport) -> dict[str, float]:
     """The test metrics under their one MLflow spelling (``test_ndcg_at_10/<platform>``)."""
     from recsys.tracking.metric_names import metric_key
 
