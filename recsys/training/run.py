@@ -294,8 +294,6 @@ def _export_best(setup: TrainSetup, result: Any, out: Path) -> Path:
     """Export the best-scoring checkpoint that loads; one that does not (truncated, corrupt) is
     passed over with a warning for the next best, as a resume passes over a broken latest one."""
     failed: list[str] = []
-    # Only a private run has accounting to carry (reading it opens the latest checkpoint).
-    privacy = _final_privacy(result) if setup.cfg.privacy.enabled else None
     for checkpoint in _checkpoints_by_score(result):
         with checkpoint.as_directory() as d:
             try:
@@ -307,6 +305,8 @@ def _export_best(setup: TrainSetup, result: Any, out: Path) -> Path:
             # The metrics reported with this checkpoint (its epoch), not the last epoch's.
             metrics = next((m for c, m in result.best_checkpoints or [] if c is checkpoint),
                            result.metrics or {})
+            # Only a private run has accounting to carry (reading it opens the latest one).
+            privacy = _final_privacy(result) if setup.cfg.privacy.enabled else None
             return export_checkpoint(setup, Path(d), out, metrics, state=state,
                                      privacy=privacy)
     raise RuntimeError("no checkpoint of this run loads: " + "; ".join(failed))
