@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform as pyplatform
+import subprocess
 import sys
 import threading
 import time
@@ -78,10 +79,26 @@ def package_versions(names: Iterable[str], missing: str | None = None) -> dict[s
     return out
 
 
+def source_state() -> dict[str, Any]:
+    """The commit the figures came from and whether the tree had local changes (a figure
+    "from a clean clone" has ``dirty: False``); ``None`` fields outside a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                 timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def machine_info(packages: Iterable[str], **extra: Any) -> dict[str, Any]:
     """Date, CPUs, memory, Python and platform, then ``extra``, then the packages' versions."""
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source_state(),
         "cpu_count_logical": os.cpu_count(),
         "cpu_count_physical": psutil.cpu_count(logical=False),
         "cpu_model": cpu_model(),

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS, fmt, machine_info, stderr_log, write_json
+from common import REPO, RESULTS, fmt, machine_info, source_state, stderr_log, write_json
 from privacy_attacks import render_attack, run_attack
 from privacy_federated import render_federated, run_federated
 from quality_plan import PSEUDONYM_KEY, merge
@@ -187,7 +187,13 @@ def render(results: dict[str, Any]) -> str:
              "Written by `bench/privacy.py`; what each mechanism protects: `docs/privacy.md`.",
              ""]
     for part, block in results["parts"].items():
-        lines += RENDERERS[part](block) + [""]
+        lines += RENDERERS[part](block)
+        src = block.get("source") or {}
+        if src.get("commit"):
+            tree = "a clean tree" if src.get("dirty") is False else "local changes"
+            lines += ["", f"_Part `{part}`: commit `{src['commit'][:10]}`, {tree}, "
+                          f"{block.get('seconds', 0) / 60:.0f} min._"]
+        lines += [""]
     return "\n".join(lines)
 
 
@@ -221,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / f"{stem}.json"
     results = json.loads(path.read_text()) if path.exists() else {"parts": {}}
     results["machine"] = machine_info(["torch", "opacus", "ray"])
-    t0 = time.perf_counter()
     for part in parts:
+        t0 = time.perf_counter()
         results["parts"][part] = PARTS[part](a)
         results["parts"][part]["seconds"] = round(time.perf_counter() - t0, 1)
+        results["parts"][part]["source"] = source_state()
         a.out.mkdir(parents=True, exist_ok=True)
         write_json(path, results)
         (a.out / f"{stem}.md").write_text(render(results))
