@@ -17,23 +17,19 @@ validate ``args`` into ``AppArgs``, and FastAPI reads handler annotations; both 
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import APIKeyHeader
-from fastapi.staticfiles import StaticFiles
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from recsys.serving.access import ANONYMOUS, Caller, RateLimiter, check_auth, identify, load_keys
+from recsys.serving.access import Caller, RateLimiter, check_auth, load_keys
+from recsys.serving.api import ERRORS, Authorized, api, api_key_header, caller_of, check_platform
 from recsys.serving.args import AppArgs, load_predictor, local_path, tracking_uri
-from recsys.serving.http import BodySizeLimit, swagger_assets
 from recsys.serving.metrics import GatewayMetrics, ModelMetrics
 from recsys.serving.predictor import (
     Predictor,
@@ -44,7 +40,6 @@ from recsys.serving.predictor import (
 )
 from recsys.serving.schemas import (
     PLATFORM_PATTERN,
-    ErrorBody,
     Health,
     ModelInfo,
     RecommendRequest,
@@ -62,78 +57,7 @@ from recsys.serving.slots import (
 
 log = logging.getLogger("recsys.serve")
 
-API_KEY_HEADER = "x-api-key"
 READY_TIMEOUT_S = 5.0
-
-
-# -- HTTP plumbing ------------------------------------------------------------------------------
-
-# The schema and the docs page are routes of their own, behind the key (below).
-api = FastAPI(
-    title="recsys recommendation API",
-    version="1",
-    description="Cross-platform recommendations and text search over the served model "
-                "(the MLflow champion or a local export).",
-    docs_url=None, redoc_url=None, openapi_url=None,
-)
-_api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                               description="required unless the server runs with auth: none")
-ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
-          413: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
-
-
-def caller_of(request: Request, key: str | None) -> Caller | None:
-    """The caller of a request (anonymous with ``auth: none``); None: no key matched."""
-    state = request.app.state
-    if state.auth == "none":
-        return Caller(ANONYMOUS)
-    return identify(state.keys, key, request.headers.get("authorization"))
-
-
-def authorize(request: Request,
-              key: Annotated[str | None, Depends(_api_key_header)] = None) -> Caller:
-    """Every endpoint but the health checks: a known key (401 otherwise; the Basic challenge
-    lets a browser open /docs with the key as password), within its rate (429)."""
-    caller = caller_of(request, key)
-    if caller is None:
-        raise HTTPException(401, "missing or wrong x-api-key",
-                            headers={"WWW-Authenticate": 'Basic realm="recsys"'})
-    wait = request.app.state.limiter.wait_s(caller)
-    if wait > 0:
-        raise HTTPException(429, f"rate limit of key {caller.name!r} exceeded",
-                            headers={"Retry-After": str(math.ceil(wait))})
-    return caller
-
-
-Authorized = Annotated[Caller, Depends(authorize)]
-
-
-def _check_platform(caller: Caller, platform: str) -> None:
-    if not caller.may_use(platform):
-        raise HTTPException(403, f"key {caller.name!r} may not use platform {platform!r}")
-
-
-# Swagger UI from the installed swagger-ui-bundle, not a CDN: /docs works offline. The assets are
-# the public Swagger UI code; the page and the schema need the key.
-api.mount("/docs/assets", StaticFiles(directory=swagger_assets()), name="docs-assets")
-
-
-@api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
-def openapi_schema() -> JSONResponse:
-    return JSONResponse(api.openapi())
-
-
-@api.get("/docs", include_in_schema=False, dependencies=[Depends(authorize)])
-def swagger_ui(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "").rstrip("/")
-    return get_swagger_ui_html(
-        openapi_url=f"{root}/openapi.json", title=f"{api.title} - docs",
-        swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
-        swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png")
-
-
-api.add_middleware(BodySizeLimit)
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=64)
@@ -371,7 +295,7 @@ class Gateway:
     @api.get("/readyz", response_model=Health, tags=["health"],
              responses={503: {"model": Health}})
     async def readyz(self, request: Request,
-                     key: Annotated[str | None, Depends(_api_key_header)] = None
+                     key: Annotated[str | None, Depends(api_key_header)] = None
                      ) -> Health | JSONResponse:
         """Readiness: a model replica has the model and every platform's item matrix loaded
         (``stale``: it serves, but the newest champion failed to load). What is served, and
@@ -398,19 +322,19 @@ class Gateway:
                                          "with ?platform=<name>")
             platform = SINGLE_MODEL_ID
         else:
-            _check_platform(caller, platform)
+            check_platform(caller, platform)
         return await self._call("info", platform, caller=caller, platform=platform)
 
     @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(self, body: RecommendRequest, caller: Authorized) -> RecommendResponse:
         """Top-k items for a user on a platform; falls back to popular items without history."""
-        _check_platform(caller, body.platform)
+        check_platform(caller, body.platform)
         return await self._timed("recommend", body, caller)
 
     @api.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, body: SearchRequest, caller: Authorized) -> SearchResponse:
         """Items of a platform closest to a text query, in the same space as recommendations."""
-        _check_platform(caller, body.platform)
+        check_platform(caller, body.platform)
         return await self._timed("search", body, caller)
 
 
