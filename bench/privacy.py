@@ -9,9 +9,10 @@ Parts (``--parts``, each merged into ``bench/results/privacy.json`` under its ow
   repeat bias and CTR head fine-tuned), non-private (epsilon = inf) and at epsilon 8, 4, 1 with
   delta = 1 / training users. Test NDCG@10, full ranking, with 95% bootstrap intervals over
   users (``recsys.evaluation.metrics.bootstrap_ci``, via the run's report).
-* ``federated``: federated (each source shop a client, only model updates sent) vs pooled
-  pretraining, each transferred to Scientific at 10% and 100% of its users, vs scratch;
-  bytes per round (``bench/privacy_federated.py``).
+* ``federated``: federated (each source shop a client, only model updates sent; variants
+  FedAvg, FedProx, FedAdam and FedAvg with client-level DP, ``--fed-variants``) vs pooled
+  pretraining at equal compute, each transferred to Scientific at 10% and 100% of its users,
+  vs scratch; bytes per round and in total (``bench/privacy_federated.py``).
 * ``attack``: membership inference (loss/rank threshold, calibrated loss, shadow models) on
   members vs held-out Scientific users, non-private and per epsilon, retrained on a seeded
   user split (``bench/privacy_attacks.py``, ``recsys.evaluation.membership``).
@@ -19,7 +20,8 @@ Parts (``--parts``, each merged into ``bench/results/privacy.json`` under its ow
 Federated and attack parts are meant to be added to :data:`PARTS` (a function that takes the
 parsed arguments and returns its JSON block) and to :func:`render`.
 
-    python bench/privacy.py                 # every part (~20 min on 2 CPU cores)
+    python bench/privacy.py                 # every part (~1 h on 2 CPU cores; federated ~42 min)
+    python bench/privacy.py --parts federated --fed-variants fedavg,fedprox   # a subset
     python bench/privacy.py --parts dp --quick   # smoke run: 10% of users, 1 epoch
 """
 
@@ -38,7 +40,7 @@ from typing import Any
 
 from common import REPO, RESULTS, fmt, machine_info, source_state, stderr_log, write_json
 from privacy_attacks import render_attack, run_attack
-from privacy_federated import render_federated, run_federated
+from privacy_federated import VARIANTS, parse_variants, render_federated, run_federated
 from quality_plan import PSEUDONYM_KEY, merge
 
 sys.path.insert(0, str(REPO))
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--epsilons", type=lambda s: [float(x) for x in s.split(",")],
                    help="subset of 'inf,8,4,1'")
+    p.add_argument("--fed-variants", type=parse_variants, default=list(VARIANTS),
+                   help=f"federated part: comma-separated, of {list(VARIANTS)} (default all)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     parts = a.parts.split(",")
