@@ -8,6 +8,7 @@ what ``python -m jobs.X`` runs (the same function; see docs/jobs.md):
     recsys federated --config configs/federated/federated.yaml [key=value ...]
     recsys evaluate --config configs/eval/demo.yaml [key=value ...]
     recsys tune --config tune/sweeps/X.yaml [key=value ...]
+    recsys monitor --config configs/monitor/monitor.yaml [--watch] [key=value ...]
     recsys examples --config configs/data/X.yaml [key=value ...]
     recsys ingest --source KIND --path P --platform NAME --out LAKE [...]
     recsys registry list|show|promote|rollback --platform P [--version V]
@@ -189,6 +190,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "federated": job("federated"),
     "evaluate": job("evaluate"),
     "tune": job("tune"),
+    "monitor": job("monitor"),
     "registry": registry_main,
     "stop": job("stop"),
     "docs": docs_main,

@@ -33,6 +33,7 @@ from pydantic_core import PydanticUndefined
 from recsys.data.examples import DataConfig
 from recsys.evaluation.offline import EvaluateConfig
 from recsys.federated.config import FederatedJobConfig
+from recsys.monitoring.config import MonitorConfig
 from recsys.pipeline.config import PipelineConfig
 from recsys.settings import Settings
 from recsys.training.config import TrainJobConfig
@@ -62,6 +63,8 @@ REGISTRY: tuple[DocEntry, ...] = (
              "`python -m jobs.federated`; the pipeline's `pretrain` stage with "
              "`federated.enabled: true`", "configs/federated/*.yaml"),
     DocEntry("Evaluation", EvaluateConfig, "`python -m jobs.evaluate`", "configs/eval/*.yaml"),
+    DocEntry("Drift monitor", MonitorConfig, "`python -m jobs.monitor` (`--watch`: every "
+             "`interval_s`); the pipeline's opt-in `monitor` stage", "configs/monitor/*.yaml"),
     DocEntry("Sweep", SweepConfig, "Ray Tune sweeps (`recsys.tuning`)", "tune/sweeps/*.yaml"),
     DocEntry("Data (examples)", DataConfig, "`recsys examples`; the `data` section of the "
              "pipeline and training configs", "configs/data/*.yaml"),

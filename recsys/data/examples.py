@@ -79,6 +79,8 @@ class PlatformCounts(StrictModel):
     """Mean history length of the test rows."""
     impressions: int = 0
     """Impression events in the lake (exposures: never in histories, CTR negatives)."""
+    last_event: datetime | None = None
+    """The newest event of the platform in the lake (None: a set built before it was kept)."""
 
 
 class TextCounts(StrictModel):
@@ -348,7 +350,15 @@ def _platform_counts(lake: str, platform: str, catalog: pa.Table,
     return PlatformCounts.model_validate(
         {"catalog_items": catalog.num_rows, "lake_users": lake_users,
          "users_too_short": lake_users - counts.get("users", 0),
-         "impressions": impressions(lake, platform), **counts})
+         "impressions": impressions(lake, platform), "last_event": last_event(lake, platform),
+         **counts})
+
+
+def last_event(lake: str | Path, platform: str) -> datetime | None:
+    """The newest event timestamp of a platform's lake partition (its timestamp column only)."""
+    newest = [pc.max(pq.read_table(f, columns=["timestamp"])["timestamp"]).as_py()
+              for f in event_files(lake, platform)]
+    return max((t for t in newest if t is not None), default=None)
 
 
 def impressions(lake: str | Path, platform: str) -> int:

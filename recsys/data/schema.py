@@ -101,3 +101,27 @@ def check_schema(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
     if problems:
         raise ValueError(f"{where}: not a canonical {expected.metadata[b'recsys.schema'].decode()} "
                          f"table: " + "; ".join(problems))
+
+
+# What the serving endpoint logs (``recsys.serving.feedback``): one row per item shown
+# (``impression``, with its 1-based ``position`` and ``score``) and one per click / cart /
+# purchase posted to ``/feedback`` (no position), under ``<feedback dir>/<platform>/``. User ids
+# are already pseudonyms of the key whose fingerprint the file's metadata records
+# (``QUARANTINE_KEY_METADATA``); ingest source ``feedback`` refuses another key.
+FEEDBACK_EVENT_TYPES: tuple[str, ...] = ("impression", "click", "cart", "purchase")
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        pa.field("platform", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=True),  # pseudonym; null: anonymous request
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("position", pa.int32(), nullable=True),  # 1 = shown first; null: feedback
+        pa.field("score", pa.float64(), nullable=True),
+        pa.field("request_id", pa.string(), nullable=False),  # joins feedback to impressions
+        pa.field("model_version", pa.string(), nullable=True),
+        pa.field("served_by", pa.string(), nullable=True),  # champion / challenger
+        pa.field("source", pa.string(), nullable=True),  # model / popular (impressions)
+    ],
+    metadata={"recsys.schema": "feedback", "recsys.schema_version": str(SCHEMA_VERSION)},
+)

@@ -61,7 +61,9 @@ def write_export(out: Path, cfg: FederatedJobConfig, es: ExampleSet, inputs: Ite
         train_config=cfg.train_config().model_dump(mode="json"),
         mode="pretrain", strategy=f"federated_{cfg.federated.algorithm}",
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        example_set=str(es.path), input_fingerprint=es.manifest.input_fingerprint)
+        example_set=str(es.path), input_fingerprint=es.manifest.input_fingerprint,
+        data_until={p: c.last_event for p, c in es.manifest.platforms.items()
+                    if c.last_event is not None})
     catalogs = {p: es.path / "catalog" / f"{p}.parquet" for p in items}
     state: dict[str, torch.Tensor] = model.state_dict()
     return save_export(out, model, state, meta, items, catalogs)

@@ -8,13 +8,16 @@
     EXPORT/items/<platform>.json    per platform: its platform id and item ids (index i + 1)
     EXPORT/catalog/<platform>.parquet  item index -> id, title, brand, category, price
     EXPORT/encoder/                 fine-tuned text encoder (only when it was trained)
+    EXPORT/ann/<platform>.{faiss,json}  approximate index of a catalog of more than
+                                    ``ann_threshold`` items (``recsys.model.ann``)
 
 ``load_export`` rebuilds the ``Recommender`` from this alone (no training config classes);
 ``export.json`` is read and written only as :class:`ExportMeta`.
 
 Nothing in an export is unpickled when it is loaded (a registry write must not run code on a
 serving replica): tensors are safetensors, ids JSON, catalogs Parquet, a fine-tuned encoder is
-read with ``use_safetensors=True``. A file that fails to parse is an :class:`ExportError`
+read with ``use_safetensors=True``, an index is faiss's binary format checked against its
+SHA-256 before it is parsed. A file that fails to parse is an :class:`ExportError`
 naming it.
 """
 
@@ -24,6 +27,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +40,7 @@ from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from recsys.config import StrictModel
+from recsys.model.ann import DEFAULT_THRESHOLD, AnnError, AnnIndex, load_index, save_index
 from recsys.model.recommender import Recommender
 
 FORMAT_VERSION = 2  # 2: items as safetensors + JSON (1 held pickled id arrays in .npz)
@@ -99,6 +104,9 @@ class ExportInfo(StrictModel):
     """Seed of a synthetic (toy) model."""
     privacy: PrivacyCard | None = None
     """Set when the model was trained with DP-SGD (None: no formal privacy guarantee)."""
+    data_until: dict[str, datetime] = Field(default_factory=dict)
+    """Platform -> the newest event of its lake partition that the example set was built from
+    (the end of the training data: the drift monitor's reference cutoff)."""
 
     @property
     def user_fraction(self) -> float:
@@ -170,9 +178,10 @@ class Exported:
 
 def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torch.Tensor],
                 meta: ExportInfo | Mapping[str, Any], items: dict[str, ExportedItems],
-                catalogs: dict[str, Path]) -> Path:
+                catalogs: dict[str, Path], ann_threshold: int = DEFAULT_THRESHOLD) -> Path:
     """Write an export directory (replacing an existing one). ``meta`` as a mapping is
-    validated as :class:`ExportInfo` (callers not yet moved to the typed form)."""
+    validated as :class:`ExportInfo` (callers not yet moved to the typed form). A platform
+    with more than ``ann_threshold`` items (0: none) also gets an approximate index."""
     info = meta if isinstance(meta, ExportInfo) else ExportInfo.model_validate(dict(meta))
     full = ExportMeta.model_validate({**info.model_dump(), "model_config": model.config,
                                       "has_encoder": model.text_encoder is not None})
@@ -197,9 +206,40 @@ def save_export(path: str | Path, model: Recommender, state_dict: dict[str, torc
             {"platform_id": int(it.platform_id), "item_ids": [str(i) for i in it.item_ids]}))
     for name, src in catalogs.items():
         shutil.copyfile(src, tmp / "catalog" / f"{name}.parquet")
+    for name, it in items.items():
+        if ann_threshold and it.num_items > ann_threshold and it.text_vecs is not None:
+            save_index(tmp, name, scoring_vectors(model, it)[1:].numpy())
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+@torch.inference_mode()
+def scoring_vectors(model: Recommender, it: ExportedItems, chunk: int = 65_536) -> torch.Tensor:
+    """The vectors (N+1, D) that serving scores ``it``'s catalog by: the item table,
+    L2-normalised when the model normalises; computed ``chunk`` items at a time (fp32, CPU)."""
+    text, brands, cats = (torch.as_tensor(it.text_vecs), torch.as_tensor(it.brand_ids),
+                          torch.as_tensor(it.category_ids))
+    device = next(model.parameters()).device
+    parts = [model.item_table(text.to(device), brands.to(device), cats.to(device),
+                              it.platform_id, ids=torch.arange(i, min(i + chunk, len(brands)),
+                                                               device=device)).float().cpu()
+             for i in range(0, len(brands), chunk)]
+    table = torch.cat(parts)
+    return torch.nn.functional.normalize(table, dim=-1) if model.normalize else table
+
+
+def load_ann(path: str | Path, platform: str, num_items: int, dim: int) -> AnnIndex | None:
+    """The approximate index of ``platform`` in the export at ``path`` (None: it has none),
+    checked against the export's items and weights: a stale or tampered one is an
+    :class:`ExportError` naming the file."""
+    path = Path(path)
+    if not (path / "ann" / f"{platform}.json").exists():
+        return None
+    try:
+        return load_index(path, platform, num_items, dim)
+    except AnnError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_export(path: str | Path, map_location: str = "cpu") -> Exported:

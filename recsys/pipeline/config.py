@@ -14,11 +14,14 @@ from pydantic import Field, model_validator
 from recsys.config import StrictModel
 from recsys.data.examples import DataConfig
 from recsys.data.ingest.runner import IngestOptions
+from recsys.production.canary import CanaryConfig
 from recsys.training.config import Strategy
 
 Stage = Literal["ingest", "examples", "pretrain", "transfer", "evaluate", "sweep", "register",
-                "deploy", "smoke"]
+                "deploy", "smoke", "monitor"]
 STAGES: tuple[str, ...] = get_args(Stage)
+OPT_IN: tuple[str, ...] = ("monitor",)
+"""Stages that run only when ``stages`` names them (the default list leaves them out)."""
 
 
 class IngestSource(IngestOptions):
@@ -65,6 +68,10 @@ class TransferStage(StrictModel):
     strategies: list[Strategy] = Field(default_factory=lambda: ["freeze_encoder"], min_length=1)
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted overrides applied to transfer and scratch runs alike."""
+    warm_start: Literal["pretrain", "champion"] = "pretrain"
+    """What each target's transfer runs start from: the pretrained model, or the target's
+    current ``@champion`` (downloaded from the registry; the incremental re-fine-tune on new
+    logs). Without a champion yet: the pretrained model, and the log says so."""
 
 
 class EvaluateStage(StrictModel):
@@ -81,11 +88,27 @@ class SweepStage(StrictModel):
     """Dotted train-config overrides for every trial (before the sampled values)."""
 
 
+class CanaryStage(StrictModel):
+    """The online canary after the offline gate (``recsys.production.canary``): the Serve app
+    sends its ``canary.share`` of users to ``@canary``, this judges (docs/production.md)."""
+
+    app: str | None = None
+    """Serve application (on the Ray cluster this job runs on) whose model replicas count the
+    canary's fallbacks, e.g. ``recsys``. None: not read; a canary that never loads then shows
+    as no impressions and is rolled back at ``judge.timeout_s``."""
+    feedback_dir: str = "runs/demo/feedback"
+    """The app's ``feedback.dir``: impressions and clicks per arm."""
+    judge: CanaryConfig = CanaryConfig()
+
+
 class RegisterStage(StrictModel):
     model_name: str = "recsys-{platform}"
     """Registered model per target platform."""
     min_improvement: float = Field(0.0, ge=0)
     """A challenger must beat the champion's validation NDCG@10 by more than this."""
+    canary: CanaryStage | None = None
+    """Set: a version that beats the champion offline gets ``@canary`` for an online canary
+    (``recsys.production.trigger`` runs it) instead of becoming ``@champion``."""
 
 
 class DeployStage(StrictModel):
@@ -103,11 +126,22 @@ class SmokeStage(StrictModel):
     timeout_s: float = Field(120, gt=0)
 
 
+class MonitorStage(StrictModel):
+    """The drift monitor after deploy (opt-in: ``stages=[..., monitor]``): one check of the
+    pipeline's lake against each target's champion; it reports, never triggers a re-run."""
+
+    config: str = "configs/monitor/monitor.yaml"
+    """Monitor job YAML; the pipeline sets name, lake, platforms (the targets), model_name,
+    out_dir and tracking, and turns the trigger off."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted monitor-config overrides, e.g. ``{window.min_events: 100}``."""
+
+
 class PipelineConfig(StrictModel):
     """Config of ``python -m jobs.pipeline``."""
 
     name: str = "demo"
-    stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+    stages: list[Stage] = Field(default_factory=lambda: [s for s in STAGES if s not in OPT_IN])
     skip: list[Stage] = Field(default_factory=list)
     force: list[Stage] = Field(default_factory=list)
     """Stages re-run even when their inputs are unchanged."""
@@ -124,6 +158,7 @@ class PipelineConfig(StrictModel):
     registry: RegisterStage = RegisterStage()
     deploy: DeployStage = DeployStage()
     smoke: SmokeStage = SmokeStage()
+    monitor: MonitorStage = MonitorStage()
     tracking: bool = True
     """Log every training run to MLflow (local server unless RECSYS_MLFLOW_TRACKING_URI)."""
 
@@ -131,7 +166,8 @@ class PipelineConfig(StrictModel):
     def _check(self) -> PipelineConfig:
         if "pretrain" in self.active and self.pretrain is None:
             raise ValueError("stage 'pretrain' needs a 'pretrain' section (or skip: [pretrain])")
-        needs_targets = {"transfer", "evaluate", "sweep", "register", "deploy", "smoke"}
+        needs_targets = {"transfer", "evaluate", "sweep", "register", "deploy", "smoke",
+                         "monitor"}
         if needs_targets & set(self.active) and self.transfer is None:
             raise ValueError(f"stages {sorted(needs_targets & set(self.active))} need a "
                              "'transfer' section (its targets)")

@@ -123,6 +123,8 @@ class PipelineResult:
     register: dict[str, RegisterOutput] = field(default_factory=dict)
     deploy: DeployOutput | None = None
     smoke: SmokeOutput | None = None
+    monitor: list[Any] = field(default_factory=list)
+    """The monitor stage's ``recsys.monitoring.schema.DriftReport`` per target."""
     timings: dict[str, float] = field(default_factory=dict)
     """Stage -> seconds."""
     ran: list[str] = field(default_factory=list)

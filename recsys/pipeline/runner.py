@@ -12,6 +12,7 @@ from recsys.pipeline.context import Context, tracking_uri
 from recsys.pipeline.outputs import PipelineResult
 from recsys.pipeline.stages.data import stage_examples, stage_ingest
 from recsys.pipeline.stages.evaluate import stage_evaluate
+from recsys.pipeline.stages.monitor import stage_monitor
 from recsys.pipeline.stages.registry import stage_register, stage_sweep
 from recsys.pipeline.stages.serve import stage_deploy, stage_smoke
 from recsys.pipeline.stages.train import stage_pretrain, stage_transfer
@@ -21,6 +22,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], None]] = {
     "ingest": stage_ingest, "examples": stage_examples, "pretrain": stage_pretrain,
     "transfer": stage_transfer, "evaluate": stage_evaluate, "sweep": stage_sweep,
     "register": stage_register, "deploy": stage_deploy, "smoke": stage_smoke,
+    "monitor": stage_monitor,
 }
 
 

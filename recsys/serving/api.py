@@ -74,8 +74,10 @@ api.mount("/docs/assets", StaticFiles(directory=swagger_assets()), name="docs-as
 
 
 @api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
-def openapi_schema() -> JSONResponse:
-    return JSONResponse(api.openapi())
+def openapi_schema(request: Request) -> JSONResponse:
+    # The app that serves the request: Serve's ingress runs a copy of ``api`` (with the
+    # Gateway's routes), not this module's object, whose schema has no paths in a replica.
+    return JSONResponse(request.app.openapi())
 
 
 @api.get("/docs", include_in_schema=False, dependencies=[Depends(authorize)])

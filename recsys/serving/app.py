@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -30,7 +30,9 @@ from ray.serve.handle import DeploymentHandle
 from recsys.serving.access import Caller, RateLimiter, check_auth, load_keys
 from recsys.serving.api import ERRORS, Authorized, api, api_key_header, caller_of, check_platform
 from recsys.serving.args import AppArgs, load_predictor, local_path, tracking_uri
-from recsys.serving.metrics import GatewayMetrics, ModelMetrics
+from recsys.serving.canary import Canary
+from recsys.serving.feedback import open_log
+from recsys.serving.metrics import CanaryMetrics, GatewayMetrics, ModelMetrics
 from recsys.serving.predictor import (
     Predictor,
     Prepared,
@@ -40,6 +42,9 @@ from recsys.serving.predictor import (
 )
 from recsys.serving.schemas import (
     PLATFORM_PATTERN,
+    REQUEST_ID_HEADER,
+    FeedbackAccepted,
+    FeedbackRequest,
     Health,
     ModelInfo,
     RecommendRequest,
@@ -74,6 +79,8 @@ class Recommender:
         self._recommend_batch.set_max_batch_size(args.max_batch_size)
         self._recommend_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         self.metrics = ModelMetrics()  # recsys/serving/metrics.py
+        self.canary = Canary(args.canary, lambda model, uri: ModelSlot(
+            model, uri, lambda u: load_predictor(self.args, u)), CanaryMetrics().count)
         self.slots: dict[str, ModelSlot] = {}
         self._unknown: dict[str, float] = {}  # platform -> until when it is known not to exist
         async def load(model: str) -> ModelSlot:  # a plain function: Serve keeps its cache on it
@@ -138,6 +145,8 @@ class Recommender:
                     self.slots.pop(model, None)
                     continue
                 slot.poll(tracking, self.args.poll_interval_s, self.args.reload_backoff_max_s)
+            self.canary.poll({m: s for m, s in self.slots.items() if not s.retired}, tracking,
+                             self.args.poll_interval_s, self.args.reload_backoff_max_s)
 
     def __del__(self) -> None:
         if hasattr(self, "_stop"):
@@ -162,9 +171,27 @@ class Recommender:
         return (await self._predictor(platform)).info()
 
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
-        """Raises UnknownPlatform (the gateway answers 404)."""
-        started = time.perf_counter()
+        """Raises UnknownPlatform (the gateway answers 404). In a canary the platform's
+        challenger answers its share of users, the champion when it fails (canary.py)."""
+        model = model_id(self.args.model_uri, body.platform)
         predictor = await self._predictor(body.platform)  # one model for the whole request
+        challenger = self.canary.route(model, body)
+        if challenger is not None:
+            try:
+                out = await self._recommend_with(challenger.predictor, body, count_errors=False)
+                self.canary.answered(model, body.platform, "challenger")
+                return out.model_copy(update={"served_by": "challenger"})
+            except Exception as e:  # noqa: BLE001 (counted; the champion answers instead)
+                self.canary.fell_back(model, body.platform)
+                log.warning("challenger of %s failed, the champion answers: %r", model, e)
+        out = await self._recommend_with(predictor, body)
+        if self.canary.enabled:
+            self.canary.answered(model, body.platform, "champion")
+        return out
+
+    async def _recommend_with(self, predictor: Predictor, body: RecommendRequest,
+                              count_errors: bool = True) -> RecommendResponse:
+        started = time.perf_counter()
         try:
             prepared = predictor.prepare(body)
             if self.args.max_batch_size > 1:
@@ -174,10 +201,15 @@ class Recommender:
         except UnknownPlatform:
             raise  # a caller's made-up name: no label for it (the gateway answers 404)
         except Exception:
-            self.metrics.failed(body.platform)  # a served platform: a bounded label
+            if count_errors:
+                self.metrics.failed(body.platform)  # a served platform: a bounded label
             raise
         self._answered(out, predictor, started)
         return out
+
+    def canary_stats(self, platform: str) -> dict:
+        """This replica's canary counts for ``platform`` (``recsys.production.canary``)."""
+        return self.canary.stats(model_id(self.args.model_uri, platform))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _recommend_batch(self, requests: list[tuple[Predictor, Prepared]]
@@ -232,6 +264,11 @@ class Gateway:
         api.state.limiter = RateLimiter(args.rate_limit_per_s)
         api.state.max_body_bytes = args.max_body_bytes
         self.metrics = GatewayMetrics()  # latency per platform, retries, unanswered calls
+        self.feedback = open_log(args)  # impressions and /feedback to Parquet; None: off
+
+    def __del__(self) -> None:  # Serve's graceful shutdown: write what the log holds
+        if getattr(self, "feedback", None) is not None:
+            self.feedback.close()
 
     def _handle(self, platform: str) -> DeploymentHandle:
         """The model tier's handle routed by ``platform``'s multiplexed model id, made once per
@@ -326,10 +363,29 @@ class Gateway:
         return await self._call("info", platform, caller=caller, platform=platform)
 
     @api.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
-    async def recommend(self, body: RecommendRequest, caller: Authorized) -> RecommendResponse:
-        """Top-k items for a user on a platform; falls back to popular items without history."""
+    async def recommend(self, body: RecommendRequest, caller: Authorized,
+                        response: Response) -> RecommendResponse:
+        """Top-k items for a user on a platform; falls back to popular items without history.
+        The answer's ``request_id`` (also its x-recsys-request-id header) is what /feedback
+        names."""
         check_platform(caller, body.platform)
-        return await self._timed("recommend", body, caller)
+        out = await self._timed("recommend", body, caller)
+        response.headers[REQUEST_ID_HEADER] = out.request_id
+        if self.feedback is not None:  # only a queue put (recsys/serving/feedback.py)
+            self.feedback.served(body.user_id, out, self.metrics.platform(body.platform))
+        return out
+
+    @api.post("/feedback", status_code=202, response_model=FeedbackAccepted, responses=ERRORS)
+    async def feedback_event(self, body: FeedbackRequest, caller: Authorized) -> FeedbackAccepted:
+        """A click, cart or purchase of an item of the answer ``request_id``: logged for ingest
+        (404 when the app keeps no log, 503 when its queue is full: retry later)."""
+        check_platform(caller, body.platform)
+        if self.feedback is None:
+            raise HTTPException(404, "this app keeps no feedback log (feedback.dir is null)")
+        if not self.feedback.feedback(body, self.metrics.platform(body.platform)):
+            raise HTTPException(503, "feedback queue full; retry later",
+                                headers={"Retry-After": "1"})
+        return FeedbackAccepted(request_id=body.request_id)
 
     @api.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, body: SearchRequest, caller: Authorized) -> SearchResponse:

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from recsys.config import StrictModel
 from recsys.data.pseudonym import DEFAULT_KEY_FILE, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key
+from recsys.serving.canary import CanaryArgs
 from recsys.serving.model_source import is_registry_uri
 from recsys.serving.predictor import Predictor
 from recsys.serving.rules import ServingRules
@@ -16,6 +17,22 @@ from recsys.serving.schemas import PLATFORM_PATTERN
 from recsys.settings import get_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class FeedbackArgs(StrictModel):
+    """The impression and feedback log (``recsys.serving.feedback``): every answer of /recommend
+    and every POST /feedback, as Parquet files that ingest source ``feedback`` reads."""
+
+    dir: str | None = Field(None, description="where the files go, one directory per platform "
+                            "(relative paths: to the repo root); null: no log, and /feedback "
+                            "answers 404")
+    queue_size: int = Field(10_000, ge=1, le=1_000_000, description="answers and events held "
+                            "in memory per gateway replica; beyond, new ones are dropped and "
+                            "counted (recsys_feedback_dropped), never waited for")
+    flush_every: int = Field(5_000, ge=1, description="rows per file: a file is written when "
+                             "this many are waiting")
+    flush_interval_s: float = Field(10.0, gt=0, le=3600, description="and at the latest this "
+                                    "long after the last file (and at shutdown)")
 
 
 class AppArgs(StrictModel):
@@ -67,6 +84,12 @@ class AppArgs(StrictModel):
                                      "(default: a temporary directory)")
     retries: int = Field(2, ge=0, le=5, description="times the gateway repeats a model call "
                          "whose replica died mid-request (reads only, so safe to repeat)")
+    canary: CanaryArgs = Field(default_factory=CanaryArgs, description="send a share of "
+                               "each platform's users to its @challenger (recsys.serving.canary)")
+    feedback: FeedbackArgs = Field(default_factory=FeedbackArgs, description="log every "
+                                   "answer's impressions and the clicks, carts and purchases "
+                                   "posted to /feedback (pseudonymised), for ingest and the "
+                                   "drift monitor")
 
 
 def local_path(path: str) -> Path:
@@ -92,20 +115,23 @@ def tracking_uri(args: AppArgs) -> str | None:
     return str(info["uri"]) if info else None
 
 
+def serving_pseudonymizer() -> Pseudonymizer:
+    """The key that pseudonymised the lake: $RECSYS_PSEUDONYM_KEY, $RECSYS_PSEUDONYM_KEY_FILE,
+    else the repo's .recsys/pseudonym.key (a replica's working directory may be elsewhere).
+    Never creates one: raises when there is none."""
+    key_file = None
+    if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
+        key_file = local_path(str(DEFAULT_KEY_FILE))
+    return Pseudonymizer(*load_key(create_if_missing=False, key_file=key_file))
+
+
 def load_predictor(args: AppArgs, uri: str | None = None) -> Predictor:
     """The model ``uri`` (default: the app's ``model_uri``) with the app's lake, key and rules
     (a registry uri is resolved and downloaded)."""
     uri = uri or args.model_uri
     tracking = tracking_uri(args)
     lake = local_path(args.lake) if args.lake else None
-    pseudonymizer = None
-    if lake is not None:
-        # The key that pseudonymised the lake: $RECSYS_PSEUDONYM_KEY, $RECSYS_PSEUDONYM_KEY_FILE,
-        # else the repo's .recsys/pseudonym.key (a replica's working directory may be elsewhere).
-        key_file = None
-        if not os.environ.get(KEY_ENV) and not os.environ.get(KEY_FILE_ENV):
-            key_file = local_path(str(DEFAULT_KEY_FILE))
-        pseudonymizer = Pseudonymizer(*load_key(create_if_missing=False, key_file=key_file))
+    pseudonymizer = serving_pseudonymizer() if lake is not None else None
     if is_registry_uri(uri):
         return Predictor.from_model_uri(uri, lake, tracking_uri=tracking,
                                         download_dir=args.download_dir, search=args.search,

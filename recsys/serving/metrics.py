@@ -43,6 +43,10 @@ METRICS = {
     "recsys_model_version": "gauge",
     "recsys_model_load_failures": "counter",
     "recsys_gateway_retries": "counter",
+    "recsys_canary_requests": "counter",
+    "recsys_feedback_logged": "counter",
+    "recsys_feedback_dropped": "counter",
+    "recsys_feedback_written": "counter",
 }
 
 
@@ -178,3 +182,31 @@ class GatewayMetrics:
     def unavailable(self, platform: str) -> None:
         """No model replica answered (the gateway's 503): the model tier never counted it."""
         self.requests.inc(tags={"platform": self.platform(platform), "outcome": "error"})
+
+
+class FeedbackMetrics:
+    """What the gateway's impression and feedback log (``recsys.serving.feedback``) records, in
+    rows (one per item shown, one per posted event): queued, dropped and written to disk."""
+
+    def __init__(self) -> None:
+        self.logged = Counter("recsys_feedback_logged", description="impression and feedback "
+                              "rows queued for the log", tag_keys=("platform", "event_type"))
+        self.dropped = Counter("recsys_feedback_dropped", description="rows lost: the queue "
+                               "was full (queue_full) or a file failed to write (write_failed)",
+                               tag_keys=("platform", "reason"))
+        self.written = Counter("recsys_feedback_written", description="rows written to the "
+                               "log's Parquet files", tag_keys=("platform",))
+
+
+class CanaryMetrics:
+    """What a model replica's canary (``recsys.serving.canary``) records: requests per arm,
+    answered or fallen back to the champion (the challenger failed to load, or raised)."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("recsys_canary_requests", description="requests routed to each "
+                                "arm of a canary: answered by it, or answered by the champion "
+                                "in its place (fallback)", tag_keys=("platform", "arm",
+                                                                      "outcome"))
+
+    def count(self, platform: str, arm: str, outcome: str) -> None:
+        self.requests.inc(tags={"platform": platform, "arm": arm, "outcome": outcome})

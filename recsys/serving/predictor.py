@@ -2,7 +2,8 @@
 
 At load time every platform's catalog goes through the item tower once and is held as one matrix
 (N+1, D); a recommendation runs only the user tower on the user's history and one top-k over that
-matrix, and a search only the text encoder on the query. The Serve app
+matrix (over an approximate index's candidates for a catalog exported with one), and a search
+only the text encoder on the query. The Serve app
 (``recsys/serving/app.py``) wraps this class; tests and the benchmark call it directly.
 
 Cross-platform transfer at serving time: the item tower maps every platform's items into one
@@ -27,11 +28,13 @@ import torch.nn.functional as F
 from recsys.data.crossplatform import merge_histories
 from recsys.data.lake import check_key
 from recsys.data.pseudonym import Pseudonymizer, load_key
-from recsys.model.export import Exported, load_export
+from recsys.model.ann import AnnIndex
+from recsys.model.export import Exported, load_ann, load_export
 from recsys.model.features import category_prefixes, normalise
 from recsys.model.history import padded_user_vectors
 from recsys.serving.history import HistoryStore, UserHistory
 from recsys.serving.model_source import ModelSource, resolve_model
+from recsys.serving.retrieval import search_items, top_items
 from recsys.serving.rules import (
     QUERY,
     PlatformRules,
@@ -92,6 +95,7 @@ class Catalog:
     by_brand: dict[str, np.ndarray]     # normalised brand -> item indices
     by_category: dict[str, np.ndarray]  # normalised category prefix -> item indices
     popular: list[tuple[int, int]] = field(default_factory=list)  # (item index, event count)
+    ann: AnnIndex | None = None         # approximate index (export's ann/, large catalogs only)
 
     @property
     def num_items(self) -> int:
@@ -130,7 +134,7 @@ class Predictor:
     def __init__(self, exported: Exported, source: ModelSource,
                  history: HistoryStore | None = None,
                  pseudonymizer: Pseudonymizer | None = None, search: bool = True,
-                 rules: ServingRules | None = None) -> None:
+                 rules: ServingRules | None = None, int8_search: bool = False) -> None:
         self.exported = exported
         self.source = source
         self.model = exported.model.eval()
@@ -148,6 +152,7 @@ class Predictor:
         if unknown := set(rules.platforms()) - set(self.catalogs):
             log.warning("rules for %s, which this model does not serve", sorted(unknown))
         self.encoder, self.tokenizer, self.search_error = (None, None, None)
+        self.int8_search = int8_search  # the query encoder's Linear layers in int8
         if search:
             self._load_text_encoder()
         else:
@@ -162,7 +167,7 @@ class Predictor:
     def from_export(cls, path: str | Path, lake: str | Path | None = None, *,
                     source: ModelSource | None = None, search: bool = True,
                     pseudonymizer: Pseudonymizer | None = None,
-                    rules: ServingRules | None = None) -> Predictor:
+                    rules: ServingRules | None = None, int8_search: bool = False) -> Predictor:
         """Load an export directory; ``lake`` supplies user histories and popular items."""
         source = source or resolve_model(str(path))
         exported = load_export(source.export_path)
@@ -178,19 +183,21 @@ class Predictor:
                                              max_len=int(exported.model.config["max_len"]))
         else:
             log.warning("no lake: no user histories, and no popular items for the fallback")
-        return cls(exported, source, history, pseudonymizer, search, rules)
+        return cls(exported, source, history, pseudonymizer, search, rules, int8_search)
 
     @classmethod
     def from_model_uri(cls, uri: str, lake: str | Path | None = None, *,
                        tracking_uri: str | None = None, download_dir: str | Path | None = None,
                        search: bool = True, pseudonymizer: Pseudonymizer | None = None,
-                       rules: ServingRules | None = None) -> Predictor:
+                       rules: ServingRules | None = None, int8_search: bool = False
+                       ) -> Predictor:
         """A local export path or ``models:/name@alias`` (downloaded from the registry; the
         download is removed again when the export does not load)."""
         source = resolve_model(uri, tracking_uri, download_dir)
         try:
             return cls.from_export(source.export_path, lake, source=source, search=search,
-                                   pseudonymizer=pseudonymizer, rules=rules)
+                                   pseudonymizer=pseudonymizer, rules=rules,
+                                   int8_search=int8_search)
         except BaseException:
             source.discard()
             raise
@@ -219,7 +226,7 @@ class Predictor:
             table=table, scoring=F.normalize(table, dim=-1) if self.normalize else table,
             by_brand=_groups([[normalise(b)] if b else [] for b in brands]),
             by_category=_groups([category_prefixes(c, 64) for c in categories]),
-            popular=popular)
+            popular=popular, ann=load_ann(self.exported.path, name, it.num_items, table.shape[1]))
 
     def _load_text_encoder(self) -> None:
         """Search needs the item tower's text encoder: the fine-tuned one in the export, else
@@ -235,6 +242,10 @@ class Predictor:
             self.tokenizer = load_tokenizer(name)
             self.encoder = (self.model.text_encoder if self.model.text_encoder is not None
                             else load_text_encoder(name)).eval()
+            if self.int8_search:
+                from recsys.serving.quantize import quantize_encoder
+
+                self.encoder = quantize_encoder(self.encoder)
         except (OSError, ValueError) as e:
             self.search_error = f"text encoder {name!r} could not be loaded: {e}"
             log.warning("search unavailable: %s", self.search_error)
@@ -348,13 +359,12 @@ class Predictor:
     @torch.inference_mode()
     def _top_k(self, p: Prepared, user: torch.Tensor) -> list[Item]:
         """The model's catalog scores (``Recommender.score``: the repeat bias on this catalog's
-        items of the user's history, as in training), then the serving rules of ``_rank``."""
+        items of the user's history, as in training), exclusions and filters applied
+        (``retrieval.top_items``: through the catalog's approximate index when it has one)."""
         cat = p.catalog
-        seen = torch.as_tensor(p.seen, dtype=torch.long)[None]                  # (1, S)
-        scores = self.model.score(seen, torch.tensor([cat.platform_id]), cat.table,
-                                  user=user[None])[0]                           # (N+1,)
         top_n = p.rules.rerank_top_n
-        idx, values = self._rank(scores, max(top_n, p.request.k), p.excluded, p.allowed)
+        idx, values = top_items(self.model, cat.table, cat.ann, user, p.seen, cat.platform_id,
+                                max(top_n, p.request.k), p.excluded, p.allowed)
         if top_n:  # two stages: retrieval's top N, re-ordered by the CTR head
             idx, values = rerank(self.model.ctr_logit, user, cat.table[idx], idx, p.request.k)
         # Why: per item, the history item most like it (cosine; O(k L D), once per request),
@@ -362,23 +372,6 @@ class Predictor:
         reasons = explain(cat.platform, cat.titles, cat.item_ids, p.seq, p.history,
                           cat.table[idx]) if p.rules.reasons else [None] * len(idx)
         return [self._item(cat, i, s, r) for i, s, r in zip(idx, values, reasons)]
-
-    @staticmethod
-    def _rank(scores: torch.Tensor, k: int, excluded: list[int], allowed: np.ndarray | None
-              ) -> tuple[list[int], list[float]]:
-        """Top k item indices of the catalog and their scores: padding, excluded and
-        filtered-out items never appear."""
-        if allowed is not None:
-            keep = torch.zeros_like(scores, dtype=torch.bool)
-            keep[torch.as_tensor(allowed, dtype=torch.long)] = True
-            scores = scores.masked_fill(~keep, float("-inf"))
-        scores = scores.clone()
-        scores[0] = float("-inf")
-        if excluded:
-            scores[torch.as_tensor(excluded)] = float("-inf")
-        n = int(torch.isfinite(scores).sum())
-        top = torch.topk(scores, min(k, n))
-        return top.indices.tolist(), top.values.tolist()
 
     def _popular(self, p: Prepared) -> list[Item]:
         excluded = set(p.excluded)
@@ -423,7 +416,7 @@ class Predictor:
         vec = self.query_vector(request.platform, request.query)
         if self.normalize:
             vec = F.normalize(vec, dim=-1)
-        idx, values = self._rank(cat.scoring @ vec, request.k, [], None)
+        idx, values = search_items(cat.scoring, cat.ann, vec, request.k)
         reason = QUERY if self.rules[cat.platform].reasons else None
         items = [self._item(cat, i, s, reason) for i, s in zip(idx, values)]
         return SearchResponse(platform=cat.platform, query=request.query, items=items,

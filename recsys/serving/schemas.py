@@ -6,6 +6,8 @@ violation with 422 before any model code runs.
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -13,6 +15,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 MAX_K = 100
 MAX_RECENT_ITEMS = 200
 PLATFORM_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # recsys.data.schema.validate_platform_name
+REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
+# Not Serve's own x-request-id: that one is a trace id the client may set.
+REQUEST_ID_HEADER = "x-recsys-request-id"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _encodable(value: str) -> str:
@@ -80,6 +89,28 @@ class RecommendResponse(BaseModel):
         description="model: the user tower answered; popular: no usable history")
     items: list[Item]
     model_version: str | None = None
+    request_id: str = Field(default_factory=new_request_id, description="this answer's id "
+                            "(also the x-recsys-request-id header): what POST /feedback refers to")
+    served_by: Literal["champion", "challenger"] = Field(
+        "champion", description="which model arm answered (challenger: a canary's share)")
+
+
+class FeedbackRequest(_Body):
+    """What a user did with an item of an answer (POST /feedback)."""
+
+    platform: str = Field(pattern=PLATFORM_PATTERN)
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN, description="the answer's request_id")
+    user_id: Text | None = Field(None, min_length=1, max_length=256,
+                                description="raw user id; pseudonymised before it is logged")
+    item_id: ItemId
+    event_type: Literal["click", "cart", "purchase"]
+    timestamp: datetime | None = Field(None, description="when it happened (default: on "
+                                       "arrival; without a zone: UTC)")
+
+
+class FeedbackAccepted(BaseModel):
+    request_id: str
+    status: Literal["accepted"] = "accepted"
 
 
 class SearchRequest(_Body):

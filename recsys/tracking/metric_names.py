@@ -46,6 +46,10 @@ KNOWN: dict[str, str] = {
     "federated rounds": r"round|round_seconds|bytes_(?:up|down)|client_seconds_max|client_steps"
                         r"|mean_update_norm|update_norm_max|dp_noise_std|dp_clipped_share"
                         r"|client_dp_(?:epsilon|delta|noise_multiplier|clip)",
+    # recsys.monitoring.report (one run per check of the drift monitor)
+    "drift monitor": rf"monitor_(?:popularity_js|popularity_psi|new_item_rate"
+                     rf"|history_length_ks|score_ks|online_ctr|ndcg_at_10|drifted|new_events)"
+                     rf"{_PLATFORM}",
     # recsys.tuning.sweep (the sweep's parent run)
     "sweep summary": r"trials|trials_(?:completed|early_stopped|errored)"
                      r"|sweep_(?:fit|total)_seconds",

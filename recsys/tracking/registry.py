@@ -206,14 +206,18 @@ def _promote_locked(c: MlflowClient, name: str, version: str, reason: str,
     return generation
 
 
-def promote(uri: str, name: str, version: str | int, reason: str = "manual") -> str | None:
+def promote(uri: str, name: str, version: str | int, reason: str = "manual", *,
+            if_champion: str | None = None) -> str | None:
     """Point ``@champion`` at ``version``; the replaced champion goes onto the history.
-    Returns the previous champion (None if there was none)."""
+    Returns the previous champion (None if there was none). ``if_champion``: only if
+    ``@champion`` is still that version (compare-and-set; RegistryError otherwise)."""
     c = _client(uri)
     version = str(version)
     c.get_model_version(name, version)  # raises if it does not exist
     with champion_lock(uri, name):
         state = _read_state(c, name)
+        if if_champion is not None and state.champion != if_champion:
+            raise RegistryError(f"{name}: @champion is v{state.champion}, not v{if_champion}")
         if state.champion != version:
             _promote_locked(c, name, version, reason, state)
     return state.champion
@@ -310,17 +314,17 @@ def promote_if_better(uri: str, name: str, version: str | int, score: Scorer, *,
     metric = mlflow_key(metric)  # a tag key: MLflow rejects '@'
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mine = _loaded(challenger_export
+            mine = loaded_export(challenger_export
                            or download_export(uri, name, version, Path(tmp) / "challenger"))
             mine_score = float(score(mine))
         except UNLOADABLE as e:
-            return _reject(c, uri, name, version, metric, e)
+            return reject_version(c, uri, name, version, metric, e)
         c.set_model_version_tag(name, version, metric, f"{mine_score:.6f}")
-        scored: dict[str, _Theirs] = {}
+        scored: dict[str, Theirs] = {}
         for attempt in range(1, MAX_ATTEMPTS + 1):
             champion = alias_version(uri, name, CHAMPION)
             if champion not in (None, version) and champion not in scored:
-                scored[champion] = _score_champion(uri, name, champion, mine, score, platform,
+                scored[champion] = score_champion(uri, name, champion, mine, score, platform,
                                                    Path(tmp) / f"champion-v{champion}")
             with champion_lock(uri, name):
                 state = _read_state(c, name)
@@ -335,14 +339,14 @@ def promote_if_better(uri: str, name: str, version: str | int, score: Scorer, *,
 
 
 @dataclass(frozen=True)
-class _Theirs:
+class Theirs:
     """The champion's side of a comparison: its score, or why there is none."""
 
     score: float | None
     why_not: str = ""
 
 
-def _loaded(export: str | Path) -> Path:
+def loaded_export(export: str | Path) -> Path:
     """``export``, once it has loaded: a pickled catalog, truncated weights or a malformed file
     raises here, before a scorer (which may not load it the same way) reads it."""
     from recsys.model.export import load_export
@@ -351,23 +355,23 @@ def _loaded(export: str | Path) -> Path:
     return Path(export)
 
 
-def _score_champion(uri: str, name: str, champion: str, mine: Path, score: Scorer,
-                    platform: str, dst: Path) -> _Theirs:
+def score_champion(uri: str, name: str, champion: str, mine: Path, score: Scorer,
+                    platform: str, dst: Path) -> Theirs:
     try:
-        theirs = _loaded(download_export(uri, name, champion, dst))
+        theirs = loaded_export(download_export(uri, name, champion, dst))
         if not _same_catalog(mine, theirs, platform):
-            return _Theirs(None, f"champion v{champion} ranks another catalog of {platform}: "
+            return Theirs(None, f"champion v{champion} ranks another catalog of {platform}: "
                                  "not comparable on the same validation data; promote by hand "
                                  "if intended")
-        return _Theirs(float(score(theirs)))
+        return Theirs(float(score(theirs)))
     except UNLOADABLE as e:
         log.warning("%s: champion v%s does not load: %s", name, champion, e)
-        return _Theirs(None, f"champion v{champion} does not load ({e}): not compared; promote "
+        return Theirs(None, f"champion v{champion} does not load ({e}): not compared; promote "
                              "by hand if intended")
 
 
 def _decide(c: MlflowClient, name: str, version: str, metric: str, mine: float,
-            state: ChampionState, theirs: _Theirs | None, min_improvement: float,
+            state: ChampionState, theirs: Theirs | None, min_improvement: float,
             attempt: int) -> Decision:
     """The decision against ``state.champion``, written while the champion lock is held.
     ``extra``: the generation it was taken at (a promotion makes the next one), whether
@@ -384,7 +388,7 @@ def _decide(c: MlflowClient, name: str, version: str, metric: str, mine: float,
                         extra)
     if theirs is None or theirs.score is None:
         reason = theirs.why_not if theirs else f"champion v{champion} was not scored"
-        _tag_challenger(c, name, version, metric, mine, champion, None, reason)
+        tag_challenger(c, name, version, metric, mine, champion, None, reason)
         return Decision(name, version, False, reason, metric, mine, champion, None, extra)
     if mine > theirs.score + min_improvement:
         reason = f"{metric} {mine:.4f} > champion v{champion} {theirs.score:.4f}"
@@ -395,12 +399,12 @@ def _decide(c: MlflowClient, name: str, version: str, metric: str, mine: float,
                         {**extra, "moved": True})
     reason = (f"{metric} {mine:.4f} does not beat champion v{champion} {theirs.score:.4f}"
               + (f" by more than {min_improvement}" if min_improvement else ""))
-    _tag_challenger(c, name, version, metric, mine, champion, theirs.score, reason)
+    tag_challenger(c, name, version, metric, mine, champion, theirs.score, reason)
     clear_challenger_locked(c, name, version)  # beaten: no longer under evaluation
     return Decision(name, version, False, reason, metric, mine, champion, theirs.score, extra)
 
 
-def _reject(c: MlflowClient, uri: str, name: str, version: str, metric: str,
+def reject_version(c: MlflowClient, uri: str, name: str, version: str, metric: str,
             error: Exception) -> Decision:
     """Refuse a version whose export does not load: tagged, never promoted."""
     reason = f"v{version} refused: its export does not load safely ({error})"
@@ -413,7 +417,7 @@ def _reject(c: MlflowClient, uri: str, name: str, version: str, metric: str,
                     alias_version(uri, name, CHAMPION), None, {"rejected": True})
 
 
-def _tag_challenger(c: MlflowClient, name: str, version: str, metric: str, mine: float,
+def tag_challenger(c: MlflowClient, name: str, version: str, metric: str, mine: float,
                     champion: str, theirs: float | None, reason: str) -> None:
     tags = {"role": "challenger", "challenger": "true", f"challenger_{metric}": f"{mine:.6f}",
             "champion_version": champion, "decision": reason}

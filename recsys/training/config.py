@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from recsys.config import StrictModel
 from recsys.data.examples import DataConfig
+from recsys.model.ann import DEFAULT_THRESHOLD as DEFAULT_ANN_THRESHOLD
 
 Strategy = Literal["full", "freeze_encoder", "lora", "adapter_only", "user_tower"]
 
@@ -57,6 +58,11 @@ class EncoderConfig(StrictModel):
     """Frozen-encoder vectors, keyed by encoder + text hash (each text encoded once, ever)."""
     lora: LoraConfig = LoraConfig()
     encode_batch_size: int = Field(64, ge=1)
+    refresh_every_steps: int = Field(0, ge=0)
+    """Full softmax with the encoder in the step (``full``/``lora``): encode only each step's
+    items and take the rest of the catalog from text vectors re-encoded every this many steps
+    (``recsys.training.stale_text``); 0: encode the whole catalog every step. The sampled
+    softmax encodes only its candidates either way; evaluation always encodes afresh."""
     lr: float = Field(5e-5, gt=0)
     """Learning rate of the pretrained encoder's weights under ``transfer.strategy=full``. The
     towers' ``optim.lr`` (1e-3 and up) wrecks a pretrained BERT in a few hundred steps; BERT
@@ -67,6 +73,11 @@ class LossConfig(StrictModel):
     kind: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
     """Softmax over the platform's whole catalog, or in-batch + sampled negatives (logQ)."""
     num_negatives: int = Field(512, ge=1)
+    negatives: Literal["popularity", "in_batch", "in_batch_uniform"] = "popularity"
+    """Sampled softmax candidates besides the batch's own labels: ``num_negatives`` items drawn
+    by training popularity; none (``in_batch``); or drawn uniformly (``in_batch_uniform``, mixed
+    negative sampling: O(num_negatives) per step at any catalog size). logQ uses the matching
+    proposal (``recsys.training.negatives``)."""
     logq_correction: bool = True
     ctr_weight: float = Field(0.1, ge=0)
     """Weight of the CTR head's BCE (positive: next item; negative: the item shown before it and
@@ -202,6 +213,9 @@ class TrainJobConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/train"
     """Ray Train storage and exports go under ``output_dir/name``."""
+    ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=0)
+    """The export gets an approximate (faiss IVF) index of each catalog of more items than this,
+    used by serving instead of scoring every item (0: never build one)."""
     materialize_datasets: bool = True
     """Hold the example datasets in the object store (read once, not once per epoch)."""
     fault_injection: FaultInjection | None = None

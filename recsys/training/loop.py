@@ -237,7 +237,8 @@ def setup(wc: WorkerConfig, entered: float) -> Worker:
     model.to(device)
     tensors = {inputs.items[p].platform_id: PlatformTensors.from_items(inputs.items[p], device)
                for p in inputs.items}
-    objective = RecommenderObjective(model, cfg.loss, tensors)
+    objective = RecommenderObjective(model, cfg.loss, tensors,
+                                     refresh_every=cfg.encoder.refresh_every_steps)
     train_shard = ray.train.get_dataset_shard("train")
     if cfg.privacy.enabled:  # draws its own Poisson batches of users from the shard
         from recsys.training.dp_engine import make_dp_engine

@@ -95,10 +95,13 @@ def export_checkpoint(setup: TrainSetup, checkpoint_dir: Path, out: Path,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         example_set=str(setup.example_set.path),
         input_fingerprint=setup.example_set.manifest.input_fingerprint,
+        data_until={p: c.last_event for p, c in setup.example_set.manifest.platforms.items()
+                    if c.last_event is not None},
         privacy=privacy,
     )
     catalogs = {p: setup.example_set.path / "catalog" / f"{p}.parquet" for p in items}
-    return save_export(out, model, model.state_dict() | state, meta, items, catalogs)
+    return save_export(out, model, model.state_dict() | state, meta, items, catalogs,
+                       ann_threshold=cfg.ann_threshold)
 
 
 def _source_platform_items(setup: TrainSetup) -> dict[str, Any]:

@@ -113,7 +113,10 @@ def resolve_platforms(cfg: TrainJobConfig, es: ExampleSet,
 
 
 def load_init(path: str | Path) -> dict[str, Any]:
-    """A pretrain export: config, platforms, vocabulary, weights."""
+    """An export to start from: config, platforms, vocabulary, weights. A pretrain export, or
+    a transfer export (a champion: ``transfer.warm_start: champion`` in the pipeline), whose
+    per-platform tables, item ids and repeat bias come along; only a fine-tuned text encoder
+    does not (the run loads ``data.text.encoder``, and says so)."""
     from safetensors.torch import load_file
 
     from recsys.model.export import read_meta
@@ -123,6 +126,9 @@ def load_init(path: str | Path) -> dict[str, Any]:
     meta = read_meta(path)
     if meta.vocab is None:
         raise ValueError(f"{path}: the export has no feature vocabulary to transfer from")
+    if meta.has_encoder:
+        log.warning("%s: its fine-tuned text encoder is not carried over; the run starts from "
+                    "data.text.encoder (towers and tables are carried over)", path)
     return {
         "config": meta.architecture,
         "platforms": meta.platforms,

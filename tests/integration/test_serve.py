@@ -163,7 +163,8 @@ def test_the_api_is_no_privacy_oracle(served: Served) -> None:
     """No response field says where a user's history came from or how long it is; no request
     field switches off the purchase rule (comparing both answers would reveal purchases)."""
     body = served.post("/recommend", {"platform": "shop_a", "user_id": "bob", "k": 5}).json()
-    assert set(body) == {"platform", "source", "items", "model_version"}
+    assert set(body) == {"platform", "source", "items", "model_version", "request_id",
+                         "served_by"}
     toggled = served.post("/recommend", {"platform": "shop_a", "user_id": "alice", "k": 12,
                                          "exclude_seen": False})
     assert toggled.status_code == 422 and "exclude_seen" in toggled.text

@@ -22,6 +22,7 @@ CONFIGS = {
     "evaluate": "configs/eval/demo.yaml",
     "tune": "tune/sweeps/demo.yaml",
     "examples": "configs/data/scientific.yaml",
+    "monitor": "configs/monitor/monitor.yaml",
 }
 
 

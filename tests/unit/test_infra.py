@@ -182,6 +182,26 @@ SCHEMA: dict[str, dict] = {
                      metadata=OBJECT_META, data=mapping()),
     "Secret": obj(("apiVersion", "kind", "metadata"), apiVersion={"enum": ["v1"]}, kind=STR,
                   metadata=OBJECT_META, type=STR, data=mapping(), stringData=mapping()),
+    "CronJob": resource("batch/v1", obj(
+        ("schedule", "jobTemplate"), schedule=STR, timeZone=STR, suspend=BOOL,
+        concurrencyPolicy={"enum": ["Allow", "Forbid", "Replace"]},
+        startingDeadlineSeconds=INT, successfulJobsHistoryLimit=INT,
+        failedJobsHistoryLimit=INT,
+        jobTemplate=obj(("spec",), metadata=OBJECT_META, spec=obj(
+            ("template",), backoffLimit=INT, activeDeadlineSeconds=INT,
+            ttlSecondsAfterFinished=INT, template=POD_TEMPLATE)))),
+    "Role": obj(("apiVersion", "kind", "metadata", "rules"),
+                apiVersion={"enum": ["rbac.authorization.k8s.io/v1"]}, kind=STR,
+                metadata=OBJECT_META, rules=lst(obj(("verbs",), apiGroups=lst(STR),
+                                                    resources=lst(STR), verbs=lst(STR),
+                                                    resourceNames=lst(STR)))),
+    "RoleBinding": obj(("apiVersion", "kind", "metadata", "subjects", "roleRef"),
+                       apiVersion={"enum": ["rbac.authorization.k8s.io/v1"]}, kind=STR,
+                       metadata=OBJECT_META,
+                       subjects=lst(obj(("kind", "name"), kind=STR, name=STR, namespace=STR,
+                                        apiGroup=STR)),
+                       roleRef=obj(("apiGroup", "kind", "name"), apiGroup=STR,
+                                   kind={"enum": ["Role", "ClusterRole"]}, name=STR)),
 }
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
@@ -417,6 +437,41 @@ def test_rayjob_runs_the_pipeline_on_the_raycluster() -> None:
     assert train.scaling.use_gpu
 
 
+def test_cronjob_runs_the_monitor_with_its_trigger_as_a_rayjob() -> None:
+    """Issue 23: on a schedule, a RayJob on the RayCluster runs jobs.monitor with the trigger
+    on (a drifted platform is re-fine-tuned from its champion and canaried)."""
+    from recsys.monitoring.config import MonitorConfig
+
+    cron, cluster = _one("CronJob"), _one("RayCluster")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (rayjob_file,) = [a for a in container["args"] if a.endswith(".yaml")]
+    (mount,) = [m for m in container["volumeMounts"]
+                if rayjob_file.startswith(m["mountPath"] + "/")]
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+    config_map = [d for _, d in _all_docs() if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"] == volume["configMap"]["name"]]
+    job = yaml.safe_load(config_map[0]["data"][rayjob_file.rsplit("/", 1)[1]])
+    named = {**job, "metadata": {**job["metadata"], "name": "x"}}  # generateName when created
+    assert check(named, SCHEMA["RayJob"]) == []
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    # kubectl may create RayJobs, and nothing else, in its own namespace
+    (role,) = [d for _, d in _all_docs() if d["kind"] == "Role"
+               and d["metadata"]["name"] == pod["serviceAccountName"]]
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"],
+                              "verbs": ["create", "get", "list"]}]
+    argv = shlex.split(job["spec"]["entrypoint"].split("&&")[-1])
+    assert argv[:4] == ["python", "-m", "jobs.monitor", "--config"]
+    cfg = load_config(MonitorConfig, REPO / argv[4], argv[5:])
+    assert cfg.trigger.enabled and cfg.lake.startswith("/mnt/recsys/")
+    pipeline = load_config(PipelineConfig, REPO / cfg.trigger.pipeline_config)
+    assert str(pipeline.root).startswith("/mnt/recsys/")
+    submitter = job["spec"]["submitterPodTemplate"]
+    assert submitter["metadata"]["labels"] == _one("RayJob")["spec"]["submitterPodTemplate"][
+        "metadata"]["labels"]  # the label network.yaml lets through to the dashboard
+
+
 def test_gpu_group_hosts_the_training_job() -> None:
     cluster = _one("RayCluster")["spec"]
     assert "nvidia.com/gpu" not in str(cluster["headGroupSpec"])
@@ -470,6 +525,8 @@ def _pod_templates() -> list[tuple[str, dict[str, Any]]]:
             out.append((name, d["spec"]["template"]))
         elif d["kind"] == "RayJob" and "submitterPodTemplate" in d["spec"]:
             out.append((f"{name}/submitter", d["spec"]["submitterPodTemplate"]))
+        elif d["kind"] == "CronJob":
+            out.append((name, d["spec"]["jobTemplate"]["spec"]["template"]))
     for kind, spec in _cluster_specs():
         groups = [("head", spec["headGroupSpec"])] + [
             (g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]

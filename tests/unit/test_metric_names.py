@@ -22,6 +22,7 @@ LOGGING_CALLS = {"log_metric", "log_metrics", "log_batch"}
 # metric_names.KNOWN, then here.
 SITES = {
     "recsys/federated/server.py": {"_evaluate", "_log_round"},
+    "recsys/monitoring/report.py": {"log_check"},
     "recsys/tracking/runs.py": {"log_config", "log_params", "log_metrics", "log_system_info"},
     "recsys/training/loop.py": {"log_epoch"},
     "recsys/training/run.py": {"run_training"},
@@ -73,6 +74,9 @@ def test_what_the_platform_logs_is_known() -> None:
                  "valid_users", "valid_users/shop_c", "train_loss", "lr", "epoch",
                  "sequences_per_s", "privacy_epsilon", "trials_errored", "sweep_fit_seconds",
                  "round", "bytes_up", "mean_update_norm", "client_dp_epsilon"]
+    from recsys.monitoring.monitor import SIGNALS
+    produced += [names.mlflow_key(f"monitor_{s}/shop_c") for s in SIGNALS]
+    produced += ["monitor_drifted/shop_c", "monitor_new_events/shop_c"]
     assert names.unknown(produced) == []
 
 

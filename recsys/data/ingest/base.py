@@ -34,7 +34,7 @@ from recsys.data.schema import (
 )
 
 SourceKind = Literal["unisrec", "uci-online-retail", "amazon-json", "recbole", "generic",
-                     "synthetic"]
+                     "synthetic", "feedback"]
 """Names of the ingest sources; :data:`recsys.data.ingest.runner.ADAPTERS` maps each to its
 adapter."""
 SOURCE_KINDS: tuple[SourceKind, ...] = get_args(SourceKind)
@@ -150,6 +150,9 @@ class Ledger:
     """Counts and quarantined rows of one ingest run, plus the quirks the adapter noticed."""
 
     pseudonymizer: Pseudonymizer
+    # Columns whose values are already pseudonyms of this key (source ``feedback``): quarantined
+    # as they are, not hashed a second time.
+    pseudonyms: frozenset[str] = frozenset()
     events: RowCounts = field(default_factory=RowCounts)
     items: RowCounts = field(default_factory=RowCounts)
     quirks: dict[str, Any] = field(default_factory=dict)
@@ -188,8 +191,10 @@ class Ledger:
                 continue
             kind: IdKind | None = ("user" if col == user_column else
                                    "session" if col in sessions else identifier_kind(str(col)))
-            if kind is None:
+            if kind is None or col in self.pseudonyms:
                 out[col] = _as_text(out[col])
+                if kind is not None:
+                    counts.pseudonymised[str(col)] = kind
             else:
                 out[col] = self._pseudonymise(out[col], kind)
                 counts.pseudonymised[str(col)] = kind
@@ -307,6 +312,7 @@ class SourceFrames:
     source_file: str
     min_user_events: int = 0
     min_item_events: int = 0
+    pseudonymised: bool = False  # user and session ids are already the lake key's pseudonyms
 
 
 class Adapter(Protocol):

@@ -42,8 +42,11 @@ def finalize(
     source_file: str,
     min_user_events: int = 0,
     min_item_events: int = 0,
+    pseudonymised: bool = False,
 ) -> tuple[pa.Table, pa.Table]:
     """Common validation, optional k-core, pseudonymisation; returns canonical (events, items).
+    ``pseudonymised``: user and session ids are already pseudonyms of the ledger's key (source
+    ``feedback``), so they are not hashed again.
 
     ``events`` and ``items`` have the columns :class:`~recsys.data.ingest.base.SourceFrames`
     describes. The caller has already counted ``rows_in`` and recorded its own rejections.
@@ -96,7 +99,8 @@ def finalize(
         if not counts.balanced:
             raise AssertionError(f"ingest ledger for {name} does not balance: {counts.to_dict()}")
 
-    return _events_table(platform, events, ledger.pseudonymizer), _items_table(platform, items)
+    return (_events_table(platform, events, None if pseudonymised else ledger.pseudonymizer),
+            _items_table(platform, items))
 
 
 def _k_core(events: pd.DataFrame, items: pd.DataFrame, ledger: Ledger, k_user: int,
@@ -121,11 +125,13 @@ def _k_core(events: pd.DataFrame, items: pd.DataFrame, ledger: Ledger, k_user: i
     return events, items[keep_items]
 
 
-def _events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer) -> pa.Table:
+def _events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer | None) -> pa.Table:
+    """``pseudo`` None: the ids are pseudonyms already."""
     ts = pd.to_datetime(ev["timestamp"], utc=True)
+    users = pa.array(ev["user_id"].astype(str).to_numpy(), pa.string())
     cols = {
         "platform": pa.array(np.full(len(ev), platform, dtype=object), pa.string()),
-        "user_id": pseudo.array(pa.array(ev["user_id"].astype(str).to_numpy(), pa.string())),
+        "user_id": users if pseudo is None else pseudo.array(users),
         "item_id": pa.array(ev["item_id"].astype(str).to_numpy(), pa.string()),
         "event_type": pa.array(ev["event_type"].astype(str).to_numpy(), pa.string()),
         "timestamp": pa.array(ts.dt.as_unit("us"), pa.timestamp("us", tz="UTC")),
@@ -147,9 +153,9 @@ def normalised_ids(values: pd.Series) -> pd.Series:
     return pd.Series(out, index=values.index, dtype="string")
 
 
-def _pseudonymize_optional(values: pd.Series, pseudo: Pseudonymizer) -> pa.Array:
+def _pseudonymize_optional(values: pd.Series, pseudo: Pseudonymizer | None) -> pa.Array:
     text = pa.array(values.astype("string"), pa.string())
-    if text.null_count == len(text):
+    if pseudo is None or text.null_count == len(text):
         return text
     return pseudo.array(text, prefix=SESSION_PREFIX)
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.ingest import amazon, generic, recbole, synthetic, uci, unisrec
+from recsys.data.ingest import amazon, feedback, generic, recbole, synthetic, uci, unisrec
 from recsys.data.ingest.base import Adapter, IngestOptions, SourceFrames, SourceKind
 from recsys.data.ingest.finalize import finalize
 from recsys.data.lake import PlatformWrite, check_key, list_platforms, write_platform
@@ -31,6 +31,7 @@ ADAPTERS: dict[SourceKind, Adapter] = {
     "recbole": recbole.read,
     "generic": generic.read,
     "synthetic": synthetic.read,
+    "feedback": feedback.read,
 }
 # Every SourceKind has an entry (tests/unit/test_layout.py checks it: a dict cannot say so).
 SOURCES: tuple[SourceKind, ...] = tuple(ADAPTERS)
@@ -63,6 +64,7 @@ def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None,
             fr.platform, fr.events, fr.items, fr.ledger, source_file=fr.source_file,
             min_user_events=max(fr.min_user_events, opts.min_user_events),
             min_item_events=max(fr.min_item_events, opts.min_item_events),
+            pseudonymised=fr.pseudonymised,
         )
         report = _report(opts, fr, events, items, pseudonymizer, key_source,
                          time.perf_counter() - started)

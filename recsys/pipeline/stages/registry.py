@@ -82,7 +82,8 @@ def stage_register(ctx: Context) -> None:
         name = ctx.cfg.model_name(target)
         key = f"register/{target}"
         inputs = {"candidate": best.fingerprint, "name": name,
-                  "min_improvement": ctx.cfg.registry.min_improvement}
+                  "min_improvement": ctx.cfg.registry.min_improvement,
+                  **({"canary": True} if ctx.cfg.registry.canary else {})}
         if ctx.needed(key, "register", inputs, [], RegisterOutput):
             started = time.perf_counter()
             assert best.output.model_uri is not None  # only logged runs are candidates
@@ -91,7 +92,10 @@ def stage_register(ctx: Context) -> None:
                 uri, best.output.model_uri, name, Path(best.output.export), platform=target,
                 tags={"pipeline": ctx.cfg.name, "run": label,
                       "mlflow_run_id": best.output.mlflow_run_id})
-            decision = registry.promote_if_better(
+            gate = registry.promote_if_better
+            if ctx.cfg.registry.canary is not None:  # better offline: @challenger, canary next
+                from recsys.production.gate import offline_gate as gate
+            decision = gate(
                 uri, name, version, registry.valid_scorer(es, target), platform=target,
                 challenger_export=Path(best.output.export),
                 min_improvement=ctx.cfg.registry.min_improvement)

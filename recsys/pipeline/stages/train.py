@@ -72,12 +72,37 @@ def pretrained(ctx: Context) -> Recorded[TrainOutput]:
     return ctx.result.pretrain or ctx.recorded("pretrain", TrainOutput)
 
 
+def warm_start(ctx: Context, target: str) -> tuple[str, dict[str, str]]:
+    """The export ``target``'s transfer runs start from, and its upstream fingerprint: with
+    ``transfer.warm_start: champion`` the target's ``@champion`` (a new champion re-runs them),
+    else, or without a champion yet, the pretrained model."""
+    t = ctx.cfg.transfer
+    assert t is not None
+    if t.warm_start == "champion":
+        from recsys.pipeline.context import tracking_uri
+        from recsys.tracking.registry import CHAMPION, alias_version, download_export
+
+        uri, name = tracking_uri(), ctx.cfg.model_name(target)
+        version = alias_version(uri, name, CHAMPION)
+        if version is not None:
+            dst = ctx.cfg.root / "champions" / f"{name}-v{version}"
+            found = sorted(dst.rglob("export.json")) if dst.is_dir() else []
+            export = found[0].parent if found else download_export(uri, name, version, dst)
+            print(f"--- transfer/{target}: warm start from {name}@champion (v{version})",
+                  flush=True)
+            return str(export), {"champion": f"{name}/{version}"}
+        print(f"--- transfer/{target}: {name} has no @champion yet: warm start from the "
+              "pretrained model instead", flush=True)
+    pre = pretrained(ctx)
+    return pre.output.export, {"pretrain": pre.fingerprint}
+
+
 def stage_transfer(ctx: Context) -> None:
     t = ctx.cfg.transfer
     assert t is not None  # PipelineConfig refuses the stage without its section
-    pre = pretrained(ctx)
     out: TrainedRuns = {}
     for target in t.targets:
+        init_from, upstream = warm_start(ctx, target)
         runs: dict[str, Recorded[TrainOutput]] = {}
         if t.scratch_config:
             cfg = train_config(ctx, t.scratch_config, f"scratch-{target}", t.overrides,
@@ -87,9 +112,9 @@ def stage_transfer(ctx: Context) -> None:
             cfg = train_config(ctx, t.config, f"transfer-{strategy}-{target}", t.overrides,
                                mode="transfer", train_platforms=[target],
                                eval_platforms=[target],
-                               transfer={"init_from": pre.output.export, "strategy": strategy})
+                               transfer={"init_from": init_from, "strategy": strategy})
             runs[strategy] = train(ctx, f"transfer/{target}/{strategy}", "transfer", cfg,
-                                   {"pretrain": pre.fingerprint})
+                                   upstream)
         out[target] = runs
     ctx.result.transfer = out
 
