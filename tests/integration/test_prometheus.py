@@ -154,7 +154,9 @@ def test_promql_returns_the_requests_sent_per_platform(
     # no user or item id in any label of our series
     series = prom.api("series", **{"match[]": '{__name__=~"ray_recsys_.*"}'})
     labels = {k for s in series for k in s} - {"__name__"}
+    # (event_type, reason, arm: the feedback log's and the canary's counters, bounded sets)
     assert labels <= {"platform", "outcome", "endpoint", "model", "le", "deployment", "replica",
+                      "event_type", "reason", "arm",
                       "application", "job", "instance", "SessionName", "NodeAddress",
                       "Version", "Component", "WorkerId", "otel_scope_name"}, labels
 
