@@ -92,7 +92,7 @@ def source_state() -> dict[str, Any]:
 
     # A benchmark's own results files do not make the source dirty (a multi-part run writes them
     # between parts).
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+    status = git("status", "--porcelain", "--", ".",
                  ":(exclude)bench/results")
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
