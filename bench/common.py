@@ -420,3 +420,20 @@ def build_synthetic_examples(tmp: Path, scale: float, encoder: str) -> Any:
         lake=str(tmp / "lake"), examples=str(tmp / "examples"),
         sequences={"max_seq_len": 50}, text={"encoder": encoder, "max_tokens": 64}))
 
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200 (a Serve app's /readyz); TimeoutError after ``timeout``."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready in {timeout} s")
+        time.sleep(0.5)
+

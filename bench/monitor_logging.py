@@ -23,11 +23,10 @@ import shutil
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import REPO, stderr_log
+from common import REPO, stderr_log, wait_ready
 from serve_load import load
 
 log = stderr_log("monitor")
@@ -40,20 +39,6 @@ TARGET_RATIO = 1.05
 PLACEMENTS = ({"a": "off", "b": "on"}, {"a": "on", "b": "off"})
 """Which of the two apps logs: swapped halfway, so that a difference between the two apps'
 replicas (placement, start order) is not read as the log's cost."""
-
-
-def wait_ready(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not ready in {timeout} s")
-        time.sleep(0.5)
 
 
 def toy_requests(predictor: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -191,7 +176,7 @@ def run_logging(a: argparse.Namespace) -> dict[str, Any]:
                         update={"dir": str(feedback_dir)})} if arm == "on" else {}
                     serve.run(compose(AppArgs(**base, **extra), model, gateway),
                               name=f"recsys-monitor-{app}", route_prefix=f"/{app}")
-                    wait_ready(f"http://127.0.0.1:{port}/{app}/readyz")
+                    wait_ready(f"http://127.0.0.1:{port}/{app}/readyz", 180)
                     urls[arm] = f"http://127.0.0.1:{port}/{app}/recommend"
                 answered_on = 0
                 for arm, url in urls.items():  # warm-up, not counted

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import serve_platforms
-from common import REPO, RESULTS
+from common import REPO, RESULTS, wait_ready
 from serve_load import in_process, load, make_requests
 from serve_report import render
 
@@ -163,22 +163,6 @@ def deploy(args_dict: dict[str, Any], model_opts: dict[str, Any],
     serve.run(compose(AppArgs(**args_dict), model_opts, gateway_opts), name=APP,
               route_prefix="/")
     wait_ready(f"http://127.0.0.1:{port}/readyz")
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not ready in {timeout} s")
-        time.sleep(0.5)
 
 
 def running_replicas() -> int:
