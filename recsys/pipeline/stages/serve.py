@@ -51,10 +51,15 @@ def stage_deploy(ctx: Context) -> None:
     serve_cfg = load_serve_config(d.config, deployments=tiers)  # Ray's schema, no unknown keys
     app_cfg = serve_cfg.applications[0]
     port = d.port or serve_cfg.http_options.port
+    lake = Path(ctx.cfg.data.lake).resolve()
+    # The impression/feedback log goes beside this pipeline's lake (runs/demo/feedback for the
+    # demo), unless deploy.args names its own directory; null in serve/config.yaml keeps it off.
+    feedback = {**app_cfg.args.get("feedback", {}), **d.args.get("feedback", {})}
+    if feedback.get("dir") and "dir" not in d.args.get("feedback", {}):
+        feedback["dir"] = str(lake.parent / "feedback")
     args = AppArgs.model_validate({**app_cfg.args, **d.args, "model_uri": model_uri,
-                                   "platforms": list(t.targets),
-                                   "lake": str(Path(ctx.cfg.data.lake).resolve()),
-                                   "tracking_uri": uri})
+                                   "platforms": list(t.targets), "lake": str(lake),
+                                   "tracking_uri": uri, "feedback": feedback})
     # Secrets reach the replicas as 0600 files whose paths (never the secrets: the dashboard
     # shows a runtime_env) go into their environment. Without a key the demo makes one.
     if args.auth == "api_key":
