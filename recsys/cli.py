@@ -62,6 +62,9 @@ def ingest_main(argv: list[str]) -> int:
     p.add_argument("--min-user-events", type=int, default=0, help="k-core on users")
     p.add_argument("--min-item-events", type=int, default=0, help="k-core on items")
     p.add_argument("--buckets", type=int, help="user buckets per platform (default: by size)")
+    p.add_argument("--chunk-rows", type=int, metavar="N",
+                   help="generic: stream the source N rows at a time in bounded memory "
+                   "(default: read it whole)")
     p.add_argument("--seed", type=int, default=0, help="synthetic: seed")
     p.add_argument("--scale", type=float, default=1.0, help="synthetic: size multiplier")
     p.add_argument("--num-platforms", type=int, default=3, help="synthetic: platforms")
@@ -81,7 +84,8 @@ def ingest_main(argv: list[str]) -> int:
         source=a.source, out=a.out, path=a.path, items_path=a.items_path, platform=a.platform,
         recipe=a.recipe, columns=columns, item_columns=item_columns, event_type=event_type,
         user_namespace=a.user_namespace, min_user_events=a.min_user_events,
-        min_item_events=a.min_item_events, buckets=a.buckets, seed=a.seed, scale=a.scale,
+        min_item_events=a.min_item_events, buckets=a.buckets, chunk_rows=a.chunk_rows,
+        seed=a.seed, scale=a.scale,
         num_platforms=a.num_platforms, impressions=a.impressions,
     )
     written = ingest(opts)

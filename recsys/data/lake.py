@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,25 +84,46 @@ def write_platform(
     num_buckets: int | None = None,
 ) -> PlatformWrite:
     """Write one platform's partition into a staging dir, then swap it in with two renames."""
-    validate_platform_name(platform)
     check_schema(events.schema, EVENTS_SCHEMA, f"events of {platform}")
-    check_schema(items.schema, ITEMS_SCHEMA, f"items of {platform}")
     nb = num_buckets or default_num_buckets(events.num_rows)
-    final = platform_dir(lake, platform)
-    with staged_dir(final) as staging:
-        (staging / "events").mkdir()
-        (staging / "items").mkdir()
-        (staging / "quarantine").mkdir()
+    with staged_platform(lake, platform) as staging:
         buckets = user_bucket(events["user_id"], nb)
         for b in range(nb):
-            part = sort_events(events.filter(pc.equal(buckets, b)))
-            pq.write_table(part, staging / "events" / f"bucket-{b:04d}.parquet")
-        pq.write_table(items.sort_by("item_id"), staging / "items" / "items.parquet")
+            write_bucket(staging, b, events.filter(pc.equal(buckets, b)))
+        report = write_platform_rest(staging, platform, items, quarantine_events,
+                                     quarantine_items, report, nb)
+    return PlatformWrite(platform, platform_dir(lake, platform), nb, report)
+
+
+@contextmanager
+def staged_platform(lake: str | Path, platform: str) -> Iterator[Path]:
+    """A staging directory (with ``events/``, ``items/``, ``quarantine/``) that replaces the
+    platform's directory on success; on error the previous version stays."""
+    validate_platform_name(platform)
+    with staged_dir(platform_dir(lake, platform)) as staging:
+        for sub in ("events", "items", "quarantine"):
+            (staging / sub).mkdir()
+        yield staging
+
+
+def write_bucket(staging: Path, bucket: int, events: pa.Table) -> None:
+    """One bucket's events, sorted, into a :func:`staged_platform` directory."""
+    pq.write_table(sort_events(events), staging / "events" / f"bucket-{bucket:04d}.parquet")
+
+
+def write_platform_rest(staging: Path, platform: str, items: pa.Table,
+                        quarantine_events: pa.Table | None, quarantine_items: pa.Table,
+                        report: dict[str, Any], num_buckets: int) -> dict[str, Any]:
+    """Catalog, quarantine (``quarantine_events`` None: already written) and report of a
+    :func:`staged_platform` directory; returns the report written."""
+    check_schema(items.schema, ITEMS_SCHEMA, f"items of {platform}")
+    pq.write_table(items.sort_by("item_id"), staging / "items" / "items.parquet")
+    if quarantine_events is not None:
         pq.write_table(quarantine_events, staging / "quarantine" / "events.parquet")
-        pq.write_table(quarantine_items, staging / "quarantine" / "items.parquet")
-        report = {**report, "num_buckets": nb}
-        (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return PlatformWrite(platform, final, nb, report)
+    pq.write_table(quarantine_items, staging / "quarantine" / "items.parquet")
+    report = {**report, "num_buckets": num_buckets}
+    (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
 
 
 def event_files(lake: str | Path, platform: str) -> list[Path]:

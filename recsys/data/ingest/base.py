@@ -76,6 +76,9 @@ class IngestOptions(BaseModel):
     min_user_events: int = Field(0, ge=0, description="k-core: minimum events per user")
     min_item_events: int = Field(0, ge=0, description="k-core: minimum events per item")
     buckets: int | None = Field(None, ge=1, le=256, description="user buckets per platform")
+    chunk_rows: int | None = Field(
+        None, ge=1000, description="generic: stream the source in chunks of this many rows "
+        "(bounded memory, spilled to per-bucket files); null: read it whole in memory")
     # synthetic
     seed: int = Field(0, description="random seed (synthetic data; unisrec-or tie order)")
     scale: float = Field(1.0, gt=0, description="synthetic: size multiplier (1.0 ~ 60k events)")
@@ -100,6 +103,14 @@ class IngestOptions(BaseModel):
                     validate_platform_name(name)
                 except ValueError as exc:
                     problems.append(str(exc))
+        if self.chunk_rows is not None and self.source != "generic":
+            problems.append(f"chunk_rows (--chunk-rows, streaming ingest) is for source "
+                            f"'generic' only, not {self.source!r}")
+        if self.chunk_rows is not None and max(self.min_user_events, self.min_item_events) > 1:
+            problems.append("min_user_events/min_item_events (--min-user-events/"
+                            "--min-item-events, k-core) need every event at once: not "
+                            "available with chunk_rows (--chunk-rows, streaming ingest); "
+                            "drop one of them")
         if self.impressions and self.source != "synthetic":
             problems.append("impressions is a synthetic option (a real source logs its own "
                             "impression events)")
@@ -230,11 +241,15 @@ class Ledger:
         else:
             out = pa.Table.from_pandas(pd.concat(counts.frames, ignore_index=True),
                                        preserve_index=False)
-        meta = dict(out.schema.metadata or {})
-        meta[QUARANTINE_PSEUDONYMISED_METADATA] = json.dumps(
-            dict(sorted(counts.pseudonymised.items()))).encode()
-        meta[QUARANTINE_KEY_METADATA] = self.pseudonymizer.fingerprint.encode()
-        return out.replace_schema_metadata(meta)
+        return out.replace_schema_metadata({**(out.schema.metadata or {}),
+                                            **self.quarantine_metadata(table)})
+
+    def quarantine_metadata(self, table: str) -> dict[bytes, bytes]:
+        """Schema metadata of a quarantine file: pseudonymised columns and key fingerprint."""
+        counts = self.events if table == "events" else self.items
+        return {QUARANTINE_PSEUDONYMISED_METADATA: json.dumps(
+                    dict(sorted(counts.pseudonymised.items()))).encode(),
+                QUARANTINE_KEY_METADATA: self.pseudonymizer.fingerprint.encode()}
 
 
 @dataclass

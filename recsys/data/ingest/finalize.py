@@ -6,16 +6,18 @@ after the adapter has counted ``rows_in`` and recorded its own rejections in the
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from recsys.data.ingest.base import Ledger
+from recsys.data.ingest.base import IngestOptions, Ledger
 from recsys.data.ingest.parsing import blank
 from recsys.data.pseudonym import SESSION_PREFIX, Pseudonymizer, normalise_id
-from recsys.data.schema import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA
+from recsys.data.schema import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA, SCHEMA_VERSION
 
 
 def _take_bad(
@@ -51,16 +53,26 @@ def finalize(
     ``events`` and ``items`` have the columns :class:`~recsys.data.ingest.base.SourceFrames`
     describes. The caller has already counted ``rows_in`` and recorded its own rejections.
     """
+    items = check_items(items, ledger, source_file)
+    events = check_events(events, items["item_id"], ledger, source_file)
+
+    # --- k-core: iterate until every user and item has enough events
+    if min_user_events > 1 or min_item_events > 1:
+        events, items = _k_core(events, items, ledger, min_user_events, min_item_events)
+
+    ledger.events.rows_out = len(events)
+    ledger.items.rows_out = len(items)
+    check_balance(ledger)
+    return (events_table(platform, events, None if pseudonymised else ledger.pseudonymizer),
+            items_table(platform, items))
+
+
+def check_items(items: pd.DataFrame, ledger: Ledger, source_file: str) -> pd.DataFrame:
+    """The catalog rows that pass: an item id and a title, first row per id."""
     items = items.copy()
-    events = events.copy()
     for col in ("description", "brand", "category", "price"):
         if col not in items:
             items[col] = None
-    for col in ("quantity", "price", "session_id"):
-        if col not in events:
-            events[col] = None
-
-    # --- items: required fields, one row per item id
     items["item_id"] = items["item_id"].astype("string").str.strip()
     items = _take_bad(items, blank(items["item_id"]), ledger, "items", "missing_item_id",
                       "item_id", source_file)
@@ -68,9 +80,18 @@ def finalize(
                       source_file)
     dup = items["item_id"].duplicated(keep="first")
     ledger.filter("items", int(dup.sum()), "duplicate_item_id")
-    items = items[~dup]
+    return items[~dup]
 
-    # --- events: required fields, known types, referential integrity with the catalog
+
+def check_events(events: pd.DataFrame, catalog_ids: pd.Series, ledger: Ledger,
+                 source_file: str) -> pd.DataFrame:
+    """The event rows that pass (required fields, known types, non-negative prices, items in the
+    catalog ``catalog_ids``); the others are quarantined. Row by row, so a streaming ingest
+    applies it chunk by chunk."""
+    events = events.copy()
+    for col in ("quantity", "price", "session_id"):
+        if col not in events:
+            events[col] = None
     events["item_id"] = events["item_id"].astype("string").str.strip()
     # The same normalisation as the hash (and as serving), before k-core and dedup count users.
     events["user_id"] = normalised_ids(events["user_id"])
@@ -86,21 +107,17 @@ def finalize(
     price = pd.to_numeric(events["price"], errors="coerce")
     events = _take_bad(events, price < 0, ledger, "events", "negative_price", "price",
                        source_file, ucol)
-    events = _take_bad(events, ~events["item_id"].isin(items["item_id"]), ledger, "events",
-                       "item_not_in_catalog", "item_id", source_file, ucol)
+    in_catalog = pc.is_in(pa.array(events["item_id"], pa.string()),
+                          value_set=pa.array(catalog_ids, pa.string())).to_numpy(False)
+    return _take_bad(events, pd.Series(~in_catalog, index=events.index), ledger, "events",
+                     "item_not_in_catalog", "item_id", source_file, ucol)
 
-    # --- k-core: iterate until every user and item has enough events
-    if min_user_events > 1 or min_item_events > 1:
-        events, items = _k_core(events, items, ledger, min_user_events, min_item_events)
 
-    ledger.events.rows_out = len(events)
-    ledger.items.rows_out = len(items)
+def check_balance(ledger: Ledger) -> None:
+    """Every row in is out, quarantined or filtered (else a bug: raise)."""
     for name, counts in (("events", ledger.events), ("items", ledger.items)):
         if not counts.balanced:
             raise AssertionError(f"ingest ledger for {name} does not balance: {counts.to_dict()}")
-
-    return (_events_table(platform, events, None if pseudonymised else ledger.pseudonymizer),
-            _items_table(platform, items))
 
 
 def _k_core(events: pd.DataFrame, items: pd.DataFrame, ledger: Ledger, k_user: int,
@@ -125,7 +142,7 @@ def _k_core(events: pd.DataFrame, items: pd.DataFrame, ledger: Ledger, k_user: i
     return events, items[keep_items]
 
 
-def _events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer | None) -> pa.Table:
+def events_table(platform: str, ev: pd.DataFrame, pseudo: Pseudonymizer | None) -> pa.Table:
     """``pseudo`` None: the ids are pseudonyms already."""
     ts = pd.to_datetime(ev["timestamp"], utc=True)
     users = pa.array(ev["user_id"].astype(str).to_numpy(), pa.string())
@@ -178,7 +195,7 @@ def _opt_text(value: Any) -> str | None:
     return text or None
 
 
-def _items_table(platform: str, it: pd.DataFrame) -> pa.Table:
+def items_table(platform: str, it: pd.DataFrame) -> pa.Table:
     cols = {
         "platform": pa.array(np.full(len(it), platform, dtype=object), pa.string()),
         "item_id": pa.array(it["item_id"].astype(str).to_numpy(), pa.string()),
@@ -190,3 +207,42 @@ def _items_table(platform: str, it: pd.DataFrame) -> pa.Table:
         "price": pa.array(pd.to_numeric(it["price"], errors="coerce"), pa.float64()),
     }
     return pa.Table.from_pydict(cols, schema=ITEMS_SCHEMA)
+
+
+def event_stats(events: pa.Table) -> dict[str, Any]:
+    """The report's summary of the events written: users, items, time range, types."""
+    ts = events["timestamp"]
+    return {
+        "users": pc.count_distinct(events["user_id"]).as_py(),
+        "items_with_events": pc.count_distinct(events["item_id"]).as_py(),
+        "first_event": str(pc.min(ts).as_py()) if events.num_rows else None,
+        "last_event": str(pc.max(ts).as_py()) if events.num_rows else None,
+        "event_types": {r["values"]: r["counts"] for r in
+                        pc.value_counts(events["event_type"]).to_pylist()},
+    }
+
+
+def ingest_report(opts: IngestOptions, platform: str, ledger: Ledger, stats: dict[str, Any],
+                  catalog_items: int, pseudo: Pseudonymizer, key_source: str,
+                  seconds: float) -> dict[str, Any]:
+    """``report.json`` of one platform; ``stats`` as :func:`event_stats` gives them."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "platform": platform,
+        "source": opts.source,
+        "recipe": opts.recipe,
+        "path": str(opts.path) if opts.path else None,
+        "created_at": datetime.now(UTC).isoformat(),
+        "seconds": round(seconds, 3),
+        "pseudonym_key_fingerprint": pseudo.fingerprint,
+        "pseudonym_key_source": key_source,
+        "events": ledger.events.to_dict(),
+        "items": ledger.items.to_dict(),
+        "users": stats["users"],
+        "items_with_events": stats["items_with_events"],
+        "catalog_items": catalog_items,
+        "first_event": stats["first_event"],
+        "last_event": stats["last_event"],
+        "event_types": stats["event_types"],
+        "quirks": ledger.quirks,
+    }

@@ -1,7 +1,10 @@
-"""Any CSV/Parquet event log with a column mapping (source ``generic``).
+"""Any CSV/Parquet/JSON-lines event log with a column mapping (source ``generic``).
 
 ``--path`` is a file or a directory of files with the same columns (read in name order, e.g.
 one file per day: new logs arrive as new files and the platform is re-ingested whole).
+:func:`read` reads it whole; with ``--chunk-rows`` :mod:`recsys.data.ingest.stream` reads it in
+chunks through the same per-row functions (:func:`plan`, :func:`event_frame`,
+:func:`catalog_rows`), in bounded memory.
 
 The mapping says which source column holds each canonical field: ``opts.columns`` for events
 (user_id, item_id, timestamp, event_type, quantity, price, session_id) and ``opts.item_columns``
@@ -22,6 +25,7 @@ source text kept beside them in ``source_timestamp``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -169,15 +173,24 @@ def _resolve(mapping: dict[str, str], fields: tuple[str, ...], available: list[s
 # --------------------------------------------------------------------------- adapter
 
 
-def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
-    """Events (and catalog) of one platform from a mapped CSV/Parquet file."""
+@dataclass(frozen=True)
+class Plan:
+    """What a generic source is, checked before reading any row: its files and column mapping.
+    ``item_columns``: item fields read from the events file (no separate catalog)."""
+
+    path: Path
+    platform: str
+    files: list[Path]
+    columns: dict[str, str]
+    item_columns: dict[str, str]
+
+
+def plan(opts: IngestOptions) -> Plan:
+    """Resolve the files and the mapping of a generic source (errors name what is missing)."""
     path = opts.source_path()
-    platform = opts.platform or path.stem.lower()
-    ledger = Ledger(pseudo)
     if opts.event_type is not None and opts.event_type not in EVENT_TYPES:
         raise IngestError(str(path), f"event type {opts.event_type!r} is not one of "
                           f"{list(EVENT_TYPES)}")
-
     files = source_files(path)
     available = common_columns(files)
     cols = _resolve(opts.columns, EVENT_FIELDS, available, path, _REQUIRED_EVENT_FIELDS, "--map")
@@ -187,11 +200,34 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     item_cols_in_events: dict[str, str] = {}
     if opts.items_path is None:
         item_cols_in_events = _catalog_columns(opts, available, path)
-    needed = sorted(set(cols.values()) | set(item_cols_in_events.values()))
-    df, source_file, source_row = _read_files(files, needed, ledger)
-    n = len(df)
-    ledger.events.rows_in = n
+    return Plan(path, opts.platform or path.stem.lower(), files, cols, item_cols_in_events)
 
+
+def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
+    """Events (and catalog) of one platform from a mapped CSV/Parquet/JSON-lines file."""
+    p = plan(opts)
+    ledger = Ledger(pseudo)
+    needed = sorted(set(p.columns.values()) | set(p.item_columns.values()))
+    df, source_file, source_row = _read_files(p.files, needed, ledger)
+    ledger.events.rows_in = len(df)
+    events = event_frame(df, p.columns, opts, ledger, source_file, source_row)
+    if opts.items_path is not None:
+        items = read_catalog(Path(opts.items_path), opts.item_columns, ledger)
+    else:
+        items = catalog_from_events(df.reset_index(drop=True), events, p.item_columns, p.path,
+                                    ledger)
+    ledger.quirk("column_mapping", {"events": p.columns, "items": opts.item_columns or "defaults"})
+    return [SourceFrames(p.platform, events, items, ledger, str(p.path))]
+
+
+def event_frame(df: pd.DataFrame, cols: dict[str, str], opts: IngestOptions, ledger: Ledger,
+                source_file: np.ndarray | str, source_row: np.ndarray, first_index: int = 0, *,
+                keep_source_timestamp: bool = False, epoch_unit: str | None = None) -> pd.DataFrame:
+    """Canonical event columns (raw user ids) of source rows ``df``, which are rows
+    ``first_index...`` of the source (their ``event_index``). ``source_timestamp`` (the source
+    text beside unparseable timestamps) is kept when a row has one, or always with
+    ``keep_source_timestamp``; ``epoch_unit`` fixes the unit of epoch timestamps."""
+    n = len(df)
     events = pd.DataFrame(index=df.index)
     users, converted = id_text(df[cols["user_id"]])
     if opts.user_namespace:
@@ -211,14 +247,16 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
     else:
         events["event_type"] = opts.event_type
 
-    ts, notes = parse_timestamps(df[cols["timestamp"]])
+    ts, notes = parse_timestamps(df[cols["timestamp"]], epoch_unit)
     events["timestamp"] = ts
     for key, value in notes.items():
         ledger.quirk(key, value)
     bad_ts = ts.isna() & ~blank(df[cols["timestamp"]])
+    if bad_ts.any() or keep_source_timestamp:
+        # finalize quarantines NaT; keep what the source said so the quarantine is useful (the
+        # quarantine writes it as text: formatting every value here would cost more than parsing).
+        events["source_timestamp"] = df[cols["timestamp"]]
     if bad_ts.any():
-        # finalize quarantines NaT; keep what the source said so the quarantine is useful.
-        events["source_timestamp"] = df[cols["timestamp"]].astype("string")
         ledger.quirk("unparseable_timestamps", int(bad_ts.sum()))
 
     if "quantity" in cols:
@@ -234,18 +272,10 @@ def read(opts: IngestOptions, pseudo: Pseudonymizer) -> list[SourceFrames]:
         events["price"] = price
     if "session_id" in cols:
         events["session_id"], _ = id_text(df[cols["session_id"]])
-    events["event_index"] = np.arange(n, dtype=np.int64)
+    events["event_index"] = np.arange(first_index, first_index + n, dtype=np.int64)
     events["_file"] = source_file
     events["_row"] = source_row
-    events = events.reset_index(drop=True)
-
-    if opts.items_path is not None:
-        items = _read_catalog(Path(opts.items_path), opts.item_columns, ledger)
-    else:
-        items = _catalog_from_events(df.reset_index(drop=True), events, item_cols_in_events,
-                                     path, ledger)
-    ledger.quirk("column_mapping", {"events": cols, "items": opts.item_columns or "defaults"})
-    return [SourceFrames(platform, events, items, ledger, str(path))]
+    return events.reset_index(drop=True)
 
 
 def _catalog_columns(opts: IngestOptions, available: list[str], path: Path) -> dict[str, str]:
@@ -260,7 +290,8 @@ def _catalog_columns(opts: IngestOptions, available: list[str], path: Path) -> d
     return {k: v for k, v in resolved.items() if k in mapping}
 
 
-def _read_catalog(path: Path, mapping: dict[str, str], ledger: Ledger) -> pd.DataFrame:
+def read_catalog(path: Path, mapping: dict[str, str], ledger: Ledger) -> pd.DataFrame:
+    """The items file (catalog) as item frames, counted in ``ledger.items.rows_in``."""
     files = source_files(path)
     available = common_columns(files)
     cols = _resolve(mapping, ITEM_FIELDS, available, path, ("item_id", "title"), "item_columns")
@@ -285,15 +316,13 @@ def _item_fields(df: pd.DataFrame, cols: dict[str, str], ledger: Ledger) -> pd.D
     return items
 
 
-def _catalog_from_events(df: pd.DataFrame, events: pd.DataFrame, cols: dict[str, str],
-                         path: Path, ledger: Ledger) -> pd.DataFrame:
-    """One catalog row per distinct item id, from its first event with a non-blank title."""
-    has_id = ~blank(events["item_id"])
-    blank_title = blank(df[cols["title"]])
-    # Stable sort: rows with a title first, source order within; then first row per item.
-    order = np.lexsort((np.arange(len(df)), blank_title.to_numpy()))
-    pick = pd.Index(order)[has_id.to_numpy()[order]]
-    firsts = events["item_id"].take(pick).drop_duplicates(keep="first").index
+def catalog_from_events(df: pd.DataFrame, events: pd.DataFrame, cols: dict[str, str],
+                        path: Path, ledger: Ledger) -> pd.DataFrame:
+    """One catalog row per distinct item id, from its first event with a non-blank title.
+
+    ``df``: source rows (in source order) holding the ``cols`` item columns; ``events``: their
+    ``item_id`` and ``_row``, one per row of ``df``."""
+    firsts = df.index[catalog_rows(df, events, cols, titled_only=True)]
     src = df.loc[firsts]
     items = _item_fields(src, cols, ledger)
     items["item_id"] = events.loc[firsts, "item_id"]
@@ -306,5 +335,25 @@ def _catalog_from_events(df: pd.DataFrame, events: pd.DataFrame, cols: dict[str,
     return items
 
 
-__all__ = ["EVENT_FIELDS", "ITEM_FIELDS", "EventField", "ItemField", "MappingFile",
-           "apply_mapping", "load_mapping", "read"]
+def catalog_rows(df: pd.DataFrame, events: pd.DataFrame, cols: dict[str, str], *,
+                 titled_only: bool) -> np.ndarray:
+    """Positions of the rows that give each item id its catalog entry: its first row with a
+    non-blank title, else its first row (``titled_only=False``: both, so that a later read of
+    only these rows picks the same entry as a read of every row)."""
+    has_id = ~blank(events["item_id"]).to_numpy()
+    blank_title = blank(df[cols["title"]]).to_numpy()
+    # Stable sort: rows with a title first, source order within; then first row per item.
+    order = np.lexsort((np.arange(len(df)), blank_title))
+    pick = order[has_id[order]]
+    ids = events["item_id"].to_numpy()[pick]
+    firsts = pick[~pd.Series(ids).duplicated(keep="first").to_numpy()]
+    if titled_only:
+        return firsts
+    valid = np.flatnonzero(has_id)
+    first_any = valid[~pd.Series(events["item_id"].to_numpy()[valid]).duplicated().to_numpy()]
+    return np.union1d(firsts, first_any)
+
+
+__all__ = ["EVENT_FIELDS", "ITEM_FIELDS", "EventField", "ItemField", "MappingFile", "Plan",
+           "apply_mapping", "catalog_from_events", "catalog_rows", "event_frame", "load_mapping",
+           "plan", "read", "read_catalog"]

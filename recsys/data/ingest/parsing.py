@@ -19,6 +19,9 @@ _MISSING_ID_TEXT = ("", "nan", "none", "<na>")
 
 def blank(s: pd.Series) -> pd.Series:
     """True where a value is missing or only whitespace."""
+    if (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s)) \
+            and not isinstance(s.dtype, pd.CategoricalDtype):
+        return s.isna()  # a number or a time is never blank text (and formatting it is slow)
     return s.isna() | (s.astype("string").str.strip().fillna("") == "")
 
 
@@ -43,11 +46,13 @@ def parse_price(values: pd.Series) -> tuple[pd.Series, int]:
     return out, int(junk.sum())
 
 
-def parse_timestamps(values: pd.Series) -> tuple[pd.Series, dict[str, Any]]:
+def parse_timestamps(values: pd.Series,
+                     unit: str | None = None) -> tuple[pd.Series, dict[str, Any]]:
     """Any timestamp column -> UTC datetimes (NaT where unparseable) plus what was assumed.
 
     Epoch numbers are told apart by magnitude of the median: below 1e11 seconds (year 5138),
-    below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds.
+    below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds. ``unit`` fixes the
+    epoch unit instead (a streaming ingest keeps the one its first chunk chose).
     """
     notes: dict[str, Any] = {}
     if isinstance(values.dtype, pd.DatetimeTZDtype):
@@ -66,8 +71,8 @@ def parse_timestamps(values: pd.Series) -> tuple[pd.Series, dict[str, Any]]:
     if numbers is not None:
         magnitude = float(np.nanmedian(np.abs(numbers.to_numpy()))) if numbers.notna().any() \
             else 0.0
-        unit = "s" if magnitude < 1e11 else "ms" if magnitude < 1e14 else "us" \
-            if magnitude < 1e17 else "ns"
+        unit = unit or ("s" if magnitude < 1e11 else "ms" if magnitude < 1e14 else "us"
+                        if magnitude < 1e17 else "ns")
         notes["timestamp_epoch_unit"] = unit
         if pd.api.types.is_integer_dtype(values):
             numbers = values  # int64 ns epochs would lose precision as float64

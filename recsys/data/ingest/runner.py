@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from recsys.data.ingest import amazon, feedback, generic, recbole, synthetic, uci, unisrec
-from recsys.data.ingest.base import Adapter, IngestOptions, SourceFrames, SourceKind
-from recsys.data.ingest.finalize import finalize
+from recsys.data.ingest.base import Adapter, IngestOptions, SourceKind
+from recsys.data.ingest.finalize import event_stats, finalize, ingest_report
+from recsys.data.ingest.stream import ingest_stream
 from recsys.data.lake import PlatformWrite, check_key, list_platforms, write_platform
 from recsys.data.pseudonym import Pseudonymizer, load_key
-from recsys.data.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +51,8 @@ def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None,
     targets = target_platforms(opts)
     _check_other_platforms(opts.out, pseudonymizer, targets)  # before the (long) read
     started = time.perf_counter()
+    if opts.chunk_rows is not None:  # the validator allows it for source generic only
+        return [ingest_stream(opts, pseudonymizer, key_source)]
     frames = ADAPTERS[opts.source](opts, pseudonymizer)
     if {fr.platform for fr in frames} != set(targets):
         _check_other_platforms(opts.out, pseudonymizer, [fr.platform for fr in frames])
@@ -66,8 +64,9 @@ def ingest(opts: IngestOptions, pseudonymizer: Pseudonymizer | None = None,
             min_item_events=max(fr.min_item_events, opts.min_item_events),
             pseudonymised=fr.pseudonymised,
         )
-        report = _report(opts, fr, events, items, pseudonymizer, key_source,
-                         time.perf_counter() - started)
+        report = ingest_report(opts, fr.platform, fr.ledger, event_stats(events),
+                               items.num_rows, pseudonymizer, key_source,
+                               time.perf_counter() - started)
         written.append(write_platform(
             opts.out, fr.platform, events, items,
             fr.ledger.quarantine_table("events"), fr.ledger.quarantine_table("items"),
@@ -94,32 +93,6 @@ def target_platforms(opts: IngestOptions) -> list[str]:
     if opts.platform:
         return opts.platform.split(",")
     return synthetic.default_names(opts.num_platforms) if opts.source == "synthetic" else []
-
-
-def _report(opts: IngestOptions, fr: SourceFrames, events: pa.Table, items: pa.Table,
-            pseudo: Pseudonymizer, key_source: str, seconds: float) -> dict[str, Any]:
-    ts = events["timestamp"]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "platform": fr.platform,
-        "source": opts.source,
-        "recipe": opts.recipe,
-        "path": str(opts.path) if opts.path else None,
-        "created_at": datetime.now(UTC).isoformat(),
-        "seconds": round(seconds, 3),
-        "pseudonym_key_fingerprint": pseudo.fingerprint,
-        "pseudonym_key_source": key_source,
-        "events": fr.ledger.events.to_dict(),
-        "items": fr.ledger.items.to_dict(),
-        "users": pc.count_distinct(events["user_id"]).as_py(),
-        "items_with_events": pc.count_distinct(events["item_id"]).as_py(),
-        "catalog_items": items.num_rows,
-        "first_event": str(pc.min(ts).as_py()) if events.num_rows else None,
-        "last_event": str(pc.max(ts).as_py()) if events.num_rows else None,
-        "event_types": {r["values"]: r["counts"] for r in
-                        pc.value_counts(events["event_type"]).to_pylist()},
-        "quirks": fr.ledger.quirks,
-    }
 
 
 __all__ = ["ADAPTERS", "SOURCES", "IngestOptions", "adapter_names", "ingest",

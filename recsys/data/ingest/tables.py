@@ -1,12 +1,17 @@
-"""Tabular source files shared by the ingest adapters: CSV/TSV, Parquet, Excel workbooks.
+"""Tabular source files shared by the ingest adapters: CSV/TSV, Parquet, JSON lines, Excel.
 
 Everything is read as the source stored it (CSV cells as text), with the encoding and the row
 number of each line kept, and every read failure becomes an :class:`IngestError` that names the
-file (and the line, when the parser says which).
+file (and the line, when the parser says which). :func:`iter_table` reads the same files chunk by
+chunk (bounded memory), with the same cells and row numbers as :func:`read_table`.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
+import lzma
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +26,9 @@ from recsys.data.ingest.base import IngestError
 
 CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
+JSON_SUFFIXES = {".jsonl", ".ndjson"}  # JSON lines: one object per line
 COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zip", ".xz", ".zst"}
-FileKind = Literal["csv", "parquet"]
+FileKind = Literal["csv", "parquet", "json"]
 
 
 @contextmanager
@@ -45,7 +51,8 @@ def read_errors(path: Path, malformed: str = "malformed CSV") -> Iterator[None]:
 
 
 def file_kind(path: Path) -> tuple[FileKind, str | None]:
-    """('csv', separator) or ('parquet', None) from the file name, ignoring a compression suffix."""
+    """('csv', separator), ('parquet', None) or ('json', None) from the file name, ignoring a
+    compression suffix."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
         suffixes = suffixes[:-1]
@@ -54,8 +61,10 @@ def file_kind(path: Path) -> tuple[FileKind, str | None]:
         return "csv", CSV_SEPARATORS[last]
     if last in PARQUET_SUFFIXES:
         return "parquet", None
-    raise IngestError(str(path), "unknown file type: expected .csv, .tsv (optionally compressed) "
-                      "or .parquet")
+    if last in JSON_SUFFIXES:
+        return "json", None
+    raise IngestError(str(path), "unknown file type: expected .csv, .tsv, .jsonl (optionally "
+                      "compressed) or .parquet")
 
 
 def source_files(path: Path) -> list[Path]:
@@ -73,7 +82,7 @@ def source_files(path: Path) -> list[Path]:
             continue  # README, checksums, ...: not logs
         files.append(f)
     if not files:
-        raise IngestError(str(path), "directory holds no .csv/.tsv/.parquet file")
+        raise IngestError(str(path), "directory holds no .csv/.tsv/.jsonl/.parquet file")
     return files
 
 
@@ -85,6 +94,8 @@ def file_columns(path: Path) -> list[str]:
     with read_errors(path):
         if kind == "parquet":
             return list(pq.read_schema(path).names)
+        if kind == "json":  # the keys of the first record
+            return [str(c) for c in _read_json(path, nrows=1).columns]
         return [str(c) for c in read_csv_text(path, sep, nrows=0)[0].columns]
 
 
@@ -108,30 +119,110 @@ def read_csv_text(path: Path, sep: str | None = ",", *, utf8: str = "utf-8",
     ``empty_is_missing``: only empty fields become missing (so the string "nan" stays visible);
     otherwise nothing does.
     """
-    args: dict[str, Any] = dict(sep=sep, dtype=str, keep_default_na=False, **kw)
-    if empty_is_missing:
-        args.update(na_values=[""], skip_blank_lines=True)
-    else:
-        args.update(na_filter=False)
+    args = csv_text_args(sep, empty_is_missing, **kw)
     try:
         return pd.read_csv(path, encoding=utf8, **args), "utf-8"
     except UnicodeDecodeError:
         return pd.read_csv(path, encoding="latin-1", **args), "latin-1"
 
 
+def csv_text_args(sep: str | None, empty_is_missing: bool = True, **kw: Any) -> dict[str, Any]:
+    """``pd.read_csv`` arguments that read every cell as text (see :func:`read_csv_text`)."""
+    args: dict[str, Any] = dict(sep=sep, dtype=str, keep_default_na=False, **kw)
+    if empty_is_missing:
+        args.update(na_values=[""], skip_blank_lines=True)
+    else:
+        args.update(na_filter=False)
+    return args
+
+
+def _read_json(path: Path, **kw: Any) -> Any:
+    """JSON lines as parsed (no dtype guessing, no date conversion); a frame or a chunk reader."""
+    return pd.read_json(path, lines=True, dtype=False, convert_dates=False, **kw)
+
+
 def read_table(path: Path, columns: list[str]) -> tuple[pd.DataFrame, int, str | None]:
-    """The needed columns of a CSV/Parquet file: (frame, 1-based row of its first row, encoding).
+    """The needed columns of a CSV/Parquet/JSON-lines file: (frame, 1-based row of its first
+    row, encoding).
 
     For CSV that row is the line number (the header is line 1), exact unless blank lines or
-    quoted fields spanning lines come before; for Parquet it is the row position. The encoding
-    is None for Parquet.
+    quoted fields spanning lines come before; for Parquet it is the row position, for JSON lines
+    the line number. The encoding is None for Parquet and JSON.
     """
     kind, sep = file_kind(path)
     with read_errors(path):
         if kind == "parquet":
             return pd.read_parquet(path, columns=columns), 1, None
+        if kind == "json":
+            return _read_json(path).reindex(columns=columns), 1, None
         df, encoding = read_csv_text(path, sep, usecols=columns)
         return df, 2, encoding
+
+
+def iter_table(path: Path, columns: list[str],
+               chunk_rows: int) -> Iterator[tuple[pd.DataFrame, int, str | None]]:
+    """:func:`read_table` in chunks of at most ``chunk_rows`` rows: (frame, 1-based row of the
+    chunk's first row, encoding), with the cells and row numbers :func:`read_table` gives.
+
+    A CSV is checked for UTF-8 in one streaming pass first (Latin-1 otherwise, as
+    :func:`read_csv_text` decides), so that the encoding never changes half-way.
+    """
+    kind, sep = file_kind(path)
+    first = 2 if kind == "csv" else 1
+    with read_errors(path):
+        if kind == "parquet":
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):
+                df = batch.to_pandas()
+                yield df, first, None
+                first += len(df)
+            return
+        encoding = None
+        if kind == "json":
+            reader = _read_json(path, chunksize=chunk_rows)
+        else:
+            encoding = "utf-8" if is_utf8(path) else "latin-1"
+            reader = pd.read_csv(path, encoding=encoding, chunksize=chunk_rows,
+                                 **csv_text_args(sep, usecols=columns))
+        with reader:
+            for df in reader:
+                df = df.reindex(columns=columns) if kind == "json" else df
+                yield df.reset_index(drop=True), first, encoding
+                first += len(df)
+
+
+_OPENERS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def is_utf8(path: Path, block: int = 1 << 24) -> bool:
+    """Whether a (plain, .gz, .bz2 or .xz) file decodes as UTF-8, read in blocks; other
+    compressions are assumed UTF-8."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSION_SUFFIXES and suffix not in _OPENERS:
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with _OPENERS.get(suffix, open)(path, "rb") as fh:
+        try:
+            while chunk := fh.read(block):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def estimate_rows(path: Path, sample_bytes: int = 1 << 20) -> int | None:
+    """Rows of a file without reading it: Parquet metadata (exact), else the file size over the
+    mean line length of its first MiB (uncompressed CSV/JSON lines); None for compressed text."""
+    kind, _ = file_kind(path)
+    if kind == "parquet":
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    if path.suffix.lower() in COMPRESSION_SUFFIXES:
+        return None
+    with open(path, "rb") as fh:
+        sample = fh.read(sample_bytes)
+    lines = max(1, sample.count(b"\n"))
+    return int(path.stat().st_size / (len(sample) / lines))
 
 
 def read_workbook(path: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -177,5 +268,6 @@ def detect_spelling(raw: pd.DataFrame, spellings: dict[str, dict[str, str]], fil
                       column=missing[closest][0])
 
 
-__all__ = ["FileKind", "common_columns", "detect_spelling", "file_columns", "file_kind",
-           "read_csv_text", "read_errors", "read_table", "read_workbook", "source_files"]
+__all__ = ["FileKind", "common_columns", "csv_text_args", "detect_spelling", "estimate_rows",
+           "file_columns", "file_kind", "is_utf8", "iter_table", "read_csv_text", "read_errors",
+           "read_table", "read_workbook", "source_files"]
