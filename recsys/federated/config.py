@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from recsys.config import StrictModel
 from recsys.data.examples import DataConfig
+from recsys.model.ann import DEFAULT_THRESHOLD as DEFAULT_ANN_THRESHOLD
 from recsys.training.config import (
     EncoderConfig,
     LossConfig,
@@ -92,6 +93,9 @@ class FederatedJobConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/federated"
     """The export goes to ``output_dir/name/export`` (the format of a pretrain export)."""
+    ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=0)
+    """The export gets an approximate index of each catalog of more items than this (as
+    ``TrainJobConfig.ann_threshold``; 0: never)."""
 
     @model_validator(mode="after")
     def _check(self) -> FederatedJobConfig:
@@ -116,4 +120,4 @@ class FederatedJobConfig(StrictModel):
             name=self.name, mode="pretrain", data=self.data, train_platforms=self.platforms,
             user_fraction=self.user_fraction, model=self.model, encoder=self.encoder,
             loss=self.loss, optim=self.optim, tracking=self.tracking,
-            output_dir=self.output_dir)
+            output_dir=self.output_dir, ann_threshold=self.ann_threshold)

@@ -66,4 +66,4 @@ def write_export(out: Path, cfg: FederatedJobConfig, es: ExampleSet, inputs: Ite
                     if c.last_event is not None})
     catalogs = {p: es.path / "catalog" / f"{p}.parquet" for p in items}
     state: dict[str, torch.Tensor] = model.state_dict()
-    return save_export(out, model, state, meta, items, catalogs)
+    return save_export(out, model, state, meta, items, catalogs, ann_threshold=cfg.ann_threshold)

@@ -134,8 +134,10 @@ class Predictor:
     def __init__(self, exported: Exported, source: ModelSource,
                  history: HistoryStore | None = None,
                  pseudonymizer: Pseudonymizer | None = None, search: bool = True,
-                 rules: ServingRules | None = None, int8_search: bool = False) -> None:
+                 rules: ServingRules | None = None, int8_search: bool = False,
+                 approximate: bool = True) -> None:
         self.exported = exported
+        self.approximate = approximate  # use the export's index where it has one
         self.source = source
         self.model = exported.model.eval()
         self.history = history or HistoryStore()
@@ -167,7 +169,8 @@ class Predictor:
     def from_export(cls, path: str | Path, lake: str | Path | None = None, *,
                     source: ModelSource | None = None, search: bool = True,
                     pseudonymizer: Pseudonymizer | None = None,
-                    rules: ServingRules | None = None, int8_search: bool = False) -> Predictor:
+                    rules: ServingRules | None = None, int8_search: bool = False,
+                    approximate: bool = True) -> Predictor:
         """Load an export directory; ``lake`` supplies user histories and popular items."""
         source = source or resolve_model(str(path))
         exported = load_export(source.export_path)
@@ -183,21 +186,22 @@ class Predictor:
                                              max_len=int(exported.model.config["max_len"]))
         else:
             log.warning("no lake: no user histories, and no popular items for the fallback")
-        return cls(exported, source, history, pseudonymizer, search, rules, int8_search)
+        return cls(exported, source, history, pseudonymizer, search, rules, int8_search,
+                   approximate)
 
     @classmethod
     def from_model_uri(cls, uri: str, lake: str | Path | None = None, *,
                        tracking_uri: str | None = None, download_dir: str | Path | None = None,
                        search: bool = True, pseudonymizer: Pseudonymizer | None = None,
-                       rules: ServingRules | None = None, int8_search: bool = False
-                       ) -> Predictor:
+                       rules: ServingRules | None = None, int8_search: bool = False,
+                       approximate: bool = True) -> Predictor:
         """A local export path or ``models:/name@alias`` (downloaded from the registry; the
         download is removed again when the export does not load)."""
         source = resolve_model(uri, tracking_uri, download_dir)
         try:
             return cls.from_export(source.export_path, lake, source=source, search=search,
                                    pseudonymizer=pseudonymizer, rules=rules,
-                                   int8_search=int8_search)
+                                   int8_search=int8_search, approximate=approximate)
         except BaseException:
             source.discard()
             raise
@@ -226,7 +230,8 @@ class Predictor:
             table=table, scoring=F.normalize(table, dim=-1) if self.normalize else table,
             by_brand=_groups([[normalise(b)] if b else [] for b in brands]),
             by_category=_groups([category_prefixes(c, 64) for c in categories]),
-            popular=popular, ann=load_ann(self.exported.path, name, it.num_items, table.shape[1]))
+            popular=popular, ann=load_ann(self.exported.path, name, it.num_items, table.shape[1])
+            if self.approximate else None)
 
     def _load_text_encoder(self) -> None:
         """Search needs the item tower's text encoder: the fine-tuned one in the export, else

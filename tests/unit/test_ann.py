@@ -224,3 +224,14 @@ def test_recommend_end_to_end_uses_the_index(predictor: Predictor) -> None:
     assert len(set(got) & set(want)) >= 9 and len(got) == 10
     filtered = predictor.recommend(request.model_copy(update={"filters": Filters(brand="b1")}))
     assert {i.brand for i in filtered.items} == {"b1"}
+
+
+def test_the_app_args_switch_the_index_off_and_the_int8_encoder_on(export: Path) -> None:
+    from recsys.serving.args import AppArgs, load_predictor
+
+    args = AppArgs(model_uri=str(export), lake=None, search=False, approximate_index=False,
+                   int8_search=True)
+    pred = load_predictor(args)
+    assert pred.catalogs["big"].ann is None and pred.int8_search
+    on = load_predictor(args.model_copy(update={"approximate_index": True}))
+    assert on.catalogs["big"].ann is not None
