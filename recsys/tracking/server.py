@@ -149,9 +149,13 @@ class LocalMlflowServer:
     worker along, and a Ctrl-C meant for the caller does not reach it.
     """
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None,
+                 artifacts_destination: str | None = None) -> None:
         self.root = Path(root).resolve()
         self.port = port
+        # None: <root>/artifacts; a URI (s3://bucket/prefix: boto3 reads the endpoint and the
+        # credentials from the server's environment, MLFLOW_S3_ENDPOINT_URL for a local S3).
+        self.artifacts_destination = artifacts_destination
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -173,7 +177,8 @@ class LocalMlflowServer:
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", sqlite_uri(self.root),
             "--default-artifact-root", PROXIED_ARTIFACT_ROOT,
-            "--artifacts-destination", str(self.root / ARTIFACTS_DIR),
+            "--artifacts-destination",
+            self.artifacts_destination or str(self.root / ARTIFACTS_DIR),
             "--host", LOOPBACK,
             "--port", str(port),
             "--workers", "1",

@@ -131,6 +131,11 @@ class ScalingConfig(StrictModel):
     use_gpu: bool = False
     max_failures: int = Field(1, ge=0)
     """Worker failures survived by restarting from the last checkpoint."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on the cluster's nodes (its placement-group strategy):
+    ``PACK`` fills as few nodes as possible, ``SPREAD`` spreads them where it can,
+    ``STRICT_SPREAD`` puts each worker on a different node (or waits for nodes), ``STRICT_PACK``
+    puts all on one node."""
 
 
 class TransferConfig(StrictModel):
@@ -212,7 +217,10 @@ class TrainJobConfig(StrictModel):
     transfer: TransferConfig = TransferConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/train"
-    """Ray Train storage and exports go under ``output_dir/name``."""
+    """Ray Train storage and exports go under ``output_dir/name``. A URI (``s3://bucket/path``,
+    what every node of a multi-node cluster can reach) holds the checkpoints; the export and
+    the report, which serving and evaluation read locally, then go under
+    ``<RECSYS_WORK_DIR>/train/<name>``."""
     ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=0)
     """The export gets an approximate (faiss IVF) index of each catalog of more items than this,
     used by serving instead of scoring every item (0: never build one)."""

@@ -54,6 +54,11 @@ class TrainOutcome:
 
 
 def run_dir(cfg: TrainJobConfig) -> Path:
+    """The run's local directory (export, report): ``output_dir/name``, or for a URI
+    ``output_dir`` (``s3://...``, where Ray Train keeps the checkpoints)
+    ``<work_dir>/train/name``."""
+    if "://" in cfg.output_dir:
+        return Path(get_settings().work_dir) / "train" / cfg.name
     return Path(cfg.output_dir) / cfg.name
 
 
@@ -225,8 +230,8 @@ def _start_over(cfg: TrainJobConfig) -> None:
 RESUME_CONFIG = "resume_config.json"
 RESUMABLE = ("name", "resume", "output_dir", "optim.epochs", "optim.early_stopping_patience",
              "optim.min_epochs", "tracking", "fault_injection", "scaling.max_failures",
-             "scaling.cpus_per_worker", "materialize_datasets", "encoder.cache_dir",
-             "encoder.encode_batch_size")
+             "scaling.cpus_per_worker", "scaling.placement_strategy", "materialize_datasets",
+             "encoder.cache_dir", "encoder.encode_batch_size")
 """Config keys (and sections) a resumed run may change: how long it trains and when it stops
 early, where it logs, its cluster placement and caches. Any other change (data, platforms,
 model, loss, learning rates, seed, engine, worker count, GPU or not) would continue the
