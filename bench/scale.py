@@ -31,20 +31,22 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    MB,
     RESULTS,
     SYNTHETIC_PSEUDONYM_KEY,
     Log,
@@ -96,9 +98,27 @@ def series(stage: str, axis: str, unit: str, xs: Sequence[int],
 
 # -- a fresh process per ingest (its peak RSS is its own) ----------------------------------------
 
-def child_peak_mb() -> float:
-    """This process's peak RSS (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class RssSampler:
+    """Peak RSS of this process while a ``with`` block runs, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.me = interval, psutil.Process()
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.me.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self.start = self.peak = self.me.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.me.memory_info().rss)
 
 
 def run_child(args: list[str], log: Log) -> dict[str, Any]:
@@ -121,13 +141,15 @@ def child_main(argv: list[str]) -> None:
         from recsys.data.ingest.runner import IngestOptions, ingest
         from recsys.data.pseudonym import Pseudonymizer
 
-        before = child_peak_mb()
-        t0 = time.perf_counter()
-        written = ingest(IngestOptions(source="synthetic", out=lake, num_platforms=platforms,
-                                       scale=scale, seed=7),
-                         Pseudonymizer(SYNTHETIC_PSEUDONYM_KEY))
-        out = {"seconds": round(time.perf_counter() - t0, 3), "peak_mb": round(child_peak_mb(), 1),
-               "start_mb": round(before, 1),
+        # The imports' own peak can exceed the ingest's: sample RSS while it runs instead.
+        with RssSampler() as rss:
+            t0 = time.perf_counter()
+            written = ingest(IngestOptions(source="synthetic", out=lake,
+                                           num_platforms=platforms, scale=scale, seed=7),
+                             Pseudonymizer(SYNTHETIC_PSEUDONYM_KEY))
+            secs = time.perf_counter() - t0
+        out = {"seconds": round(secs, 3), "peak_mb": round(rss.peak / MB, 1),
+               "start_mb": round(rss.start / MB, 1),
                "events": sum(w.report["events"]["rows_out"] for w in written),
                "items": sum(w.report["catalog_items"] for w in written)}
     elif kind == "seq":
@@ -177,6 +199,9 @@ def events_axis(sizes: Sequence[int], chunk_rows: int, workdir: Path, log: Log,
         subprocess.run(["rm", "-rf", str(examples)], check=False)
     stream = [r["stream"] for r in rows]
     memory = [r.get("memory") for r in rows]
+    skipped = ", ".join(f"not run at {r['events']:,} events (its fit: "
+                        f"{r['memory_skipped']['extrapolated_peak_gb']} GB)"
+                        for r in rows if r.get("memory_skipped"))
     return {"detail": res, "series": [
         series("ingest, streaming", "events", "events", xs,
                [s["seconds"] for s in stream], [s["peak_mb"] for s in stream],
@@ -184,7 +209,7 @@ def events_axis(sizes: Sequence[int], chunk_rows: int, workdir: Path, log: Log,
         series("ingest, in memory", "events", "events", xs,
                [m["seconds"] if m else None for m in memory],
                [m["peak_mb"] if m else None for m in memory],
-               "today's path; skipped where it would not fit (see detail)"),
+               "today's path; " + (skipped or "run at every size")),
         series("sequence build (Ray Data)", "events", "events", xs, seq_s, seq_mb,
                f"on the streamed lake, up to {seq_max:,} events"),
     ]}
@@ -298,7 +323,8 @@ def markdown(path: Path, result: dict[str, Any]) -> None:
         lines += ["| stage | " + " | ".join(f"{x:,}" for x in xs) + " | fit of seconds "
                   "| fit of peak MB | note |", "|---" * (len(xs) + 4) + "|"]
         for s in part["series"]:
-            cells = [f"{fmt(t, '.3g')} s / {fmt(mb, '.0f')} MB" if mb is not None
+            cells = ["not run" if t is None and mb is None
+                     else f"{fmt(t, '.3g')} s / {fmt(mb, '.0f')} MB" if mb is not None
                      else f"{fmt(t, '.3g')} s" for t, mb in zip(s["seconds"], s["peak_mb"])]
             lines.append(f"| {s['stage']} | " + " | ".join(cells)
                          + f" | {_fit_text(s['fit_seconds'], s['unit'])} "

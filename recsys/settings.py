@@ -28,8 +28,11 @@ class Settings(BaseSettings):
     head) when the job does not set them (e.g. the pipeline's ``ray.num_cpus``); None: the
     machine's count."""
     storage_path: str | None = None
-    """Where sweeps keep their Ray Tune experiment (local dir or ``s3://``, ``gs://``):
-    ``<storage_path>/<sweep name>/tune``. None: under the sweep's ``output_dir/name``."""
+    """Shared run storage (local dir or ``s3://``, ``gs://``): sweeps keep their Ray Tune
+    experiment in ``<storage_path>/<sweep name>/tune``, and the pipeline's training stages use
+    ``<storage_path>/<pipeline name>/train`` as ``output_dir`` (Ray Train's checkpoints there;
+    exports and reports under ``<work_dir>/train/<scheme>/<bucket>/<path>/<run name>``).
+    None: the sweep's ``output_dir/name`` and the pipeline's ``<its work dir>/train``."""
     mlflow_tracking_uri: str | None = None
     """MLflow server; None: the project starts a local one (SQLite)."""
 

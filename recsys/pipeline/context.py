@@ -90,3 +90,18 @@ def tracking_uri() -> str:
     from recsys.tracking.server import ensure_tracking
 
     return ensure_tracking(get_settings())
+
+
+def train_output_dir(ctx: Context, *, shared: bool = True) -> str:
+    """The ``output_dir`` of the pipeline's training runs: with ``RECSYS_STORAGE_PATH`` set
+    (``settings.storage_path``, what every node of a cluster reaches, e.g. ``s3://...``)
+    ``<storage_path>/<pipeline name>/train``, where Ray Train keeps each run's checkpoints (the
+    exports and reports stay local, under the URI's mirror in ``<RECSYS_WORK_DIR>/train``:
+    ``training.run.run_dir``); else, or with ``shared=False`` (a job without Ray Train
+    storage: federated), ``<work dir>/train``."""
+    from recsys.settings import get_settings
+
+    root = get_settings().storage_path
+    if shared and root:
+        return f"{root.rstrip('/')}/{ctx.cfg.name}/train"
+    return str(ctx.cfg.root / "train")

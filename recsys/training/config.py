@@ -220,7 +220,7 @@ class TrainJobConfig(StrictModel):
     """Ray Train storage and exports go under ``output_dir/name``. A URI (``s3://bucket/path``,
     what every node of a multi-node cluster can reach) holds the checkpoints; the export and
     the report, which serving and evaluation read locally, then go under
-    ``<RECSYS_WORK_DIR>/train/<name>``."""
+    ``<RECSYS_WORK_DIR>/train/<scheme>/<bucket>/<path>/<name>``."""
     ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=0)
     """The export gets an approximate (faiss IVF) index of each catalog of more items than this,
     used by serving instead of scoring every item (0: never build one)."""

@@ -55,10 +55,12 @@ class TrainOutcome:
 
 def run_dir(cfg: TrainJobConfig) -> Path:
     """The run's local directory (export, report): ``output_dir/name``, or for a URI
-    ``output_dir`` (``s3://...``, where Ray Train keeps the checkpoints)
-    ``<work_dir>/train/name``."""
+    ``output_dir`` (``s3://bucket/path``, where Ray Train keeps the checkpoints) the URI's
+    mirror ``<work_dir>/train/s3/bucket/path/name`` (two runs of one name under different
+    URIs, e.g. two pipelines, keep apart)."""
     if "://" in cfg.output_dir:
-        return Path(get_settings().work_dir) / "train" / cfg.name
+        scheme, rest = cfg.output_dir.split("://", 1)
+        return Path(get_settings().work_dir) / "train" / scheme / rest.strip("/") / cfg.name
     return Path(cfg.output_dir) / cfg.name
 
 
@@ -217,10 +219,16 @@ def _tracked(cfg: TrainJobConfig) -> Iterator[RunRef | None]:
 
 
 def _start_over(cfg: TrainJobConfig) -> None:
-    """Ray Train resumes a run of the same name and storage; remove it to start fresh."""
+    """Ray Train resumes a run of the same name and storage; remove it to start fresh (for a
+    URI ``output_dir``, its ``<output_dir>/<name>`` there too, through pyarrow)."""
     if "://" in cfg.output_dir:
-        raise ValueError(f"resume=false deletes the previous run, which is only done for a local "
-                         f"output_dir; use a new name for {cfg.output_dir}")
+        from pyarrow import fs
+
+        uri = f"{cfg.output_dir.rstrip('/')}/{cfg.name}"
+        store, where = fs.FileSystem.from_uri(uri)
+        if store.get_file_info(where).type != fs.FileType.NotFound:
+            log.warning("resume=false: removing the previous run at %s", uri)
+            store.delete_dir(where)
     path = run_dir(cfg)
     if path.exists():
         log.warning("resume=false: removing the previous run at %s", path)

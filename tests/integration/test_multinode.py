@@ -1,8 +1,9 @@
 """A real multi-node run on one machine: a Ray head and a second node (each its own process
 session, resources and temp dir), moto's server as S3 for Ray Train's checkpoints and MLflow's
-artifacts, and the training job a user runs (``python -m jobs.pretrain`` joining the cluster
-through ``RAY_ADDRESS``). Then the worker node is killed mid-run, a fresh one joins, and the run
-finishes from its last checkpoint.
+artifacts. First the pipeline a user runs (``python -m jobs.pipeline`` joining the cluster
+through ``RAY_ADDRESS``, ``RECSYS_STORAGE_PATH`` in the bucket): ingest, examples, pretrain
+spread over both nodes, transfer, evaluate, register. Then a training job whose worker node is
+killed mid-run: a fresh node joins, and the run finishes from its last checkpoint.
 
     .venv/bin/python -m pytest -m slow tests/integration/test_multinode.py
 """
@@ -99,16 +100,14 @@ def _config(tmp_path: Path, es: Any, name: str, epochs: int, **extra: Any) -> Pa
     return path
 
 
-def _job(config: Path, head: Any, tmp_path: Path, mlflow_uri: str | None,
-         log: Path) -> subprocess.Popen[bytes]:
+def _job(args: list[str], head: Any, tmp_path: Path, log: Path,
+         **env_extra: str) -> subprocess.Popen[bytes]:
+    """``python -m <args>`` joining the cluster, its state under ``tmp_path``."""
     env = {**os.environ, "RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token",
-           "RECSYS_WORK_DIR": str(tmp_path / "work")}
-    if mlflow_uri:
-        env["RECSYS_MLFLOW_TRACKING_URI"] = mlflow_uri
+           "RECSYS_WORK_DIR": str(tmp_path / "work"), **env_extra}
     with log.open("wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "jobs.pretrain", "--config", str(config)],
-                                stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 start_new_session=True)
 
 
@@ -132,36 +131,81 @@ def _train_workers(head: Any) -> list[Any]:
                        raise_on_missing_output=False)
 
 
-def test_two_nodes_s3_checkpoints_and_mlflow_artifacts(cluster, s3, tracking, synthetic_examples,
-                                                      tmp_path: Path) -> None:
-    head, worker = cluster["head"], cluster["worker"]
-    config = _config(tmp_path, synthetic_examples, "two-node", epochs=2,
-                     tracking={"enabled": True, "experiment": "multinode"})
-    log = tmp_path / "job.log"
-    text = _wait(_job(config, head, tmp_path, tracking.uri, log), log, timeout=600)
-    assert [int(e) for e in EPOCH_LINE.findall(text)] == [0, 1], text[-3000:]
+def _pipeline_overrides(tmp_path: Path, encoder: str, name: str) -> list[str]:
+    """The demo pipeline, small: a fifth of the synthetic scale, the tiny encoder, a small
+    model, two epochs of pretraining spread one worker per node, one transfer strategy and no
+    scratch baseline, no sweep and no deploy; every path in ``tmp_path``."""
+    cache = str(tmp_path / "cache")
+    pretrain = {"optim.epochs": 2, "optim.micro_batch_size": 128,
+                "optim.early_stopping_patience": 100, "encoder.cache_dir": cache,
+                "model.dim": 16, "model.num_layers": 1, "model.num_heads": 2,
+                "model.num_experts": 2, "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.5,
+                "scaling.placement_strategy": "STRICT_SPREAD", "scaling.max_failures": 1}
+    transfer = {"optim.epochs": 1, "optim.micro_batch_size": 128, "encoder.cache_dir": cache,
+                "scaling.num_workers": 1, "scaling.cpus_per_worker": 1}
+    ingest = [{"source": "synthetic", "num_platforms": 3, "scale": 0.2, "seed": 11}]
+    values: dict[str, Any] = {
+        "name": name, "work_dir": str(tmp_path / "pipe"),
+        "stages": ["ingest", "examples", "pretrain", "transfer", "evaluate", "register"],
+        "ingest": ingest, "data.lake": str(tmp_path / "lake"),
+        "data.examples": str(tmp_path / "examples"), "data.sequences.max_seq_len": 20,
+        "data.text.encoder": encoder, "data.text.max_tokens": 32,
+        "pretrain.overrides": pretrain, "transfer.overrides": transfer,
+        "transfer.strategies": ["freeze_encoder"], "transfer.scratch_config": None}
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
-    # One training worker on each node (STRICT_SPREAD over the two nodes).
-    nodes = {a.node_id for a in _train_workers(head)}
-    assert nodes == {head.node_id, worker.node_id}, nodes
 
-    # Ray Train's run storage and checkpoints are in the bucket, not on a local disk.
-    keys = s3.keys("ray/two-node/")
-    assert any("/checkpoint_" in k for k in keys), keys[:20]
-    assert "ray/two-node/resume_config.json" in keys
-    assert not (REPO / "s3:").exists()  # no local path made of the URI
-    export = tmp_path / "work" / "train" / "two-node" / "export" / "export.json"
-    assert json.loads(export.read_text())["platforms"] == ["shop_a", "shop_b"]
-
-    # The MLflow run's artifacts (report, logged model) went to s3://recsys/mlflow.
-    run_id = re.search(r"MLflow run ([0-9a-f]{32})", text).group(1)
-    mlflow_keys = s3.keys("mlflow/")
-    assert any(run_id in k and "/report/" in k for k in mlflow_keys), mlflow_keys[:20]
-    assert any("/models/" in k for k in mlflow_keys), mlflow_keys[:20]
+def test_pipeline_on_two_nodes_with_s3_storage(cluster, s3, tracking, tiny_encoder: str,
+                                              ray_cluster, tmp_path: Path) -> None:
+    """``ray_cluster``: Ray initialised in this process as the tests' clusters are (token auth),
+    which the state API (``_train_workers``) needs."""
     from mlflow import MlflowClient
 
-    names = {a.path for a in MlflowClient(tracking.uri).list_artifacts(run_id)}
-    assert "report" in names, names
+    head, worker = cluster["head"], cluster["worker"]
+    name = "multinode"
+    log = tmp_path / "pipeline.log"
+    args = ["jobs.pipeline", "--config", "configs/pipeline/demo.yaml",
+            *_pipeline_overrides(tmp_path, tiny_encoder, name)]
+    text = _wait(_job(args, head, tmp_path, log, RECSYS_STORAGE_PATH=f"s3://{BUCKET}/ray",
+                      RECSYS_MLFLOW_TRACKING_URI=tracking.uri), log, timeout=900)
+    assert f"pipeline {name}: done" in text, text[-3000:]
+
+    # The pretrain run's workers (the only worker group of two) were one on each node.
+    groups: dict[Any, set[str]] = {}
+    for actor in _train_workers(head):
+        groups.setdefault(actor.placement_group_id, set()).add(actor.node_id)
+    assert None not in groups and {head.node_id, worker.node_id} in groups.values(), groups
+
+    # Ray Train's storage of the training stages: RECSYS_STORAGE_PATH/<pipeline>/train.
+    prefix = f"ray/{name}/train/"
+    keys = s3.keys(prefix)
+    for run in ("pretrain", "transfer-freeze_encoder-shop_c"):
+        assert any(k.startswith(f"{prefix}{run}/checkpoint_") for k in keys), (run, keys[:30])
+        assert f"{prefix}{run}/resume_config.json" in keys, (run, keys[:30])
+    assert not (REPO / "s3:").exists()  # no local path made of the URI
+    # The exports are local (under RECSYS_WORK_DIR), and the later stages read them there.
+    local = tmp_path / "work" / "train" / "s3" / BUCKET / prefix  # the bucket's mirror
+    export = local / "pretrain" / "export" / "export.json"
+    assert json.loads(export.read_text())["platforms"] == ["shop_a", "shop_b"]
+    assert (local / "transfer-freeze_encoder-shop_c" / "export" / "export.json").is_file()
+
+    # Both training runs logged to the test's MLflow server, their artifacts in the bucket.
+    client = MlflowClient(tracking.uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    runs = {r.info.run_name: r.info.run_id
+            for r in client.search_runs([experiment.experiment_id])}
+    assert {"pretrain", "transfer-freeze_encoder-shop_c"} <= set(runs), runs
+    mlflow_keys = s3.keys("mlflow/")
+    for run_name, run_id in runs.items():
+        assert any(run_id in k and "/report/" in k for k in mlflow_keys), (run_name,
+                                                                          mlflow_keys[:20])
+    assert any("/models/" in k for k in mlflow_keys), mlflow_keys[:20]
+
+    # The register stage registered the transfer run (the one candidate) as shop_c's model.
+    versions = client.search_model_versions("name='recsys-shop_c'")
+    assert [v.tags.get("pipeline") for v in versions] == [name], versions
+    assert versions[0].run_id == runs["transfer-freeze_encoder-shop_c"], versions[0]
 
 
 def test_resume_after_losing_the_worker_node(cluster, s3, synthetic_examples,
@@ -177,7 +221,7 @@ def test_resume_after_losing_the_worker_node(cluster, s3, synthetic_examples,
                      materialize_datasets=False)
     log = tmp_path / "job.log"
     started = time.monotonic()
-    job = _job(config, head, tmp_path, None, log)
+    job = _job(["jobs.pretrain", "--config", str(config)], head, tmp_path, log)
     try:
         # Rank 0 prints epoch k's line before saving its checkpoint: once epoch 1's line is
         # out, epoch 0's checkpoint is in S3 and reported.

@@ -25,8 +25,29 @@ def test_an_s3_output_dir_keeps_export_and_report_under_the_work_dir(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSYS_WORK_DIR", str(tmp_path))
     cfg = TrainJobConfig(name="r", output_dir="s3://bucket/ray")
-    assert run_dir(cfg) == tmp_path / "train" / "r"
+    assert run_dir(cfg) == tmp_path / "train" / "s3" / "bucket" / "ray" / "r"
+    other = TrainJobConfig(name="r", output_dir="s3://bucket/other/")
+    assert run_dir(other) == tmp_path / "train" / "s3" / "bucket" / "other" / "r"
     assert run_dir(TrainJobConfig(name="r", output_dir="runs/x")) == Path("runs/x/r")
+
+
+def test_resume_false_deletes_the_previous_run_in_uri_storage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the pipeline (resume=false) does with RECSYS_STORAGE_PATH: the run's previous
+    ``<output_dir>/<name>`` goes (pyarrow; file:// stands in for s3://), its siblings stay."""
+    from recsys.training.run import _start_over, run_dir
+
+    monkeypatch.setenv("RECSYS_WORK_DIR", str(tmp_path / "work"))
+    (tmp_path / "store" / "r" / "checkpoint_000000").mkdir(parents=True)
+    (tmp_path / "store" / "other").mkdir()
+    cfg = TrainJobConfig(name="r", output_dir=f"file://{tmp_path}/store/", resume=False)
+    local = tmp_path / "work" / "train" / "file" / str(tmp_path / "store").strip("/") / "r"
+    assert run_dir(cfg) == local  # the URI's mirror under the work dir
+    (local / "export").mkdir(parents=True)
+    _start_over(cfg)
+    assert not (tmp_path / "store" / "r").exists() and (tmp_path / "store" / "other").exists()
+    assert not local.exists()
+    _start_over(cfg)  # nothing left to delete
 
 
 def test_placement_strategy_is_validated_and_resumable() -> None:

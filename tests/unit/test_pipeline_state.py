@@ -116,6 +116,7 @@ def test_stage_overrides_reach_the_train_config_as_typed_values(
 
     repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
+    monkeypatch.delenv("RECSYS_STORAGE_PATH", raising=False)
     cfg = load_pipeline_config("configs/pipeline/demo.yaml", [f"work_dir={tmp_path}"])
     ctx = Context(cfg, PipelineState(tmp_path / "pipeline"))
     train = train_config(ctx, "configs/train/transfer.yaml", "t", {
@@ -126,3 +127,28 @@ def test_stage_overrides_reach_the_train_config_as_typed_values(
     assert train.data == cfg.data and train.output_dir == str(tmp_path / "train")
     assert (train.tracking.experiment, train.resume, train.transfer.strategy) == (
         "demo", False, "adapter_only")
+
+
+def test_storage_path_holds_the_pipeline_training_runs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """RECSYS_STORAGE_PATH set: training stages keep Ray Train storage in
+    ``<it>/<pipeline name>/train`` and their exports local under the work dir; unset: the
+    pipeline's work dir (the demo). Federated pretraining stays local either way."""
+    from recsys.pipeline import load_pipeline_config
+    from recsys.pipeline.context import Context, train_output_dir
+    from recsys.pipeline.stages.train import train_config
+    from recsys.training.run import run_dir
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    cfg = load_pipeline_config("configs/pipeline/demo.yaml", [f"work_dir={tmp_path}/p"])
+    ctx = Context(cfg, PipelineState(tmp_path / "pipeline"))
+    monkeypatch.delenv("RECSYS_STORAGE_PATH", raising=False)
+    assert train_output_dir(ctx) == str(tmp_path / "p" / "train")
+    monkeypatch.setenv("RECSYS_STORAGE_PATH", "s3://recsys/ray/")
+    monkeypatch.setenv("RECSYS_WORK_DIR", str(tmp_path / "work"))
+    train = train_config(ctx, "configs/train/pretrain.yaml", "pretrain", {}, mode="pretrain")
+    assert train.output_dir == "s3://recsys/ray/demo/train"
+    assert run_dir(train) == tmp_path / "work" / "train" / "s3" / "recsys/ray/demo/train/pretrain"
+    assert train_output_dir(ctx, shared=False) == str(tmp_path / "p" / "train")
+    monkeypatch.setenv("RECSYS_STORAGE_PATH", str(tmp_path / "shared"))
+    assert train_output_dir(ctx) == f"{tmp_path}/shared/demo/train"

@@ -5,7 +5,7 @@ output type, so transfer, sweep and register read it unchanged."""
 from __future__ import annotations
 
 from recsys.config import load_config
-from recsys.pipeline.context import Context
+from recsys.pipeline.context import Context, train_output_dir
 from recsys.pipeline.outputs import TrainOutput
 from recsys.pipeline.state import Recorded
 
@@ -19,7 +19,10 @@ def federated_pretrain(ctx: Context, platforms: list[str]) -> Recorded[TrainOutp
     f = ctx.cfg.federated
     cfg = load_config(FederatedJobConfig, f.config, values={
         **f.overrides, "name": "pretrain-federated", "data": ctx.cfg.data.model_dump(),
-        "platforms": platforms, "output_dir": str(ctx.cfg.root / "train"),
+        "platforms": platforms,
+        # Local even with RECSYS_STORAGE_PATH: the federated server writes its export itself
+        # and keeps no Ray Train storage.
+        "output_dir": train_output_dir(ctx, shared=False),
         "tracking.enabled": ctx.cfg.tracking, "tracking.experiment": ctx.cfg.name})
     inputs = {"config": cfg.model_dump(mode="json", exclude={"tracking"}),
               **{f"lake/{p}": ctx.lake_fp(p) for p in platforms}}

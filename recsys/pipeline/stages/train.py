@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from recsys.config import load_config
-from recsys.pipeline.context import Context
+from recsys.pipeline.context import Context, train_output_dir
 from recsys.pipeline.outputs import TrainOutput
 from recsys.pipeline.state import Recorded
 from recsys.training.config import TrainJobConfig
@@ -24,9 +24,10 @@ TrainedRuns = dict[str, dict[str, Recorded[TrainOutput]]]
 def train_config(ctx: Context, yaml_path: str, name: str, overrides: Mapping[str, Any],
                  **fields: Any) -> TrainJobConfig:
     """A train job config from its YAML and the stage's dotted ``overrides``, with the
-    pipeline's data, paths and tracking; ``fields`` replace whole top-level keys last."""
+    pipeline's data, paths (``output_dir``: ``train_output_dir``) and tracking; ``fields``
+    replace whole top-level keys last."""
     values = {**overrides, "name": name, "data": ctx.cfg.data.model_dump(),
-              "output_dir": str(ctx.cfg.root / "train"), "resume": False,
+              "output_dir": train_output_dir(ctx), "resume": False,
               "tracking.enabled": ctx.cfg.tracking, "tracking.experiment": ctx.cfg.name,
               **fields}
     return load_config(TrainJobConfig, yaml_path, values=values)
