@@ -20,6 +20,10 @@ a spill file too. After the last chunk each bucket is read alone, sorted and wri
 * a cache of pseudonyms across chunks (:class:`CachedPseudonymizer`), capped at
   :data:`PSEUDONYM_CACHE` ids (about 100 MB).
 
+Measured (``bench/scale.py``, docs/scale.md), peak RSS still grew about 16 MB per million events
+of the benchmark's log (the in-memory path: 444 MB), whatever the chunk size; part of it was
+freed pages that Arrow's allocator (mimalloc) kept, which each chunk now hands back.
+
 The lake is the one the in-memory path writes: same layout, schemas, report keys and ledger
 invariant; users are disjoint across buckets, so ``users`` is the sum of per-bucket distinct
 counts. The write is atomic (:func:`~recsys.data.lake.staged_platform`): a failed ingest
@@ -304,6 +308,9 @@ def ingest_stream(opts: IngestOptions, pseudo: Pseudonymizer, key_source: str) -
                 spill.add(events_table(p.platform, events, cached))
                 spill.add_quarantine(ledger)
                 n_chunks += 1
+                # mimalloc (Arrow's default pool) keeps freed pages; without this the process
+                # grows with the chunks read, not with one chunk.
+                pa.default_memory_pool().release_unused()
         finally:
             spill.close()
         check_balance(ledger)
