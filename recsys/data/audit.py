@@ -5,11 +5,22 @@ every column, nested lists and structs included, and the schema metadata: compre
 would hide a raw id from a byte search, and min/max statistics derive from the values), every
 other file as raw bytes (JSON reports, Markdown, logs, an SQLite database). A hit is an
 e-mail-like string (the commonest raw id that names a person) or one of the given raw ids.
+
+Files whose bulk is numbers are read where they can hold text, not as bytes: a PNG's text
+chunks (its pixels are deflate-compressed, where a byte search finds nothing real but, one
+chart in a few hundred, an e-mail-like run of random bytes), a safetensors header, and every
+member of a zip archive (``torch.save`` checkpoints: the pickle and metadata) except tensor
+storages (``<archive>/data/<n>``). Text a chart draws as pixels is out of reach of any scan:
+the charts name platforms and metrics, never users.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import struct
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +30,8 @@ import pyarrow.parquet as pq
 
 EMAIL_LIKE = re.compile(rb"[A-Za-z0-9._%+\-]+@(?:[A-Za-z0-9\-]+\.)+[A-Za-z]{2,}")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TORCH_STORAGE = re.compile(r"(?:^|/)data/\d+$")
 
 
 @dataclass(frozen=True)
@@ -50,12 +63,71 @@ def _strings(arr: pa.Array) -> Iterator[str]:
             yield from _strings(arr.field(i))
 
 
+def _png_texts(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """The text chunks of a PNG (tEXt, zTXt, iTXt inflated where compressed; eXIf) and any
+    bytes after its end: the places a PNG keeps text."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"tEXt":
+            yield "png tEXt", body
+        elif kind == b"zTXt":
+            key, _, rest = body.partition(b"\0")
+            yield "png zTXt", key + b"=" + zlib.decompress(rest[1:])
+        elif kind == b"iTXt":
+            key, _, rest = body.partition(b"\0")
+            compressed, rest = rest[0], rest[2:]  # flag, method
+            lang, _, rest = rest.partition(b"\0")
+            label, _, text = rest.partition(b"\0")
+            yield "png iTXt", b"\n".join([key, lang, label,
+                                           zlib.decompress(text) if compressed else text])
+        elif kind == b"eXIf":  # EXIF tags (Artist, comments) are text among numbers
+            yield "png eXIf", body
+        elif kind == b"IEND":
+            if data[pos:]:  # whatever hides after the image's end
+                yield "png after IEND", data[pos:]
+            return
+
+
+def _safetensors_header(data: bytes) -> bytes | None:
+    """The JSON header of a safetensors file (8-byte length, then JSON), or None."""
+    if len(data) < 8:
+        return None
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + n]
+    try:
+        json.loads(header)
+    except ValueError:
+        return None
+    return header if 0 < n <= len(data) - 8 else None
+
+
+def _structured_texts(path: Path, data: bytes) -> list[tuple[str, bytes]]:
+    """The text pieces of a PNG, safetensors or zip file; the whole bytes for anything else."""
+    if data.startswith(PNG_SIGNATURE):
+        return list(_png_texts(data))
+    if path.suffix.lower() == ".safetensors" and (head := _safetensors_header(data)):
+        return [("safetensors header", head)]
+    if data.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [(f"zip member {name}", name.encode() + b"\n" + archive.read(name))
+                    for name in archive.namelist() if not TORCH_STORAGE.search(name)]
+    return [("bytes", data)]
+
+
 def decoded_texts(path: Path) -> Iterator[tuple[str, bytes]]:
     """(where, text) pieces of one file: for Parquet each column's strings and the schema
-    metadata, for anything else its bytes."""
+    metadata; for a PNG its text chunks; for safetensors its header; for a zip archive each
+    member but tensor storages; for anything else its bytes."""
     path = Path(path)
     if path.suffix.lower() not in PARQUET_SUFFIXES:
-        yield "bytes", path.read_bytes()
+        data = path.read_bytes()
+        try:  # a file that does not parse as what it claims is read as bytes
+            yield from _structured_texts(path, data)
+        except (ValueError, IndexError, struct.error, zlib.error, zipfile.BadZipFile):
+            yield "bytes", data
         return
     table = pq.read_table(path)
     meta = table.schema.metadata or {}

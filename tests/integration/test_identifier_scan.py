@@ -2,8 +2,9 @@
 addresses, with bad rows, goes through ingest (generic CSV and Parquet), the ingest summary
 report and the Ray Data example builder; then every file of the lake (events, catalogs,
 quarantine, report.json), the reports directory and the example set is scanned for a raw
-e-mail. Parquet is decoded by pyarrow (all string columns and the schema metadata), every
-other file read as bytes (``recsys.data.audit``). The same scan over the raw logs must find
+e-mail. Parquet is decoded by pyarrow (all string columns and the schema metadata), PNG,
+safetensors and zip files where they hold text, every other file read as bytes
+(``recsys.data.audit``). The same scan over the raw logs must find
 them, so that the test can fail.
 
 Not scanned here: MLflow (the data stages log nothing to it; runs log configs, metrics and
