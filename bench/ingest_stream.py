@@ -17,8 +17,8 @@ results say how many GB the fit predicts. Logs (and lakes) are deleted after eac
     .venv/bin/python bench/ingest_stream.py                        # 1M, 10M, 50M
     .venv/bin/python bench/ingest_stream.py --sizes 1000000 --chunk-rows 500000
 
-Writes bench/results/ingest_stream.{json,md}. :func:`run_ingest_stream` is what
-``bench/scale.py`` calls.
+Writes bench/results/ingest_stream.{json,md} (``--name``: another name).
+:func:`run_ingest_stream` is what ``bench/scale.py`` calls.
 """
 
 from __future__ import annotations
@@ -239,9 +239,10 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         f"{res.get('repeats', 1)}; peak MB: that "
         "process's peak RSS (interpreter and libraries included). Load average at start/end "
         f"{m['load_start'][0]} / {m['load_end'][0]}: other work on the machine slows the "
-        "seconds (compare rows of one run), not the peaks. In memory is not run above "
-        f"{res['memory_max']:,} events: its peak is linear in events (fit below) and would "
-        "not fit this machine.",
+        "seconds (compare rows of one run), not the peaks. " + (
+            f"In memory is not run above {res['memory_max']:,} events: its peak is linear in "
+            "events (fit below) and would not fit this machine." if res["memory_max"] else
+            "In memory not run (--memory-max 0)."),
         "",
         "| events | log MB | mode | seconds | events/s | peak MB | buckets |",
         "|---:|---:|---|---:|---:|---:|---:|",
@@ -250,14 +251,17 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         for mode in ("stream", "memory"):
             g = r[mode]
             if g is None:
-                skip = r.get("memory_skipped") or {}
-                lines.append(f"| {r['events']:,} | {r['log_mb']:,.0f} | {mode} | skipped | | "
-                             f"~{fmt(skip.get('extrapolated_peak_gb'), '.1f')} GB (fit) | |")
+                gb = (r.get("memory_skipped") or {}).get("extrapolated_peak_gb")
+                need = "not run" if gb is None else f"~{fmt(gb, '.1f')} GB (fit)"
+                lines.append(f"| {r['events']:,} | {r['log_mb']:,.0f} | {mode} | not run | | "
+                             f"{need} | |")
                 continue
             lines.append(f"| {r['events']:,} | {r['log_mb']:,.0f} | {mode} | {g['seconds']:.1f} "
                          f"| {g['events_per_s']:,} | {g['peak_mb']:,.0f} | {g['num_buckets']} |")
     lines += ["", "Linear fits, peak MB = c + d x events (d per million events):", ""]
     for mode, f in res["fit"].items():
+        if not any(r[mode] for r in res["rows"]):
+            continue
         p = f["peak_mb"]
         lines.append(f"- {mode}: " + ("n/a (one size)" if p is None else
                      f"{p['intercept']:,.0f} MB + {p['slope'] * 1e6:,.1f} MB per M events"))
@@ -275,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     "fastest is kept (a shared machine's other work only slows runs down)")
     ap.add_argument("--workdir", type=Path, help="where logs go (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="ingest_stream", help="results file name (no suffix)")
     ap.add_argument("--child", nargs=5, metavar=("MODE", "LOG", "ITEMS", "LAKE", "CHUNK"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"machine": machine_info(["pyarrow", "pandas", "numpy"], load_start=load_start,
                                    load_end=loadavg()),
            **res, "total_seconds": round(time.perf_counter() - started, 1)}
-    save_results(a.out, "ingest_stream", res, write_markdown, log)
+    save_results(a.out, a.name, res, write_markdown, log)
     return 0
 
 
