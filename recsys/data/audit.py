@@ -16,6 +16,7 @@ the charts name platforms and metrics, never users.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -93,15 +94,15 @@ def _png_texts(data: bytes) -> Iterator[tuple[str, bytes]]:
 
 def _safetensors_header(data: bytes) -> bytes | None:
     """The JSON header of a safetensors file (8-byte length, then JSON), or None."""
-    if len(data) < 8:
+    (n,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
+    if not 0 < n <= len(data) - 8:
         return None
-    (n,) = struct.unpack("<Q", data[:8])
     header = data[8:8 + n]
     try:
         json.loads(header)
     except ValueError:
         return None
-    return header if 0 < n <= len(data) - 8 else None
+    return header
 
 
 def _structured_texts(path: Path, data: bytes) -> list[tuple[str, bytes]]:
@@ -110,8 +111,8 @@ def _structured_texts(path: Path, data: bytes) -> list[tuple[str, bytes]]:
         return list(_png_texts(data))
     if path.suffix.lower() == ".safetensors" and (head := _safetensors_header(data)):
         return [("safetensors header", head)]
-    if data.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
+    if data.startswith(b"PK\x03\x04"):  # not a zip after all: BadZipFile, read as bytes
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             return [(f"zip member {name}", name.encode() + b"\n" + archive.read(name))
                     for name in archive.namelist() if not TORCH_STORAGE.search(name)]
     return [("bytes", data)]

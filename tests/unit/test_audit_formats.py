@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def test_a_truncated_png_is_read_as_bytes(tmp_path: Path) -> None:
     assert [(h.where, h.value) for h in scan([path])] == [("bytes", "ann@example.com")]
 
 
+def test_a_file_that_only_starts_like_a_zip_is_read_as_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "notes.bin"
+    path.write_bytes(b"PK\x03\x04 then plain text: lee@example.com")
+    assert [(h.where, h.value) for h in scan([path])] == [("bytes", "lee@example.com")]
+
+
 def test_safetensors_reads_the_header_not_the_tensors(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"w": np.frombuffer(NOISE, dtype=np.uint8).copy()}, str(path),
@@ -75,7 +82,5 @@ def test_torch_checkpoint_reads_the_pickle_not_the_storages(tmp_path: Path) -> N
 
 
 def _zip_members(path: Path) -> list[tuple[str, bytes]]:
-    import zipfile
-
     with zipfile.ZipFile(path) as z:
         return [(n, z.read(n)) for n in z.namelist()]
